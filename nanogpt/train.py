@@ -227,6 +227,13 @@ def data_vocab(cfg: TrainConfig) -> tuple[int, dict]:
     return cfg.vocab_size or data_vocab_size or 50304, meta
 
 
+def data_order(cfg: TrainConfig, train_files) -> str:
+    """NanoGPT's random windows for its train.bin; llm.c's sequential pass for shards."""
+    if cfg.data_order != "auto":
+        return cfg.data_order
+    return "random" if train_files[0].name == "train.bin" else "sequential"
+
+
 def choose_dtype(cfg: TrainConfig, rt: Runtime) -> torch.dtype:
     if cfg.dtype != "auto":
         return getattr(torch, cfg.dtype)
@@ -328,6 +335,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise ConfigError("data_dir is not set: give --data_dir=DIR (see python -m nanogpt.data.text_corpus)")
     # Everything that can be checked before a process group or a GPU is taken, is checked here.
     train_files, val_files = find_split(cfg.data_dir, "train"), find_split(cfg.data_dir, "val")
+    for files, order in ((train_files, data_order(cfg, train_files)), (val_files, "sequential")):
+        TokenLoader(files, cfg.batch_size, cfg.block_size, order=order)  # validates every header and size
     vocab_size, data_meta = data_vocab(cfg)
     run_dir = Path(cfg.run_dir or default_run_dir())
     if cfg.init_from == "resume" and ckpt.newest(run_dir / "ckpt") is None:
@@ -362,7 +371,7 @@ def _train(cfg, recipe, rt: Runtime, run_dir: Path, train_files, val_files, voca
         torch.backends.cudnn.allow_tf32 = True
 
     tokens_per_step = cfg.batch_size * cfg.block_size * rt.world_size * accumulation
-    order = cfg.data_order if cfg.data_order != "auto" else ("random" if train_files[0].name == "train.bin" else "sequential")
+    order = data_order(cfg, train_files)
     device = rt.device
     train_loader = TokenLoader(train_files, cfg.batch_size, cfg.block_size, order=order, rank=rt.rank,
                                world_size=rt.world_size, accumulation=accumulation, seed=cfg.seed, device=device)
@@ -491,6 +500,8 @@ def _train(cfg, recipe, rt: Runtime, run_dir: Path, train_files, val_files, voca
                 logged = {"step": step, "ms": clock.total_ms}
 
             if step % cfg.log_interval == 0 or step == cfg.max_iters:
+                if rt.distributed:  # report the loss of the whole step, not this rank's share
+                    torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
                 loss_value = loss_sum.item()  # synchronizes with the device
                 clock.pause()
                 timed = step - logged["step"]

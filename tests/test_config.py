@@ -1,0 +1,105 @@
+"""The typed config: recipes, overrides, and the errors for bad settings."""
+
+import pytest
+
+from nanogpt.config import ConfigError, parse_config
+from nanogpt.train import TrainConfig, gradient_accumulation, learning_rate_at
+
+
+def test_overrides_are_typed():
+    cfg, recipe = parse_config(TrainConfig, ["--n_layer=3", "--learning_rate=1e-3", "--compile=False",
+                                             "--target_val_loss=3.28", "--run_dir", "x", "--eval_only"])
+    assert recipe is None
+    assert cfg.n_layer == 3 and isinstance(cfg.n_layer, int)
+    assert cfg.learning_rate == 1e-3
+    assert cfg.compile is False
+    assert cfg.target_val_loss == 3.28
+    assert cfg.run_dir == "x"
+    assert cfg.eval_only is True
+    assert parse_config(TrainConfig, ["--total_batch_size=524_288"])[0].total_batch_size == 524288
+    assert parse_config(TrainConfig, ["--target_val_loss=None"])[0].target_val_loss is None
+
+
+def test_recipe_then_overrides():
+    cfg, recipe = parse_config(TrainConfig, ["tiny_cpu", "--max_iters=7"])
+    assert recipe.name == "tiny_cpu.toml"
+    assert cfg.n_layer == 2 and cfg.compile is False  # from the recipe
+    assert cfg.max_iters == 7  # the command line wins
+    assert cfg.beta2 == TrainConfig().beta2  # untouched defaults
+
+
+def test_unknown_key_names_it_and_the_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        parse_config(TrainConfig, ["--n_layr=2"])
+    message = str(err.value)
+    assert "'n_layr'" in message and "Did you mean: n_layer" in message and "learning_rate" in message
+
+
+@pytest.mark.parametrize("arg, key", [("--n_layer=two", "n_layer"), ("--learning_rate=fast", "learning_rate"),
+                                      ("--compile=maybe", "compile"), ("--batch_size=1.5", "batch_size")])
+def test_wrong_type_names_the_key(arg, key):
+    with pytest.raises(ConfigError, match=key):
+        parse_config(TrainConfig, [arg])
+
+
+@pytest.mark.parametrize("arg, key", [("--lr_schedule=linear", "lr_schedule"), ("--dtype=int8", "dtype"),
+                                      ("--n_embd=100", "n_embd"), ("--batch_size=0", "batch_size"),
+                                      ("--init_from=gpt3", "init_from"), ("--dropout=1.5", "dropout")])
+def test_invalid_values_are_rejected(arg, key):
+    with pytest.raises(ConfigError, match=key):
+        parse_config(TrainConfig, [arg])
+
+
+def test_bad_recipes(tmp_path):
+    with pytest.raises(ConfigError, match="recipe 'no_such_recipe' not found.*tiny_cpu"):
+        parse_config(TrainConfig, ["no_such_recipe"])
+    bad_key = tmp_path / "bad_key.toml"
+    bad_key.write_text("n_layer = 2\nlearnig_rate = 1e-3\n")
+    with pytest.raises(ConfigError, match="learnig_rate.*bad_key.toml"):
+        parse_config(TrainConfig, [str(bad_key)])
+    bad_type = tmp_path / "bad_type.toml"
+    bad_type.write_text('n_layer = "two"\n')
+    with pytest.raises(ConfigError, match="bad_type.toml: n_layer"):
+        parse_config(TrainConfig, [str(bad_type)])
+    not_toml = tmp_path / "broken.toml"
+    not_toml.write_text("n_layer = = 2\n")
+    with pytest.raises(ConfigError, match="broken.toml: not valid TOML"):
+        parse_config(TrainConfig, [str(not_toml)])
+
+
+def test_every_recipe_parses():
+    from nanogpt.config import RECIPE_DIR
+
+    recipes = sorted(RECIPE_DIR.glob("*.toml"))
+    assert recipes, "no recipes found"
+    for recipe in recipes:
+        parse_config(TrainConfig, [str(recipe)])
+
+
+def test_gradient_accumulation_is_derived_from_tokens():
+    cfg = TrainConfig(batch_size=16, block_size=1024, total_batch_size=524288)
+    assert gradient_accumulation(cfg, 1) == 32
+    assert gradient_accumulation(cfg, 8) == 4
+    assert gradient_accumulation(TrainConfig(total_batch_size=0), 4) == 1
+    with pytest.raises(ConfigError, match="not a multiple of batch_size\\*block_size\\*world_size = 16\\*1024\\*3"):
+        gradient_accumulation(cfg, 3)
+
+
+def test_cosine_schedule():
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110, lr_schedule="cosine")
+    lrs = [learning_rate_at(s, cfg) for s in range(120)]
+    assert lrs[0] == pytest.approx(1 / 11)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # warmup rises
+    assert lrs[10] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.55)  # halfway through the cosine
+    assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111]))  # then falls
+    assert lrs[110] == lrs[119] == pytest.approx(0.1)
+
+
+def test_wsd_schedule():
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.0, warmup_iters=10, max_iters=100, lr_schedule="wsd", cooldown_frac=0.2)
+    lrs = [learning_rate_at(s, cfg) for s in range(101)]
+    assert lrs[10] == lrs[79] == 1.0  # stable phase
+    assert lrs[90] == pytest.approx(0.5)  # halfway through the linear cooldown
+    assert lrs[100] == 0.0
+    assert TrainConfig(lr_schedule="constant", warmup_iters=0).learning_rate == learning_rate_at(5000, TrainConfig(lr_schedule="constant", warmup_iters=0))
