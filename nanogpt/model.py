@@ -114,6 +114,27 @@ PEAK_BF16_FLOPS = {
 }
 
 
+SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+
+
+def select_sdpa_backend(name: str) -> str:
+    """Restrict F.scaled_dot_product_attention to one backend (process-wide; torch.compile honours it).
+
+    "auto" leaves PyTorch's own choice (FlashAttention-2 on Ampere/Hopper in bf16). On Hopper the
+    cuDNN backend is often faster; `python -m nanogpt.bench --attention=cudnn` measures it.
+    """
+    if name not in SDPA_BACKENDS:
+        raise ValueError(f"attention={name!r}: must be one of {', '.join(SDPA_BACKENDS)}")
+    if name == "auto":
+        return name
+    cuda = torch.backends.cuda
+    cuda.enable_flash_sdp(name == "flash")
+    cuda.enable_cudnn_sdp(name == "cudnn")
+    cuda.enable_mem_efficient_sdp(name == "efficient")
+    cuda.enable_math_sdp(name == "math" or not torch.cuda.is_available())  # CPU always needs math
+    return name
+
+
 def peak_flops(device_name: str) -> float | None:
     """Peak bf16 FLOP/s of a GPU named like torch.cuda.get_device_name(), or None if unknown."""
     for fragment, flops in PEAK_BF16_FLOPS.items():  # ordered: specific names before generic

@@ -38,7 +38,7 @@ from nanogpt import checkpoint as ckpt
 from nanogpt.config import ConfigError, config_help, parse_config
 from nanogpt.data.loader import TokenLoader
 from nanogpt.data.shards import ShardError, find_split, read_meta
-from nanogpt.model import GPT, GPT2_SIZES, GPTConfig
+from nanogpt.model import GPT, GPT2_SIZES, SDPA_BACKENDS, GPTConfig, select_sdpa_backend
 from nanogpt.rundir import RunDir, format_step_line
 
 
@@ -91,8 +91,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (bf16 on GPUs that have it, else fp16 + GradScaler; fp32 on CPU) | float32 | bfloat16 | float16
     compile: bool | None = None  # torch.compile; None = on for CUDA
+    compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs | max-autotune | reduce-overhead
     backend: str = "auto"  # process-group backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     data_order: str = "auto"  # auto (random for train.bin, sequential for shards) | random | sequential
+    attention: str = "auto"  # SDPA backend: auto | flash | cudnn | efficient | math
     seed: int = 1337
 
     def __post_init__(self):
@@ -101,6 +103,8 @@ class TrainConfig:
             "dtype": ("auto", "float32", "bfloat16", "float16"),
             "backend": ("auto", "nccl", "gloo"),
             "data_order": ("auto", "random", "sequential"),
+            "attention": SDPA_BACKENDS,
+            "compile_mode": ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -304,6 +308,30 @@ class TrainClock:
             self.started = None
 
 
+def train_step(model, optimizer, scaler, next_batch, accumulation: int, autocast, grad_clip: float,
+               distributed: bool) -> torch.Tensor:
+    """One optimizer step over `accumulation` micro-batches; returns the step's mean loss (on device).
+
+    Under DDP the gradients are all-reduced only on the last micro-batch (no_sync before).
+    """
+    loss_sum = None
+    for micro in range(accumulation):
+        x, y = next_batch()
+        sync = not distributed or micro == accumulation - 1
+        with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+            _, loss = model(x, y)
+            loss = loss / accumulation
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum
+
+
 # --- evaluation -------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -369,6 +397,7 @@ def _train(cfg, recipe, rt: Runtime, run_dir: Path, train_files, val_files, voca
     if rt.device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        select_sdpa_backend(cfg.attention)
 
     tokens_per_step = cfg.batch_size * cfg.block_size * rt.world_size * accumulation
     order = data_order(cfg, train_files)
@@ -406,12 +435,12 @@ def _train(cfg, recipe, rt: Runtime, run_dir: Path, train_files, val_files, voca
     raw_model = model
     if cfg.compile if cfg.compile is not None else rt.device_type == "cuda":
         log("compiling the model (torch.compile); the first step includes compilation and is not timed")
-        model = torch.compile(model)
+        model = torch.compile(model, mode=cfg.compile_mode)
     if rt.distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
 
     log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters (without position embeddings), vocab {vocab_size}, "
-        f"device {rt.device_name} x{rt.world_size}, dtype {str(dtype).removeprefix('torch.')}")
+        f"device {rt.device_name} x{rt.world_size}, dtype {str(dtype).removeprefix('torch.')}, attention {cfg.attention}")
     log(f"batch: {tokens_per_step:,} tokens/step = {cfg.batch_size} seq x {cfg.block_size} tok x {rt.world_size} proc "
         f"x {accumulation} accumulation; data order {order}; {train_loader.num_tokens:,} train tokens")
 
@@ -476,21 +505,8 @@ def _train(cfg, recipe, rt: Runtime, run_dir: Path, train_files, val_files, voca
             if first_step_ms is not None:
                 clock.start()
             step_start = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(accumulation):
-                x, y = train_loader.next_batch()
-                sync = not rt.distributed or micro == accumulation - 1
-                with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-                    _, loss = model(x, y)
-                    loss = loss / accumulation
-                loss_sum += loss.detach()
-                scaler.scale(loss).backward()
-            if cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            loss_sum = train_step(model, optimizer, scaler, train_loader.next_batch, accumulation, autocast,
+                                  cfg.grad_clip, rt.distributed)
             state["step"] = step = step + 1
             state["tokens"] += tokens_per_step
             if first_step_ms is None:

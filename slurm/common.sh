@@ -1,0 +1,268 @@
+# shellcheck shell=bash
+# The one prologue shared by every sbatch script in slurm/. Source it, do not run it:
+#
+#   source "$REPO_DIR/slurm/common.sh"          # (the script finds REPO_DIR first, see train_shakespeare.sh)
+#   launch nanogpt.train "$RECIPE" --run_dir="$RUN_DIR" ...
+#
+# It reads the knobs below, validates them (the error names the knob), activates the environment
+# (activate_env.sh: conda env or venv at ENV_PATH), takes node and GPU counts from the SLURM_*
+# variables of the job (never typed twice: a knob that is set must agree with them), prints the job's
+# provenance, makes the run directory, cds to the repo root and defines:
+#   launch MODULE ARGS...     python -m MODULE ARGS, one process per GPU (torchrun), on every node (srun),
+#                             forwarding TERM/INT/USR1/USR2 to the trainer (preemption, scancel --signal)
+#   gpu_fact GPU_TYPE COLUMN  one value from slurm/gpus.tsv
+#   sbatch_args               the sbatch options that the knobs ask for (used by SUBMIT=1)
+# Outside a Slurm job (bash slurm/...sh on a workstation) the same script runs the same trainer locally.
+# With SUBMIT=1 outside a job, the script instead submits itself: sbatch $(sbatch_args) $SBATCH_FLAGS SCRIPT.
+
+# ---- knobs (environment variables); empty = derived as described -----------------------------------
+GPU_TYPE=${GPU_TYPE:-}              # a gpu_type of slurm/gpus.tsv; default: the type the job asked for
+                                    # (--gres=gpu:TYPE:N), else h100
+NUM_NODES=${NUM_NODES:-}            # default: SLURM_JOB_NUM_NODES in a job, else 1
+GPUS_PER_NODE=${GPUS_PER_NODE:-}    # default: SLURM_GPUS_ON_NODE in a job; else the visible GPUs
+                                    # (nvidia-smi; 0 without); 1 when submitting (SUBMIT=1)
+NUM_GPUS=${NUM_GPUS:-}              # default: NUM_NODES * GPUS_PER_NODE (if set, it must agree)
+NPROC_PER_NODE=${NPROC_PER_NODE:-}  # trainer processes per node; default: GPUS_PER_NODE on cuda, 1 on cpu
+GRAD_ACC_STEPS=${GRAD_ACC_STEPS:-}  # empty = the trainer derives it from its total batch size
+CPUS_PER_GPU=${CPUS_PER_GPU:-8}     # --cpus-per-task when submitting; OMP threads per process
+DEVICE=${DEVICE:-auto}              # auto | cuda | cpu; auto = cuda when nvidia-smi lists a GPU
+PARTITION=${PARTITION:-}            # sbatch_args/SUBMIT only; empty = the site's default partition
+ACCOUNT=${ACCOUNT:-}                # sbatch_args/SUBMIT only; empty = your default account
+QOS=${QOS:-}                        # sbatch_args/SUBMIT only; empty = the default QOS
+TIME=${TIME:-}                      # sbatch_args/SUBMIT only, e.g. 01:00:00; empty = the script's #SBATCH --time
+SUBMIT=${SUBMIT:-0}                 # 1 = outside a job, submit this script with sbatch_args and exit
+SBATCH_FLAGS=${SBATCH_FLAGS:-}      # more sbatch options for SUBMIT=1 (word-split), e.g. "--test-only"
+RUN_NAME=${RUN_NAME:-}              # default: <job name>-<job id> (array jobs: <name>-<array id>_<task>)
+RUN_DIR=${RUN_DIR:-}                # default: $RUNS_DIR/$RUN_NAME; a requeued job reuses it and resumes
+RDZV_PORT=${RDZV_PORT:-}            # multi-node rendezvous port on the first node; default 29500 + job id % 1000
+EXTRA_ARGS=${EXTRA_ARGS:-}          # more --key=value for the trainer (word-split)
+# DATA_DIR, RUNS_DIR, REPO_DIR, CONDA_SH, ENV_PATH: see activate_env.sh (defaults <repo>/data, <repo>/runs).
+
+# ---- helpers ---------------------------------------------------------------------------------------
+common_die() { echo "error: $*" >&2; exit 2; }
+
+# gpu_fact GPU_TYPE COLUMN: print COLUMN of GPU_TYPE's row in gpus.tsv; fails (status 1) if either is unknown.
+gpu_fact() {
+  awk -F'\t' -v type="$1" -v column="$2" '
+    /^#/ || NF == 0 { next }
+    !header_seen { for (i = 1; i <= NF; i++) if ($i == column) col = i; header_seen = 1; next }
+    col && $1 == type { print $col; found = 1; exit }
+    END { exit (col && found) ? 0 : 1 }' "$GPUS_TSV"
+}
+
+gpu_types() { awk -F'\t' '/^#/ || NF == 0 { next } seen++ { printf "%s ", $1 }' "$GPUS_TSV"; }
+
+# require_int KNOB MIN: the knob's value must be an integer >= MIN.
+require_int() {
+  local value=${!1}
+  [[ $value =~ ^[0-9]+$ ]] && ((10#$value >= $2)) ||
+    common_die "$1 must be an integer >= $2, got '$value'"
+}
+
+in_slurm_job() { [[ -n ${SLURM_JOB_ID:-} ]]; }
+
+# The GPU type the job asked for, from scontrol (Slurm sets no environment variable with it).
+job_gpu_type() {
+  local job
+  job=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null) || return 0
+  [[ $job =~ TresPer(Node|Job|Task)=[^[:space:]]*gpu:([A-Za-z][A-Za-z0-9_]*)[:=][0-9] ]] &&
+    echo "${BASH_REMATCH[2]}"
+}
+
+visible_gpu_count() {
+  if [[ -n ${CUDA_VISIBLE_DEVICES:-} ]] && command -v nvidia-smi >/dev/null; then
+    local ids
+    IFS=, read -ra ids <<<"$CUDA_VISIBLE_DEVICES"
+    echo "${#ids[@]}"
+  elif command -v nvidia-smi >/dev/null; then
+    nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true
+  else
+    echo 0
+  fi
+}
+
+nvidia_smi_works() { command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; }
+
+# A knob the user set must agree with what Slurm allocated; an empty one takes Slurm's value.
+agree_with_slurm() {  # agree_with_slurm KNOB SLURM_VALUE SBATCH_OPTION
+  if [[ -z ${!1} ]]; then
+    printf -v "$1" '%s' "$2"
+  elif [[ ${!1} != "$2" ]]; then
+    common_die "$1=${!1} but the job has $2 (from Slurm); drop $1 or submit with $3"
+  fi
+}
+
+resolve_counts() {
+  if in_slurm_job; then
+    agree_with_slurm NUM_NODES "${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}" "--nodes=$NUM_NODES"
+    agree_with_slurm GPUS_PER_NODE "${SLURM_GPUS_ON_NODE:-0}" "--gres=gpu:TYPE:$GPUS_PER_NODE"
+    local asked
+    asked=$(job_gpu_type)
+    [[ -z $asked ]] || agree_with_slurm GPU_TYPE "$asked" "--gres=gpu:$GPU_TYPE:N"
+  else
+    NUM_NODES=${NUM_NODES:-1}
+    if [[ -z $GPUS_PER_NODE ]]; then
+      if [[ $SUBMIT == 1 ]]; then GPUS_PER_NODE=1; else GPUS_PER_NODE=$(visible_gpu_count); fi
+    fi
+  fi
+  GPU_TYPE=${GPU_TYPE:-h100}
+  require_int NUM_NODES 1
+  require_int GPUS_PER_NODE 0
+  require_int CPUS_PER_GPU 1
+  [[ -z $GRAD_ACC_STEPS ]] || require_int GRAD_ACC_STEPS 1
+  gpu_fact "$GPU_TYPE" gpu_type >/dev/null ||
+    common_die "GPU_TYPE='$GPU_TYPE' is not in $GPUS_TSV (known: $(gpu_types)); add a row or pick one"
+  local total=$((10#$NUM_NODES * 10#$GPUS_PER_NODE))
+  if [[ -n $NUM_GPUS ]]; then
+    require_int NUM_GPUS 0
+    ((10#$NUM_GPUS == total)) ||
+      common_die "NUM_GPUS=$NUM_GPUS but NUM_NODES * GPUS_PER_NODE = $NUM_NODES * $GPUS_PER_NODE = $total"
+  fi
+  NUM_GPUS=$total
+  case $DEVICE in
+    auto) if nvidia_smi_works; then DEVICE=cuda; else DEVICE=cpu; fi ;;
+    cuda | cpu) ;;
+    *) common_die "DEVICE must be auto, cuda or cpu, got '$DEVICE'" ;;
+  esac
+  if [[ -z $NPROC_PER_NODE ]]; then
+    if [[ $DEVICE == cuda ]] && ((10#$GPUS_PER_NODE > 0)); then NPROC_PER_NODE=$GPUS_PER_NODE; else NPROC_PER_NODE=1; fi
+  fi
+  require_int NPROC_PER_NODE 1
+  export GPU_TYPE NUM_NODES GPUS_PER_NODE NUM_GPUS NPROC_PER_NODE GRAD_ACC_STEPS CPUS_PER_GPU DEVICE
+}
+
+# sbatch_args: the sbatch options the knobs ask for, one per line.
+sbatch_args() {
+  local gpus=$((10#$GPUS_PER_NODE)) cpus
+  cpus=$((10#$CPUS_PER_GPU * (gpus > 0 ? gpus : 1)))
+  echo "--nodes=$NUM_NODES"
+  echo "--ntasks-per-node=1"
+  echo "--cpus-per-task=$cpus"
+  ((gpus == 0)) || echo "--gres=gpu:$GPU_TYPE:$gpus"
+  [[ -z $PARTITION ]] || echo "--partition=$PARTITION"
+  [[ -z $ACCOUNT ]] || echo "--account=$ACCOUNT"
+  [[ -z $QOS ]] || echo "--qos=$QOS"
+  [[ -z $TIME ]] || echo "--time=$TIME"
+}
+
+submit_self() {  # submit_self SCRIPT: sbatch SCRIPT with the knobs' options; the job inherits the knobs
+  local text args extra
+  # Resolve in a subshell: the job must inherit the knobs as the user gave them, not as resolved on
+  # this (login) node, where DEVICE=auto would become cpu.
+  text=$(resolve_counts && sbatch_args) || exit 2
+  mapfile -t args <<<"$text"
+  read -ra extra <<<"$SBATCH_FLAGS"
+  echo "submitting: sbatch ${args[*]} ${extra[*]} $1"
+  exec sbatch "${args[@]}" "${extra[@]}" "$1"
+}
+
+print_provenance() {
+  echo "==== job provenance ($(date -Is))"
+  echo "host: $(hostname)  slurm node: ${SLURMD_NODENAME:-none}  job: ${SLURM_JOB_ID:-none} (${SLURM_JOB_NAME:-})"
+  if in_slurm_job && [[ -n ${SLURM_JOB_NODELIST:-} ]]; then
+    echo "nodes: $(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | paste -sd " " -)"
+  fi
+  echo "gpu_type: $GPU_TYPE  nodes: $NUM_NODES  gpus/node: $GPUS_PER_NODE  gpus: $NUM_GPUS  procs/node: $NPROC_PER_NODE  device: $DEVICE"
+  echo "repo: $REPO_DIR  git: $(git_sha)"
+  echo "python: $(command -v python) ($(python -c 'import sys; print(sys.version.split()[0])' 2>&1))"
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader 2>&1 || true
+  else
+    echo "nvidia-smi: not found (no NVIDIA driver on this node)"
+  fi
+  echo "SLURM_* variables:"
+  env | grep '^SLURM_' | sort | sed 's/^/  /' || true
+  echo "run_dir: $RUN_DIR"
+  echo "===="
+}
+
+git_sha() {
+  local sha dirty=""
+  command -v git >/dev/null || { echo "unknown (git not installed)"; return 0; }
+  sha=$(git -C "$REPO_DIR" rev-parse HEAD 2>/dev/null) || { echo "unknown (no commit)"; return 0; }
+  [[ -z $(git -C "$REPO_DIR" status --porcelain 2>/dev/null) ]] || dirty=" (dirty)"
+  echo "$sha$dirty"
+}
+
+default_run_name() {
+  local script_name=${1##*/} id
+  if [[ -n ${SLURM_ARRAY_JOB_ID:-} ]]; then
+    id=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
+  elif [[ -n ${SLURM_JOB_ID:-} ]]; then
+    id=$SLURM_JOB_ID
+  else
+    id=local-$(date +%Y%m%d-%H%M%S)
+  fi
+  echo "${SLURM_JOB_NAME:-${script_name%.sh}}-$id"
+}
+
+# run_forwarding_signals CMD...: run CMD and wait for it; TERM/INT/USR1/USR2 sent to this shell (scancel,
+# sbatch --signal=B:USR1@90, preemption) are passed on to CMD, and the status of CMD is returned.
+run_forwarding_signals() {
+  "$@" &
+  local child=$! status sig
+  for sig in TERM INT USR1 USR2; do
+    # shellcheck disable=SC2064  # the child PID and signal are fixed now, on purpose
+    trap "echo 'launch: forwarding SIG$sig to $child' >&2; kill -s $sig $child 2>/dev/null || true" "$sig"
+  done
+  while true; do
+    wait "$child" && status=0 || status=$?
+    # wait also returns (status > 128) when a trapped signal arrives while CMD still runs: keep waiting.
+    kill -0 "$child" 2>/dev/null || break
+  done
+  trap - TERM INT USR1 USR2
+  return "$status"
+}
+
+# launch MODULE ARGS...: python -m MODULE ARGS with NPROC_PER_NODE processes on each of NUM_NODES nodes.
+launch() {
+  local module=$1 cmd
+  shift
+  local signals=--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2
+  if ((NUM_NODES > 1)); then
+    in_slurm_job || common_die "NUM_NODES=$NUM_NODES needs a Slurm job (sbatch --nodes=$NUM_NODES)"
+    local rdzv_host
+    rdzv_host=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    RDZV_PORT=${RDZV_PORT:-$((29500 + SLURM_JOB_ID % 1000))}
+    # One torchrun per node; they meet at a c10d rendezvous hosted on the first node of the job.
+    cmd=(srun --nodes="$NUM_NODES" --ntasks-per-node=1 --kill-on-bad-exit=1
+      torchrun --nnodes="$NUM_NODES" --nproc-per-node="$NPROC_PER_NODE"
+      --rdzv-backend=c10d --rdzv-endpoint="$rdzv_host:$RDZV_PORT" --rdzv-id="$SLURM_JOB_ID"
+      "$signals" -m "$module" "$@")
+  elif ((NPROC_PER_NODE > 1)); then
+    cmd=(torchrun --standalone --nproc-per-node="$NPROC_PER_NODE" "$signals" -m "$module" "$@")
+  else
+    cmd=(python -m "$module" "$@")
+  fi
+  echo "launch: ${cmd[*]}"
+  run_forwarding_signals "${cmd[@]}"
+}
+
+# ---- prologue --------------------------------------------------------------------------------------
+[[ ${BASH_SOURCE[0]} != "$0" ]] || { echo "error: source slurm/common.sh from an sbatch script; do not run it" >&2; exit 2; }
+COMMON_SCRIPT=${BASH_SOURCE[${#BASH_SOURCE[@]} - 1]}   # the outermost script, the one sbatch runs
+REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
+[[ -d $REPO_DIR/nanogpt && -f $REPO_DIR/slurm/common.sh ]] ||
+  common_die "REPO_DIR=$REPO_DIR is not the repo root (no nanogpt/ and slurm/common.sh there); submit from the repo root or set REPO_DIR"
+REPO_DIR=$(cd "$REPO_DIR" && pwd)
+GPUS_TSV=$REPO_DIR/slurm/gpus.tsv
+[[ $SUBMIT == 0 || $SUBMIT == 1 ]] || common_die "SUBMIT must be 0 or 1, got '$SUBMIT'"
+if [[ $SUBMIT == 1 ]] && ! in_slurm_job; then
+  submit_self "$COMMON_SCRIPT"
+fi
+resolve_counts
+export REPO_DIR
+# shellcheck source=../activate_env.sh
+source "$REPO_DIR/activate_env.sh" || common_die "could not activate the environment (ENV_PATH=${ENV_PATH:-}); run: bash setup_env.sh"
+cd "$REPO_DIR" || common_die "cannot cd to REPO_DIR=$REPO_DIR"
+RUN_NAME=${RUN_NAME:-$(default_run_name "$COMMON_SCRIPT")}
+[[ $RUN_NAME =~ ^[A-Za-z0-9._-]+$ ]] || common_die "RUN_NAME must be a plain name (letters, digits, . _ -), got '$RUN_NAME'"
+RUN_DIR=${RUN_DIR:-$RUNS_DIR/$RUN_NAME}
+mkdir -p "$RUN_DIR" || common_die "cannot create RUN_DIR=$RUN_DIR"
+export RUN_NAME RUN_DIR
+if in_slurm_job && [[ -z ${OMP_NUM_THREADS:-} ]]; then
+  # Without this each process would start one thread per core of the whole node.
+  OMP_NUM_THREADS=$(( ${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}} / NPROC_PER_NODE ))
+  export OMP_NUM_THREADS=$((OMP_NUM_THREADS > 0 ? OMP_NUM_THREADS : 1))
+fi
+print_provenance
