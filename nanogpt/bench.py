@@ -30,6 +30,7 @@ from nanogpt.model import GPT, GPTConfig, select_sdpa_backend
 from nanogpt.train import (
     TrainConfig,
     choose_dtype,
+    configure_compiler,
     data_vocab,
     gradient_accumulation,
     init_runtime,
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         select_sdpa_backend(cfg.attention)
+        configure_compiler(cfg)
     torch.manual_seed(cfg.seed)
 
     model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_memory_gib": torch.cuda.max_memory_allocated(rt.device) / 2**30 if rt.device_type == "cuda" else None,
         "loss": loss, "device_name": rt.device_name, "world_size": rt.world_size, "torch": torch.__version__,
         "config": {k: v for k, v in asdict(cfg).items() if k in ("batch_size", "block_size", "n_layer", "n_embd",
-                                                                 "attention", "compile", "compile_mode", "dtype",
+                                                                 "attention", "compile", "compile_mode", "dtype", "inductor_tuning", "bias",
                                                                  "total_batch_size")},
     }
     if cfg.profile and rt.master:

@@ -178,7 +178,12 @@ class GPT(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         return total - self.transformer.wpe.weight.numel() if non_embedding else total
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, return_logits: bool = True):
+        """Logits (or only the last position's, without targets) and the loss when targets are given.
+
+        Training passes return_logits=False: the full (B, T, vocab) logits then need not leave the
+        compiled graph, which saves memory traffic.
+        """
         batch, seq = idx.shape
         if seq > self.config.block_size:
             raise ValueError(f"sequence of {seq} tokens exceeds block_size {self.config.block_size}")
@@ -190,8 +195,8 @@ class GPT(nn.Module):
         if targets is None:  # inference: only the last position's logits are needed
             return self.lm_head(x[:, [-1], :]), None
         logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
-        return logits, loss
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return (logits if return_logits else None), loss
 
     def crop_block_size(self, block_size: int):
         """Shorten the context (e.g. to fine-tune GPT-2 weights at 256 tokens)."""

@@ -18,8 +18,8 @@ import torch
 
 from nanogpt import checkpoint as ckpt
 from nanogpt.config import ConfigError, config_help, parse_config
-from nanogpt.data.shards import ShardError
 from nanogpt.data.common import DataError
+from nanogpt.data.shards import ShardError
 from nanogpt.data.tokenizer import gpt2_tokenizer, load_tokenizer
 from nanogpt.model import GPT, GPT2_SIZES, GPTConfig
 

@@ -92,6 +92,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 on GPUs that have it, else fp16 + GradScaler; fp32 on CPU) | float32 | bfloat16 | float16
     compile: bool | None = None  # torch.compile; None = on for CUDA
     compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs | max-autotune | reduce-overhead
+    inductor_tuning: bool = False  # let the compiler tune its own (Triton) kernels: slower compile, maybe faster steps
     backend: str = "auto"  # process-group backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     data_order: str = "auto"  # auto (random for train.bin, sequential for shards) | random | sequential
     attention: str = "auto"  # SDPA backend: auto | flash | cudnn | efficient | math
@@ -231,6 +232,13 @@ def data_vocab(cfg: TrainConfig) -> tuple[int, dict]:
     return cfg.vocab_size or data_vocab_size or 50304, meta
 
 
+def configure_compiler(cfg: TrainConfig):
+    if cfg.inductor_tuning:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.coordinate_descent_tuning = True
+
+
 def data_order(cfg: TrainConfig, train_files) -> str:
     """NanoGPT's random windows for its train.bin; llm.c's sequential pass for shards."""
     if cfg.data_order != "auto":
@@ -319,7 +327,7 @@ def train_step(model, optimizer, scaler, next_batch, accumulation: int, autocast
         x, y = next_batch()
         sync = not distributed or micro == accumulation - 1
         with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-            _, loss = model(x, y)
+            _, loss = model(x, y, return_logits=False)
             loss = loss / accumulation
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         scaler.scale(loss).backward()
@@ -398,6 +406,7 @@ def _train(cfg, recipe, rt: Runtime, run_dir: Path, train_files, val_files, voca
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         select_sdpa_backend(cfg.attention)
+        configure_compiler(cfg)
 
     tokens_per_step = cfg.batch_size * cfg.block_size * rt.world_size * accumulation
     order = data_order(cfg, train_files)
