@@ -89,10 +89,10 @@ def test_cosine_schedule():
     cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110, lr_schedule="cosine")
     lrs = [learning_rate_at(s, cfg) for s in range(120)]
     assert lrs[0] == pytest.approx(1 / 11)
-    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # warmup rises
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11], strict=True))  # warmup rises
     assert lrs[10] == pytest.approx(1.0)
     assert lrs[60] == pytest.approx(0.55)  # halfway through the cosine
-    assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111]))  # then falls
+    assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111], strict=True))  # then falls
     assert lrs[110] == lrs[119] == pytest.approx(0.1)
 
 
