@@ -260,13 +260,18 @@ def default_run_dir() -> str:
     return str(Path(root) / (f"nanogpt-job{job}" if job else time.strftime("nanogpt-%Y%m%d-%H%M%S")))
 
 
-def build_model(cfg: TrainConfig, vocab_size: int, print_fn) -> tuple[GPT, dict]:
+def build_model(cfg: TrainConfig, vocab_size: int, print_fn, data_vocab_size: int | None = None) -> tuple[GPT, dict]:
     if cfg.init_from in ("scratch", "resume"):
         model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                           vocab_size=vocab_size, dropout=cfg.dropout, bias=cfg.bias)
         return GPT(GPTConfig(**model_args)), model_args
     print_fn(f"initialising from Hugging Face GPT-2 weights: {cfg.init_from} (its sizes replace n_layer/n_head/n_embd)")
     model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
+    if data_vocab_size and data_vocab_size > model.config.vocab_size:
+        raise ConfigError(f"init_from={cfg.init_from}: the model has {model.config.vocab_size} tokens but the data in "
+                          f"{cfg.data_dir} uses {data_vocab_size}; use data tokenized with its tokenizer")
+    if cfg.block_size > model.config.block_size:
+        raise ConfigError(f"block_size={cfg.block_size} exceeds the {model.config.block_size} positions of {cfg.init_from}")
     if cfg.block_size < model.config.block_size:
         model.crop_block_size(cfg.block_size)
     return model, dataclasses.asdict(model.config)
@@ -418,7 +423,7 @@ def _train(cfg, recipe, rt: Runtime, run_dir: Path, train_files, val_files, voca
     train_eval_loader = TokenLoader(train_files, cfg.batch_size, cfg.block_size, order="random", rank=rt.rank,
                                     world_size=rt.world_size, device=device)
 
-    model, model_args = build_model(cfg, vocab_size, log)
+    model, model_args = build_model(cfg, vocab_size, log, data_meta.get("vocab_size"))
     if resume_state:
         if resume_state["model_args"] != model_args:
             raise ConfigError(f"checkpoint in {run_dir / 'ckpt'} has model {resume_state['model_args']}, config asks for {model_args}")

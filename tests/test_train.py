@@ -282,3 +282,31 @@ def test_two_processes_match_one_with_accumulation(char_corpus, tmp_path):
     np.testing.assert_allclose([loss for _, loss in two[0]], [loss for _, loss in one[0]], rtol=1e-5)
     np.testing.assert_allclose([v for _, v, _ in two[1]], [v for _, v, _ in one[1]], rtol=1e-5)
     assert json.loads((tmp_path / "two" / "provenance.json").read_text())["world_size"] == 2
+
+
+def _hf_model_dir(tmp_path, vocab_size, positions=64):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=positions, vocab_size=vocab_size)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+def test_eval_only_from_pretrained_weights(char_corpus, tmp_path):
+    """The eval_gpt2* path: Hugging Face weights (a local directory here), evaluated once."""
+    vocab = json.loads((char_corpus / "corpus.json").read_text())["vocab_size"]
+    hf_dir = _hf_model_dir(tmp_path, vocab_size=vocab + 7)
+    result = main([f"--data_dir={char_corpus}", f"--run_dir={tmp_path / 'run'}", f"--init_from={hf_dir}", "--eval_only",
+                   "--block_size=32", "--batch_size=4", "--eval_iters=3", "--device=cpu", "--compile=False"])
+    assert np.isfinite(result["val_loss"]) and np.isfinite(result["train_loss"])
+    assert read_metrics(tmp_path / "run")[-1]["val_loss"] == result["val_loss"]
+    with pytest.raises(ConfigError, match="block_size=128 exceeds the 64 positions"):
+        main([f"--data_dir={char_corpus}", f"--run_dir={tmp_path / 'run2'}", f"--init_from={hf_dir}", "--eval_only",
+              "--block_size=128", "--batch_size=4", "--device=cpu", "--compile=False"])
+
+
+def test_pretrained_vocabulary_too_small_for_the_data(char_corpus, tmp_path):
+    hf_dir = _hf_model_dir(tmp_path, vocab_size=5)
+    with pytest.raises(ConfigError, match="the model has 5 tokens but the data"):
+        main([f"--data_dir={char_corpus}", f"--run_dir={tmp_path / 'run'}", f"--init_from={hf_dir}", "--eval_only",
+              "--block_size=32", "--batch_size=4", "--device=cpu", "--compile=False"])
