@@ -20,12 +20,6 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def print0(*args, **kwargs):
-    """print() on rank 0 only."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(*args, **kwargs, flush=True)
-
-
 def _human(n: float) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= scale:
