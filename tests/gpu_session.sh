@@ -6,7 +6,7 @@
 #   SWEEP="32:auto 32:cudnn" TESTS=0 bash tests/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-gpu_out}
-SWEEP=${SWEEP:-"32:auto 64:auto"}   # micro-batch:attention backend
+SWEEP=${SWEEP-"32:auto 64:auto"}    # micro-batch:attention backend; SWEEP="" runs the tests only
 TESTS=${TESTS:-1}
 BENCH_STEPS=${BENCH_STEPS:-10}
 PYTHON=${PYTHON:-python3}
