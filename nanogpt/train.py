@@ -126,7 +126,8 @@ class TrainConfig:
             raise ConfigError(f"cooldown_frac={self.cooldown_frac}: must lie in [0, 1]")
         if self.min_lr > self.learning_rate:
             raise ConfigError(f"min_lr={self.min_lr} exceeds learning_rate={self.learning_rate}")
-        if self.init_from not in ("scratch", "resume") and not (self.init_from in GPT2_SIZES or Path(self.init_from).is_dir()):
+        # A path is checked when its weights are loaded: a resumed run needs only its checkpoint.
+        if self.init_from not in ("scratch", "resume", *GPT2_SIZES) and "/" not in self.init_from:
             raise ConfigError(
                 f"init_from={self.init_from!r}: must be scratch, resume, one of {', '.join(GPT2_SIZES)}, "
                 "or a directory with Hugging Face GPT-2 weights"
@@ -260,11 +261,17 @@ def default_run_dir() -> str:
     return str(Path(root) / (f"nanogpt-job{job}" if job else time.strftime("nanogpt-%Y%m%d-%H%M%S")))
 
 
+def scratch_model_args(cfg: TrainConfig, vocab_size: int) -> dict:
+    return dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                vocab_size=vocab_size, dropout=cfg.dropout, bias=cfg.bias)
+
+
 def build_model(cfg: TrainConfig, vocab_size: int, print_fn, data_vocab_size: int | None = None) -> tuple[GPT, dict]:
     if cfg.init_from in ("scratch", "resume"):
-        model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                          vocab_size=vocab_size, dropout=cfg.dropout, bias=cfg.bias)
+        model_args = scratch_model_args(cfg, vocab_size)
         return GPT(GPTConfig(**model_args)), model_args
+    if cfg.init_from not in GPT2_SIZES and not Path(cfg.init_from).is_dir():
+        raise ConfigError(f"init_from={cfg.init_from}: no such directory of Hugging Face GPT-2 weights")
     print_fn(f"initialising from Hugging Face GPT-2 weights: {cfg.init_from} (its sizes replace n_layer/n_head/n_embd)")
     model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
     if data_vocab_size and data_vocab_size > model.config.vocab_size:
@@ -380,8 +387,11 @@ def main(argv: list[str] | None = None) -> dict:
         TokenLoader(files, cfg.batch_size, cfg.block_size, order=order)  # validates every header and size
     vocab_size, data_meta = data_vocab(cfg)
     run_dir = Path(cfg.run_dir or default_run_dir())
-    if cfg.init_from == "resume" and ckpt.newest(run_dir / "ckpt") is None:
+    has_checkpoint = ckpt.newest(run_dir / "ckpt") is not None
+    if cfg.init_from == "resume" and not has_checkpoint:
         raise ConfigError(f"init_from=resume but {run_dir / 'ckpt'} holds no checkpoint")
+    if "/" in cfg.init_from and not has_checkpoint and not Path(cfg.init_from).is_dir():
+        raise ConfigError(f"init_from={cfg.init_from}: no such directory of Hugging Face GPT-2 weights")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     accumulation = gradient_accumulation(cfg, world_size)
     if world_size > 1 and not cfg.run_dir:
@@ -398,6 +408,11 @@ def main(argv: list[str] | None = None) -> dict:
 def _train(cfg, recipe, rt: Runtime, run_dir: Path, train_files, val_files, vocab_size, data_meta, accumulation, argv):
     run = RunDir(run_dir, enabled=rt.master)
     resume_state = ckpt.load_newest(run_dir / "ckpt", map_location="cpu", warn=run.log)
+    if resume_state and cfg.init_from in ("scratch", "resume"):
+        asked = scratch_model_args(cfg, vocab_size)
+        if resume_state["model_args"] != asked:  # checked before config.json is rewritten
+            raise ConfigError(f"the checkpoint in {run_dir / 'ckpt'} holds model {resume_state['model_args']} but the "
+                              f"config asks for {asked}; use another --run_dir for a different model")
     run.start(config=dataclasses.asdict(cfg) | {"recipe": str(recipe) if recipe else None},
               argv=argv, resumed_step=resume_state["step"] if resume_state else None,
               device_names=[rt.device_name], world_size=rt.world_size)
@@ -423,11 +438,12 @@ def _train(cfg, recipe, rt: Runtime, run_dir: Path, train_files, val_files, voca
     train_eval_loader = TokenLoader(train_files, cfg.batch_size, cfg.block_size, order="random", rank=rt.rank,
                                     world_size=rt.world_size, device=device)
 
-    model, model_args = build_model(cfg, vocab_size, log, data_meta.get("vocab_size"))
-    if resume_state:
-        if resume_state["model_args"] != model_args:
-            raise ConfigError(f"checkpoint in {run_dir / 'ckpt'} has model {resume_state['model_args']}, config asks for {model_args}")
+    if resume_state:  # the checkpoint's own shape: a requeued job started from GPT-2 needs no hub access
+        model_args = resume_state["model_args"]
+        model = GPT(GPTConfig(**model_args))
         model.load_state_dict(resume_state["model"])
+    else:
+        model, model_args = build_model(cfg, vocab_size, log, data_meta.get("vocab_size"))
     model.to(device)
     dtype = choose_dtype(cfg, rt)
     autocast = torch.autocast(rt.device_type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()

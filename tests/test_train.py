@@ -248,6 +248,12 @@ def test_resume_without_checkpoint(char_corpus, tmp_path):
     _no_run_dir_written(tmp_path / "run")
 
 
+def test_missing_pretrained_directory(char_corpus, tmp_path):
+    with pytest.raises(ConfigError, match="no such directory of Hugging Face GPT-2 weights"):
+        main([f"--data_dir={char_corpus}", f"--run_dir={tmp_path / 'run'}", *TINY, f"--init_from={tmp_path / 'nope'}"])
+    _no_run_dir_written(tmp_path / "run")
+
+
 def test_data_too_small_for_one_batch(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -310,3 +316,25 @@ def test_pretrained_vocabulary_too_small_for_the_data(char_corpus, tmp_path):
     with pytest.raises(ConfigError, match="the model has 5 tokens but the data"):
         main([f"--data_dir={char_corpus}", f"--run_dir={tmp_path / 'run'}", f"--init_from={hf_dir}", "--eval_only",
               "--block_size=32", "--batch_size=4", "--device=cpu", "--compile=False"])
+
+
+def test_resume_with_a_different_model_is_refused_and_keeps_the_config(char_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    main([f"--data_dir={char_corpus}", f"--run_dir={run_dir}", *TINY, "--max_iters=10"])
+    config_before = (run_dir / "config.json").read_text()
+    with pytest.raises(ConfigError, match="holds model .* but the config asks for"):
+        main([f"--data_dir={char_corpus}", f"--run_dir={run_dir}", *TINY, "--max_iters=20", "--n_layer=3"])
+    assert (run_dir / "config.json").read_text() == config_before
+
+
+def test_run_started_from_pretrained_weights_resumes_without_them(char_corpus, tmp_path):
+    vocab = json.loads((char_corpus / "corpus.json").read_text())["vocab_size"]
+    hf_dir = _hf_model_dir(tmp_path, vocab_size=vocab)
+    args = [f"--data_dir={char_corpus}", f"--run_dir={tmp_path / 'run'}", f"--init_from={hf_dir}", "--block_size=32",
+            "--batch_size=4", "--eval_interval=5", "--eval_iters=2", "--device=cpu", "--compile=False"]
+    main([*args, "--max_iters=5"])
+    import shutil
+
+    shutil.rmtree(hf_dir)  # the weights are gone (e.g. no hub access on the compute node): resume must not need them
+    summary = main([*args, "--max_iters=10"])
+    assert summary["step"] == 10
