@@ -195,7 +195,9 @@ class GPT(nn.Module):
         if targets is None:  # inference: only the last position's logits are needed
             return self.lm_head(x[:, [-1], :]), None
         logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        flat = logits.view(-1, logits.size(-1))
+        flat = flat.to(torch.promote_types(flat.dtype, torch.float32))  # the softmax in at least fp32
+        loss = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-1)
         return (logits if return_logits else None), loss
 
     def crop_block_size(self, block_size: int):

@@ -1,0 +1,290 @@
+"""Token shards and the speedrun's BOS-aligned, document-packed, distributed batch loader.
+
+Shard format (DESIGN contract): a header of 256 little-endian int32 -- [0] = 20240520 (magic),
+[1] = 1 (version), [2] = token count -- then the tokens as little-endian uint16. One document is
+a BOS/end-of-text token followed by its tokens. FineWeb shards are `fineweb_{split}_NNNNNN.bin`;
+the local corpus writes `{split}_NNNNNN.bin`.
+
+Packing rule (what `DistributedBOSLoader` yields):
+
+* The stream is every shard in order, wrapping to the first after the last (one epoch per pass).
+  Tokens of a shard before its first BOS belong to no document and are skipped.
+* Every document is clipped to its first `max_seq_len` tokens; the clipped documents, concatenated,
+  form the *packed stream*.
+* A *rank batch* starts at a document's BOS and takes the next `tokens_per_rank + 1` tokens of the
+  packed stream: inputs = the first `tokens_per_rank`, targets = the last `tokens_per_rank` (the
+  stream shifted by one, so every position has a real next token and nothing is padding). The last
+  document of a batch may be cut at the batch end; its remainder is dropped, not carried over, and
+  the next rank batch starts at the following document's BOS. (At the end of a clipped or whole
+  document the target is the next document's BOS: "the document ends here".)
+* Rank batches are numbered 0, 1, 2, ... along the stream; global step s gives batch
+  s * world_size + r to rank r. So every rank's slice starts at a BOS, the ranks' inputs are
+  disjoint, and together they are exactly what a single-rank loader yields in `world_size` steps.
+* `cu_seqlens` (int32) are the document boundaries within the inputs: 0, each later BOS position,
+  `tokens_per_rank`; every segment is at most `max_seq_len` long and starts with BOS.
+
+The next shard is read (and clipped) in one background thread while the current one is used;
+on CUDA it lands in pinned memory so the host-to-device copies can be asynchronous.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+TOKEN_BYTES = 2  # uint16
+
+
+class ShardError(ValueError):
+    """A token shard that is missing, malformed or inconsistent; the message names the file."""
+
+
+def read_shard(path: str | os.PathLike) -> np.ndarray:
+    """Read one shard's tokens into memory (uint16) after checking its header and size."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShardError(f"{path}: shard not found")
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise ShardError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte shard header")
+    with open(path, "rb") as f:
+        header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
+        if header[0] != SHARD_MAGIC:
+            raise ShardError(f"{path}: bad magic number {header[0]} (expected {SHARD_MAGIC}); not a token shard")
+        if header[1] != SHARD_VERSION:
+            raise ShardError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
+        num_tokens = int(header[2])
+        expected = HEADER_BYTES + num_tokens * TOKEN_BYTES
+        if num_tokens < 0 or size != expected:
+            raise ShardError(
+                f"{path}: header says {num_tokens} tokens ({expected} bytes) but the file has {size} bytes"
+                " (truncated or still being written?)"
+            )
+        tokens = np.fromfile(f, dtype="<u2", count=num_tokens)
+    # Native byte order so torch.from_numpy accepts it (a no-op on little-endian hosts).
+    return tokens.astype(np.uint16, copy=False)
+
+
+def find_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
+    """The shards of one split ('train' or 'val') in `data_dir`, sorted by name."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise ShardError(f"{data_dir}: data directory not found")
+    pattern = f"*{split}_" + "[0-9]" * 6 + ".bin"
+    shards = sorted(Path(p) for p in glob.glob(str(data_dir / pattern)))
+    if not shards:
+        raise ShardError(f"{data_dir}: no {split} shards (expected files matching {pattern})")
+    return shards
+
+
+@dataclass
+class _PackedShard:
+    """One shard as packed-stream tokens plus where its documents start (in both coordinates)."""
+
+    file_index: int  # absolute: epoch * num_files + index into files
+    tokens: torch.Tensor  # uint16, clipped documents concatenated; pinned on CUDA
+    doc_starts: np.ndarray  # int64 offsets of each document's BOS within `tokens`
+    source_offsets: np.ndarray  # int64 offsets of the same BOS tokens within the shard file
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.numel())
+
+
+def _pack_shard(path: Path, file_index: int, bos_id: int, max_seq_len: int, pin: bool) -> _PackedShard:
+    tokens = read_shard(path)
+    source_offsets = np.flatnonzero(tokens == bos_id).astype(np.int64)
+    doc_ends = np.append(source_offsets[1:], tokens.size)
+    lengths = doc_ends - source_offsets
+    clipped = np.minimum(lengths, max_seq_len)
+    too_long = np.flatnonzero(lengths > max_seq_len)
+    if source_offsets.size == 0:
+        packed = tokens[:0]
+    elif too_long.size == 0 and source_offsets[0] == 0:
+        packed = tokens  # already a clean packed stream: no copy
+    else:
+        # Copy only runs of untouched documents, cutting at each over-long one (usually few).
+        pieces, run_start = [], int(source_offsets[0])
+        for doc in too_long:
+            pieces.append(tokens[run_start : source_offsets[doc] + max_seq_len])
+            run_start = int(doc_ends[doc])
+        pieces.append(tokens[run_start:])
+        packed = np.concatenate(pieces)
+    doc_starts = np.concatenate(([0], np.cumsum(clipped)[:-1])).astype(np.int64) if clipped.size else clipped
+    packed_tensor = torch.from_numpy(np.ascontiguousarray(packed))
+    if pin:
+        packed_tensor = packed_tensor.pin_memory()
+    return _PackedShard(file_index, packed_tensor, doc_starts, source_offsets)
+
+
+class PackedBatch(NamedTuple):
+    inputs: torch.Tensor  # (tokens_per_rank,) int32
+    targets: torch.Tensor  # (tokens_per_rank,) int64
+    cu_seqlens: torch.Tensor  # (num_docs + 1,) int32: 0, document starts, tokens_per_rank
+
+
+class DistributedBOSLoader:
+    """Endless BOS-aligned packed batches for one rank; see the module docstring for the rule.
+
+    Iterating yields (inputs, targets); `next_batch()` also gives `cu_seqlens`, and the last
+    batch's boundaries stay readable as `loader.cu_seqlens`.
+    """
+
+    def __init__(
+        self,
+        files,
+        tokens_per_rank: int,
+        max_seq_len: int,
+        bos_id: int,
+        rank: int = 0,
+        world_size: int = 1,
+        device="cpu",
+    ):
+        self.files = [Path(f) for f in files]
+        if not self.files:
+            raise ShardError("DistributedBOSLoader: no shard files given")
+        if tokens_per_rank < 1 or max_seq_len < 1:
+            raise ValueError(f"tokens_per_rank ({tokens_per_rank}) and max_seq_len ({max_seq_len}) must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.tokens_per_rank = tokens_per_rank
+        self.max_seq_len = max_seq_len
+        self.bos_id = bos_id
+        self.rank = rank
+        self.world_size = world_size
+        self.device = torch.device(device)
+        self.cu_seqlens: torch.Tensor | None = None
+        self._pin = self.device.type == "cuda"
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch")
+        self._prefetch: Future | None = None
+        self._reset(file_index=0, source_offset=None)
+
+    # --- shard window -------------------------------------------------------------------------
+
+    def _start_prefetch(self, file_index: int) -> None:
+        path = self.files[file_index % len(self.files)]
+        self._prefetch = self._executor.submit(
+            _pack_shard, path, file_index, self.bos_id, self.max_seq_len, self._pin
+        )
+
+    def _shard(self, window_index: int) -> _PackedShard:
+        """The shard `window_index` places after the current one, loading as needed."""
+        while len(self._window) <= window_index:
+            shard = self._prefetch.result()
+            self._window.append(shard)
+            self._start_prefetch(shard.file_index + 1)
+        return self._window[window_index]
+
+    def _reset(self, file_index: int, source_offset: int | None) -> None:
+        """Position at shard `file_index` (absolute), at the document whose BOS is `source_offset`."""
+        if self._prefetch is not None:
+            self._prefetch.exception()  # wait out the old load (its result or error is moot now)
+        self._window: list[_PackedShard] = []
+        self._start_prefetch(file_index)
+        self._doc = 0
+        if source_offset is not None:
+            shard = self._shard(0)
+            doc = int(np.searchsorted(shard.source_offsets, source_offset))
+            if doc >= shard.source_offsets.size or shard.source_offsets[doc] != source_offset:
+                raise ValueError(
+                    f"{self.files[file_index % len(self.files)]}: token offset {source_offset} is not a document start"
+                )
+            self._doc = doc
+        self._skip_exhausted_shards()
+
+    def _skip_exhausted_shards(self) -> None:
+        """Move the position forward past shards with no documents left (wrapping)."""
+        skipped = 0
+        while self._doc >= self._shard(0).doc_starts.size:
+            self._window.pop(0)
+            self._doc = 0
+            skipped += 1
+            if skipped > len(self.files):
+                raise ShardError(f"no document starting with BOS id {self.bos_id} in any of {len(self.files)} shards")
+
+    # --- batches ------------------------------------------------------------------------------
+
+    def _take_rank_batch(self, gather: bool) -> PackedBatch | None:
+        """Plan (and, if `gather`, build) the rank batch at the current position; advance past it."""
+        need = self.tokens_per_rank + 1
+        pieces: list[tuple[int, torch.Tensor]] = []  # (position in batch, uint16 slice)
+        doc_positions: list[np.ndarray] = []
+        window_index, offset, filled = 0, int(self._shard(0).doc_starts[self._doc]), 0
+        last_input = None  # (window index, offset) of input position tokens_per_rank - 1
+        while filled < need:
+            shard = self._shard(window_index)
+            take = min(shard.num_tokens - offset, need - filled)
+            if take > 0:
+                if last_input is None and filled + take >= self.tokens_per_rank:
+                    last_input = (window_index, offset + self.tokens_per_rank - 1 - filled)
+                if gather:
+                    pieces.append((filled, shard.tokens[offset : offset + take]))
+                    lo, hi = np.searchsorted(shard.doc_starts, [offset, offset + take])
+                    doc_positions.append(shard.doc_starts[lo:hi] - offset + filled)
+                filled += take
+            if filled < need:  # the batch runs on into the next shard (which starts at a BOS)
+                window_index, offset = window_index + 1, 0
+        # The next batch starts at the document after the one holding the last input token.
+        end_window, end_offset = last_input
+        end_shard = self._shard(end_window)
+        self._window = self._window[end_window:]
+        self._doc = int(np.searchsorted(end_shard.doc_starts, end_offset, side="right"))
+        self._skip_exhausted_shards()
+        if not gather:
+            return None
+        stream = torch.empty(need, dtype=torch.int32, device=self.device)
+        for position, piece in pieces:
+            stream[position : position + piece.numel()].copy_(piece, non_blocking=True)
+        starts = np.concatenate(doc_positions)
+        starts = starts[starts < self.tokens_per_rank]
+        cu_seqlens = torch.from_numpy(np.append(starts, self.tokens_per_rank).astype(np.int32))
+        return PackedBatch(stream[:-1], stream[1:].to(torch.int64), cu_seqlens.to(self.device, non_blocking=True))
+
+    def next_batch(self) -> PackedBatch:
+        """This rank's batch of the next global step (every rank walks the same stream)."""
+        batch = None
+        for rank in range(self.world_size):
+            taken = self._take_rank_batch(gather=rank == self.rank)
+            batch = taken if taken is not None else batch
+        self.cu_seqlens = batch.cu_seqlens
+        return batch
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.next_batch()
+        return batch.inputs, batch.targets
+
+    # --- resumption ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Where the next global step starts; the same on every rank."""
+        shard = self._shard(0)
+        return {
+            "shard_index": shard.file_index % len(self.files),
+            "token_offset": int(shard.source_offsets[self._doc]),
+            "epoch": shard.file_index // len(self.files),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        shard_index = int(state["shard_index"])
+        if not 0 <= shard_index < len(self.files):
+            raise ValueError(f"shard_index {shard_index} is outside the {len(self.files)} shards")
+        file_index = int(state.get("epoch", 0)) * len(self.files) + shard_index
+        self._reset(file_index=file_index, source_offset=int(state["token_offset"]))
+
+    def close(self) -> None:
+        """Stop the prefetch thread (waits for a load in flight)."""
+        self._executor.shutdown(wait=True)
