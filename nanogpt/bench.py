@@ -14,7 +14,6 @@ optimizer, autocast and compile exactly as the trainer does, runs `bench_warmup`
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import time
@@ -26,15 +25,18 @@ import torch
 from nanogpt.config import ConfigError, config_help, parse_config
 from nanogpt.data.loader import TokenLoader
 from nanogpt.data.shards import ShardError, find_split
-from nanogpt.model import GPT, GPTConfig, select_sdpa_backend
+from nanogpt.model import GPT, GPTConfig
 from nanogpt.train import (
     TrainConfig,
-    choose_dtype,
-    configure_compiler,
+    compile_enabled,
+    configure_backends,
     data_vocab,
     gradient_accumulation,
     init_runtime,
+    mixed_precision,
+    scratch_model_args,
     train_step,
+    wrap_model,
 )
 
 
@@ -60,24 +62,14 @@ def main(argv: list[str] | None = None) -> dict:
     rt = init_runtime(cfg)
     accumulation = gradient_accumulation(cfg, rt.world_size)
     vocab_size = data_vocab(cfg)[0] if cfg.data_dir else (cfg.vocab_size or 50304)
-    if rt.device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        select_sdpa_backend(cfg.attention)
-        configure_compiler(cfg)
+    configure_backends(cfg, rt)
     torch.manual_seed(cfg.seed)
 
-    model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                          vocab_size=vocab_size, dropout=cfg.dropout, bias=cfg.bias)).to(rt.device)
+    model = GPT(GPTConfig(**scratch_model_args(cfg, vocab_size))).to(rt.device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type)
-    dtype = choose_dtype(cfg, rt)
-    autocast = torch.autocast(rt.device_type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler(rt.device_type, enabled=(dtype == torch.float16))
+    dtype, autocast, scaler = mixed_precision(cfg, rt)
     raw_model = model
-    if cfg.compile if cfg.compile is not None else rt.device_type == "cuda":
-        model = torch.compile(model, mode=cfg.compile_mode)
-    if rt.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    model = wrap_model(model, cfg, rt)
 
     if cfg.synthetic:  # a few fixed random batches, reused: token values do not change the cost
         generator = torch.Generator(device=rt.device).manual_seed(cfg.seed + rt.rank)
@@ -106,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     say = print if rt.master else (lambda *a, **k: None)
     say(f"bench: {raw_model.num_params() / 1e6:.1f}M params, {tokens_per_step:,} tokens/step = {cfg.batch_size} x "
         f"{cfg.block_size} x {rt.world_size} proc x {accumulation} accum, {str(dtype).removeprefix('torch.')}, "
-        f"compile={model is not raw_model}, attention={cfg.attention}, device {rt.device_name}", flush=True)
+        f"compile={compile_enabled(cfg, rt)}, attention={cfg.attention}, device {rt.device_name}", flush=True)
     start = time.perf_counter()
     if cfg.bench_warmup:
         steps(cfg.bench_warmup).item()

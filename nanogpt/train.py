@@ -233,11 +233,37 @@ def data_vocab(cfg: TrainConfig) -> tuple[int, dict]:
     return cfg.vocab_size or data_vocab_size or 50304, meta
 
 
-def configure_compiler(cfg: TrainConfig):
+def configure_backends(cfg: TrainConfig, rt: Runtime):
+    """Process-wide CUDA settings: TF32 matmuls, the attention backend, compiler tuning."""
+    if rt.device_type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    select_sdpa_backend(cfg.attention)
     if cfg.inductor_tuning:
         import torch._inductor.config as inductor_config
 
         inductor_config.coordinate_descent_tuning = True
+
+
+def mixed_precision(cfg: TrainConfig, rt: Runtime):
+    """(dtype, autocast context, GradScaler): the scaler is active only for float16."""
+    dtype = choose_dtype(cfg, rt)
+    autocast = torch.autocast(rt.device_type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    return dtype, autocast, torch.amp.GradScaler(rt.device_type, enabled=(dtype == torch.float16))
+
+
+def compile_enabled(cfg: TrainConfig, rt: Runtime) -> bool:
+    return cfg.compile if cfg.compile is not None else rt.device_type == "cuda"
+
+
+def wrap_model(model, cfg: TrainConfig, rt: Runtime):
+    """torch.compile (on by default on CUDA), then DDP when several processes run."""
+    if compile_enabled(cfg, rt):
+        model = torch.compile(model, mode=cfg.compile_mode)
+    if rt.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    return model
 
 
 def data_order(cfg: TrainConfig, train_files) -> str:
@@ -422,11 +448,7 @@ def _train(cfg, recipe, rt: Runtime, run_dir: Path, train_files, val_files, voca
     torch.manual_seed(cfg.seed + seed_offset)
     random.seed(cfg.seed + seed_offset)
     np.random.seed(cfg.seed + seed_offset)
-    if rt.device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        select_sdpa_backend(cfg.attention)
-        configure_compiler(cfg)
+    configure_backends(cfg, rt)
 
     tokens_per_step = cfg.batch_size * cfg.block_size * rt.world_size * accumulation
     order = data_order(cfg, train_files)
@@ -445,9 +467,7 @@ def _train(cfg, recipe, rt: Runtime, run_dir: Path, train_files, val_files, voca
     else:
         model, model_args = build_model(cfg, vocab_size, log, data_meta.get("vocab_size"))
     model.to(device)
-    dtype = choose_dtype(cfg, rt)
-    autocast = torch.autocast(rt.device_type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler(rt.device_type, enabled=(dtype == torch.float16))
+    dtype, autocast, scaler = mixed_precision(cfg, rt)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type)
 
     state = {"step": 0, "tokens": 0, "train_time_ms": 0.0, "best_val_loss": None, "last_val_loss": None,
@@ -463,11 +483,9 @@ def _train(cfg, recipe, rt: Runtime, run_dir: Path, train_files, val_files, voca
     del resume_state
 
     raw_model = model
-    if cfg.compile if cfg.compile is not None else rt.device_type == "cuda":
-        log("compiling the model (torch.compile); the first step includes compilation and is not timed")
-        model = torch.compile(model, mode=cfg.compile_mode)
-    if rt.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    model = wrap_model(model, cfg, rt)
+    if compile_enabled(cfg, rt):
+        log("compiled the model (torch.compile); the first step includes compilation and is not timed")
 
     log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters (without position embeddings), vocab {vocab_size}, "
         f"device {rt.device_name} x{rt.world_size}, dtype {str(dtype).removeprefix('torch.')}, attention {cfg.attention}")
