@@ -50,28 +50,33 @@ class ShardError(ValueError):
     """A token shard that is missing, malformed or inconsistent; the message names the file."""
 
 
-def read_shard(path: str | os.PathLike) -> np.ndarray:
-    """Read one shard's tokens into memory (uint16) after checking its header and size."""
+def check_shard_header(path: str | os.PathLike) -> int:
+    """Check a shard's header and size without reading its tokens; return its token count."""
     path = Path(path)
     if not path.is_file():
         raise ShardError(f"{path}: shard not found")
     size = path.stat().st_size
     if size < HEADER_BYTES:
         raise ShardError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte shard header")
-    with open(path, "rb") as f:
-        header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
-        if header[0] != SHARD_MAGIC:
-            raise ShardError(f"{path}: bad magic number {header[0]} (expected {SHARD_MAGIC}); not a token shard")
-        if header[1] != SHARD_VERSION:
-            raise ShardError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
-        num_tokens = int(header[2])
-        expected = HEADER_BYTES + num_tokens * TOKEN_BYTES
-        if num_tokens < 0 or size != expected:
-            raise ShardError(
-                f"{path}: header says {num_tokens} tokens ({expected} bytes) but the file has {size} bytes"
-                " (truncated or still being written?)"
-            )
-        tokens = np.fromfile(f, dtype="<u2", count=num_tokens)
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise ShardError(f"{path}: bad magic number {header[0]} (expected {SHARD_MAGIC}); not a token shard")
+    if header[1] != SHARD_VERSION:
+        raise ShardError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
+    num_tokens = int(header[2])
+    expected = HEADER_BYTES + num_tokens * TOKEN_BYTES
+    if num_tokens < 0 or size != expected:
+        raise ShardError(
+            f"{path}: header says {num_tokens} tokens ({expected} bytes) but the file has {size} bytes"
+            " (truncated or still being written?)"
+        )
+    return num_tokens
+
+
+def read_shard(path: str | os.PathLike) -> np.ndarray:
+    """Read one shard's tokens into memory (uint16) after checking its header and size."""
+    num_tokens = check_shard_header(path)
+    tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=HEADER_BYTES)
     # Native byte order so torch.from_numpy accepts it (a no-op on little-endian hosts).
     return tokens.astype(np.uint16, copy=False)
 
