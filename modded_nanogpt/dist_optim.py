@@ -1,0 +1,211 @@
+"""The speedrun's optimizer step across 1/2/4/8 GPUs: NorMuon on the parameter banks, Adam on the rest.
+
+Per step, after the last micro-step's backward:
+  1. launch, small parameters first, an all-reduce (sum) of every Adam parameter's gradient (only on
+     Adam steps: between them the gradients keep accumulating locally), then a reduce-scatter (sum) of
+     each bank's gradient, so rank r receives the summed gradient of its own slice of matrices;
+  2. as each finishes: Adam updates its (replicated) parameters; NorMuon updates rank r's slice of a bank,
+     then an all-gather sends the new slice to every rank. The communication of later tensors runs
+     while earlier ones are computed on.
+The loss is normalized by the tokens of the whole global step, so summing gradients over ranks gives
+the same math at every world size (the micro-steps per rank are 8 // world_size).
+
+With one process nothing is communicated and the same code runs. With gloo (CPU tests) the
+reduce-scatter is an all-reduce followed by taking the local slice (gloo has no reduce-scatter).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from modded_nanogpt.optim import polar_express
+
+
+def normuon_update(p, grad, state, lr, momentum, beta2, weight_decay, nesterov=True, ns_steps=5,
+                   eps=1e-8, ortho_dtype=None):
+    """One NorMuon step of p (matrices (..., rows, cols)) in place; see optim.NorMuon for the math."""
+    if not state:
+        state["momentum_buffer"] = torch.zeros_like(p)
+        state["second_moment"] = torch.zeros(*p.shape[:-1], 1, dtype=p.dtype, device=p.device)
+    buf, second_moment = state["momentum_buffer"], state["second_moment"]
+    buf.lerp_(grad, 1 - momentum)
+    update = grad.lerp(buf, momentum) if nesterov else buf
+    ortho = polar_express(update, ns_steps, dtype=ortho_dtype).to(p.dtype)
+    second_moment.lerp_(ortho.square().mean(dim=-1, keepdim=True), 1 - beta2)
+    normed = ortho / (second_moment.sqrt() + eps)
+    ortho_norm = ortho.norm(dim=(-2, -1), keepdim=True)
+    normed_norm = normed.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-30)
+    rows, cols = p.shape[-2], p.shape[-1]
+    normed.mul_(ortho_norm / normed_norm * max(1.0, rows / cols) ** 0.5)
+    if weight_decay != 0:
+        mask = (normed * p) > 0  # cautious: decay only where the update also shrinks |p|
+        p.sub_(lr * weight_decay * p * mask)
+    p.sub_(lr * normed)
+
+
+def adam_update(p, grad, state, lr, beta1, beta2, eps, weight_decay):
+    """AdamW (decoupled weight decay, bias-corrected moments) on p in place."""
+    if not state:
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(p)
+        state["exp_avg_sq"] = torch.zeros_like(p)
+    state["step"] += 1
+    t = state["step"]
+    state["exp_avg"].lerp_(grad, 1 - beta1)
+    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (state["exp_avg_sq"] / (1 - beta2**t)).sqrt_().add_(eps)
+    if weight_decay != 0:
+        p.mul_(1 - lr * weight_decay)
+    p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
+
+
+@dataclass
+class AdamGroup:
+    name: str
+    params: list
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    every_step: bool = False  # False: accumulate over two steps, update on Adam steps only
+
+
+@dataclass
+class BankSpec:
+    name: str
+    param: torch.nn.Parameter
+    shape: tuple[int, int, int]  # the bank viewed as (matrices, rows, cols): whole matrices to shard
+
+    @property
+    def matrices(self) -> int:
+        return self.shape[0]
+
+
+class SpeedrunOptimizer:
+    """NorMuon (sharded over ranks) on banks + replicated Adam groups; see the module docstring."""
+
+    def __init__(self, banks: list[BankSpec], adam_groups: list[AdamGroup], muon_lr, muon_momentum, muon_beta2,
+                 muon_weight_decay, adam_eps, rank=0, world_size=1):
+        for bank in banks:
+            if bank.matrices % world_size:
+                raise ValueError(f"bank {bank.name}: {bank.matrices} matrices do not split over world_size {world_size}")
+        self.banks, self.adam_groups = banks, adam_groups
+        self.muon = dict(lr=muon_lr, momentum=muon_momentum, beta2=muon_beta2, weight_decay=muon_weight_decay)
+        self.adam_eps = adam_eps
+        self.rank, self.world_size = rank, world_size
+        self.muon_state: dict[str, dict] = {bank.name: {} for bank in banks}
+        self.adam_state: dict[int, dict] = {}
+        self.distributed = world_size > 1
+        self.gloo = self.distributed and dist.get_backend() == "gloo"
+
+    def _shard(self, tensor, bank: BankSpec):
+        per_rank = bank.matrices // self.world_size
+        return tensor.view(bank.shape)[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def _adam_params(self, adam_step: bool):
+        # Small parameters first: their all-reduces finish early and Adam can start on them.
+        params = [(g, p) for g in self.adam_groups if adam_step or g.every_step for p in g.params if p.grad is not None]
+        return sorted(params, key=lambda gp: gp[1].numel())
+
+    @torch.no_grad()
+    def step(self, lr_multiplier: float, adam_step: bool):
+        """One update; Adam parameters only when adam_step (their gradients are then zeroed)."""
+        pending = []
+        adam = self._adam_params(adam_step)
+        for _, p in adam:
+            pending.append(dist.all_reduce(p.grad, async_op=True) if self.distributed else None)
+        bank_grads = []
+        for bank in self.banks:
+            grad = bank.param.grad
+            if grad is None:
+                bank_grads.append((None, None))
+            elif not self.distributed:
+                bank_grads.append((self._shard(grad, bank), None))
+            elif self.gloo:
+                bank_grads.append((grad, dist.all_reduce(grad, async_op=True)))
+            else:
+                out = torch.empty_like(self._shard(grad, bank))
+                full = grad.view(bank.shape)
+                bank_grads.append((out, dist.reduce_scatter_tensor(out, full, async_op=True)))
+
+        for (group, p), work in zip(adam, pending, strict=True):
+            if work is not None:
+                work.wait()
+            adam_update(p, p.grad, self.adam_state.setdefault(id(p), {}), group.lr * lr_multiplier,
+                        *group.betas, self.adam_eps, group.weight_decay)
+            p.grad = None
+
+        gathers = []
+        for bank, (grad, work) in zip(self.banks, bank_grads, strict=True):
+            if grad is None:
+                continue
+            if work is not None:
+                work.wait()
+            if self.gloo:
+                grad = self._shard(grad, bank)
+            shard = self._shard(bank.param.data, bank)
+            normuon_update(shard, grad, self.muon_state[bank.name], lr=self.muon["lr"] * lr_multiplier,
+                           momentum=self.muon["momentum"], beta2=self.muon["beta2"],
+                           weight_decay=self.muon["weight_decay"])
+            if self.distributed:
+                full = bank.param.data.view(bank.shape)
+                if self.gloo:
+                    pieces = list(full.chunk(self.world_size))
+                    gathers.append(dist.all_gather(pieces, shard.clone(), async_op=True))
+                    gathers[-1].wait()  # gloo's all_gather writes into views only once it completes
+                else:
+                    gathers.append(dist.all_gather_into_tensor(full, shard.clone(), async_op=True))
+            bank.param.grad = None
+        for work in gathers:
+            work.wait()
+
+    def zero_bank_grads(self):
+        for bank in self.banks:
+            bank.param.grad = None
+
+    # --- checkpoints: the full state on every rank's behalf, independent of the world size ------------
+
+    def state_dict(self) -> dict:
+        muon = {}
+        for bank in self.banks:
+            state = self.muon_state[bank.name]
+            if not state:
+                continue
+            muon[bank.name] = {k: self._gather(v) for k, v in state.items()}
+        names = {id(p): f"{g.name}.{i}" for g in self.adam_groups for i, p in enumerate(g.params)}
+        adam = {names[key]: {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in st.items()}
+                for key, st in self.adam_state.items() if key in names}
+        return {"muon": muon, "adam": adam}
+
+    def _gather(self, shard: torch.Tensor) -> torch.Tensor:
+        if not self.distributed:
+            return shard.detach().cpu().clone()
+        pieces = [torch.empty_like(shard) for _ in range(self.world_size)]
+        dist.all_gather(pieces, shard.contiguous())
+        return torch.cat(pieces).cpu()
+
+    def load_state_dict(self, state: dict) -> None:
+        for bank in self.banks:
+            saved = state["muon"].get(bank.name)
+            if saved is None:
+                self.muon_state[bank.name] = {}
+                continue
+            device = bank.param.device
+            per_rank = bank.matrices // self.world_size
+            self.muon_state[bank.name] = {
+                k: v[self.rank * per_rank : (self.rank + 1) * per_rank].to(device).clone() for k, v in saved.items()
+            }
+        self.adam_state = {}
+        for g in self.adam_groups:
+            for i, p in enumerate(g.params):
+                saved = state["adam"].get(f"{g.name}.{i}")
+                if saved is not None:
+                    self.adam_state[id(p)] = {k: (v.to(p.device).clone() if torch.is_tensor(v) else v) for k, v in saved.items()}
+
+    def copy_adam_state(self, src: torch.nn.Parameter, dst: torch.nn.Parameter, transform=lambda t: t) -> None:
+        """Carry src's Adam moments over to dst (the untie step: head -> embedding, transposed)."""
+        state = self.adam_state.get(id(src))
+        if state:
+            self.adam_state[id(dst)] = {k: (transform(v).clone() if torch.is_tensor(v) else v) for k, v in state.items()}

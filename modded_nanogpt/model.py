@@ -1,0 +1,443 @@
+"""The speedrun's GPT: a 124M-class transformer with the modded-nanogpt architecture, every feature a flag.
+
+Reads leaves first: norm -> rotary (half-truncated RoPE + YaRN) -> attention masks and backends ->
+attention -> MLP -> the model. One packed sequence per forward: `inputs` is a 1-D stream of whole
+documents, each starting with the BOS token (see data/loader.py); attention never crosses a document
+boundary and looks back at most a sliding window of 128-token blocks (short or long per layer).
+
+Parameter layout (banks, so the matrix optimizer can shard whole matrices across GPUs):
+  attn_bank  (num_attn_layers, 4 * hd, dim): rows [q; k; v; o^T] of each attention layer
+             (hd = num_heads * head_dim); viewed as (4 * num_attn_layers, hd, dim) by the optimizer.
+  mlp_bank   (mlp_slots, 2, hidden, dim): [up; down^T] of each MLP; mlp_slots = num_layers rounded up
+             so 2 * mlp_slots divides by 8 (the unused slots stay zero); viewed as (2 * mlp_slots, hidden, dim).
+  lm_head_t  (dim, vocab): the output projection, stored transposed (x @ lm_head_t); while the
+             embedding is tied, the token embedding reads its rows from lm_head_t.T.
+  embed      (vocab, dim): the untied token embedding (a copy of lm_head_t.T from the untie step on).
+  value_embeds (num_ve, vocab, dim), bigram_embed (buckets, dim), gates, and one vector of scalars.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modded_nanogpt import kernels
+
+BLOCK = 128  # attention windows are counted in blocks of this many tokens (FlexAttention's block size)
+GATE_INPUTS = 12  # gates read the first 12 channels of their (normalized) input
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50304
+    bos_id: int = 50256
+    num_layers: int = 11
+    model_dim: int = 768
+    num_heads: int = 6
+    head_dim: int = 128
+    mlp_ratio: int = 4
+    attention_skip_layers: list[int] = field(default_factory=lambda: [6])
+    long_window_layers: list[int] = field(default_factory=lambda: [3, 7, 10])
+    paired_head_layers: list[int] = field(default_factory=lambda: [0, 2, 5, 9])
+    value_embeds: bool = True
+    value_embed_layers: list[int] = field(default_factory=lambda: [0, 1, 2, 9, 10])
+    bigram_embeds: bool = True
+    bigram_table_multiplier: int = 5
+    skip_connections: bool = True
+    skip_from: int = 3
+    skip_to: int = 6
+    smear: bool = True
+    backout: bool = True
+    backout_layer: int = 7
+    key_offset: bool = True
+    softcap: bool = True
+    qk_norm: bool = True
+    mlp_activation: str = "relu2"
+    fp8: bool = True
+    attn_scale: float = 0.12
+    rope_min_wavelength_ratio: float = 1024.0  # lowest rotating frequency is 1/1024 rad per token
+    attention_backend: str = "auto"  # auto | fa3 | flex | sdpa
+    fp8_x_scale: float = 100 / 448
+    fp8_w_scale: float = 1.6 / 448
+    fp8_grad_scale: float = 2.0**-10
+
+
+# ---- rotary embedding: half the head dims rotate, YaRN rescales them when the window grows ----------
+
+
+def rotary_frequencies(head_dim: int, min_ratio: float) -> torch.Tensor:
+    """head_dim // 2 angular frequencies: head_dim // 4 from 1 down to 1/min_ratio rad/token, then zeros.
+
+    Pairs (i, i + head_dim // 2) rotate together; the zero-frequency pairs (half of the head dims)
+    are stationary: they carry content that no position shift changes (used by the key offset).
+    """
+    quarter = head_dim // 4
+    rotating = (1.0 / min_ratio) ** torch.linspace(0, 1, quarter, dtype=torch.float32)
+    return torch.cat([rotating, torch.zeros(head_dim // 2 - quarter)])
+
+
+def yarn_rescale(freqs: torch.Tensor, old_window: int, new_window: int, alpha: float = 1.0, beta: float = 32.0):
+    """YaRN (Peng et al. 2023, arXiv:2309.00071) for a context grown from old_window to new_window tokens.
+
+    Frequencies that turn many times within the old window (r > beta turns) are kept; those that turn
+    less than alpha times are divided by the growth factor s (interpolated); a linear ramp in between.
+    Returns the new frequencies and the attention-temperature factor 0.1 ln(s) + 1 (s > 1).
+    """
+    s = new_window / old_window
+    if s <= 1:
+        return freqs.clone(), 1.0
+    turns = old_window * freqs / (2 * math.pi)
+    keep = ((turns - alpha) / (beta - alpha)).clamp(0, 1)
+    return freqs * (keep + (1 - keep) / s), 0.1 * math.log(s) + 1
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (T, H, D); cos/sin: (T, D // 2). Rotates pairs (i, i + D/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
+
+
+# ---- attention masks (documents + causal + sliding window) and the three backends ------------------
+
+
+def allowed(q_pos, k_pos, doc, window_tokens: int, shift: int):
+    """Whether query position q may attend to key position k. Positions are tokens << shift
+    (shift=1: paired heads, two positions per token); doc holds each position's document id."""
+    return (q_pos >= k_pos) & (doc[q_pos] == doc[k_pos]) & (((q_pos >> shift) - (k_pos >> shift)) < window_tokens)
+
+
+def dense_mask(doc: torch.Tensor, window_tokens: int, shift: int) -> torch.Tensor:
+    """The (P, P) boolean mask of `allowed`: the plain reference the block masks are checked against."""
+    pos = torch.arange(doc.numel(), device=doc.device)
+    return allowed(pos[:, None], pos[None, :], doc, window_tokens, shift)
+
+
+def block_classes(doc: torch.Tensor, window_tokens: int, shift: int):
+    """Per (query block, key block) of BLOCK positions: (partial, full) boolean (nb, nb) matrices.
+
+    full: every pair in the two blocks is allowed (no mask needed); partial: some pairs are. Document
+    ids are non-decreasing along the stream, so two blocks share a document iff their id ranges meet.
+    """
+    P = doc.numel()
+    nb = P // BLOCK
+    starts = torch.arange(nb, device=doc.device) * BLOCK
+    ends = starts + BLOCK - 1
+    first_tok, last_tok = starts >> shift, ends >> shift
+    doc_first, doc_last = doc[starts], doc[ends]
+    q, k = torch.arange(nb, device=doc.device)[:, None], torch.arange(nb, device=doc.device)[None, :]
+    any_pair = (k <= q) & ((first_tok[q] - last_tok[k]) < window_tokens) & (doc_first[q] <= doc_last[k])
+    full = (k < q) & ((last_tok[q] - first_tok[k]) < window_tokens) & (doc_first[k] == doc_last[q])
+    return any_pair & ~full, full
+
+
+def _kv_lists(blocks: torch.Tensor):
+    counts = blocks.sum(dim=-1, dtype=torch.int32)
+    order = torch.argsort(blocks.to(torch.int32), dim=-1, descending=True, stable=True).to(torch.int32)
+    return counts[None, None].contiguous(), order[None, None].contiguous()
+
+
+def flex_block_mask(doc: torch.Tensor, window_tokens: int, shift: int):
+    """A FlexAttention BlockMask built directly from block classes (no dense mask is materialized)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    partial, full = block_classes(doc, window_tokens, shift)
+    num, idx = _kv_lists(partial)
+    full_num, full_idx = _kv_lists(full)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return allowed(q_idx, kv_idx, doc, window_tokens, shift)
+
+    return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=BLOCK, mask_mod=mask_mod)
+
+
+def fa3_available() -> bool:
+    try:
+        import flash_attn_interface  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def select_attention_backend(requested: str, device: torch.device) -> str:
+    """auto: FlashAttention 3 where installed (Hopper), FlexAttention on other CUDA, SDPA on CPU."""
+    if requested not in ("auto", "fa3", "flex", "sdpa"):
+        raise ValueError(f"attention_backend must be auto, fa3, flex or sdpa, got {requested!r}")
+    if requested == "auto":
+        if device.type != "cuda":
+            return "sdpa"
+        return "fa3" if fa3_available() else "flex"
+    if requested == "fa3" and not fa3_available():
+        raise ValueError("attention_backend=fa3 but flash_attn_interface is not importable (see slurm/modded/build_flash_attn.sh)")
+    if requested == "flex" and device.type != "cuda":
+        raise ValueError("attention_backend=flex needs CUDA; use sdpa (or auto) on CPU")
+    return requested
+
+
+def attend(q, k, v, doc, cu_seqlens, window_tokens: int, shift: int, scale: float, backend: str):
+    """q, k, v: (P, H, D) for P positions. Returns (P, H, D)."""
+    if backend == "fa3":
+        from flash_attn_interface import flash_attn_varlen_func
+
+        cu = (cu_seqlens << shift).to(torch.int32)
+        # FA3's window is in positions; with paired heads (shift=1) this admits one position more at the
+        # window's edge than `allowed` (which counts tokens): a documented, harmless difference.
+        out = flash_attn_varlen_func(q, k, v, cu, cu, q.size(0), q.size(0), softmax_scale=scale, causal=True,
+                                     window_size=((window_tokens << shift) - 1, 0))
+        return out[0] if isinstance(out, tuple) else out
+    qt, kt, vt = (t.transpose(0, 1)[None] for t in (q, k, v))  # (1, H, P, D)
+    if backend == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        if q.size(0) % BLOCK:
+            raise ValueError(f"flex attention needs a sequence that is a multiple of {BLOCK} positions, got {q.size(0)}")
+        out = flex_attention(qt, kt, vt, block_mask=flex_block_mask(doc, window_tokens, shift), scale=scale)
+    else:
+        mask = dense_mask(doc, window_tokens, shift)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+    return out[0].transpose(0, 1)
+
+
+# ---- the model --------------------------------------------------------------------------------------
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = c = config
+        validate_config(c)
+        dim, hd = c.model_dim, c.num_heads * c.head_dim
+        self.attn_layers = [i for i in range(c.num_layers) if i not in c.attention_skip_layers]
+        self.attn_slot = {layer: slot for slot, layer in enumerate(self.attn_layers)}
+        self.ve_slot = {layer: slot for slot, layer in enumerate(c.value_embed_layers)} if c.value_embeds else {}
+        self.hidden = c.mlp_ratio * dim
+        mlp_slots = -(-c.num_layers // 4) * 4  # 2 * slots divisible by 8 (one matrix per GPU shard)
+
+        self.attn_bank = nn.Parameter(torch.empty(len(self.attn_layers), 4 * hd, dim))
+        self.mlp_bank = nn.Parameter(torch.zeros(mlp_slots, 2, self.hidden, dim))
+        self.lm_head_t = nn.Parameter(torch.empty(dim, c.vocab_size))
+        self.embed = nn.Parameter(torch.empty(c.vocab_size, dim))
+        self.attn_gate = nn.Parameter(torch.zeros(len(self.attn_layers), c.num_heads, GATE_INPUTS))
+        if c.value_embeds:
+            self.value_embeds = nn.Parameter(torch.empty(len(c.value_embed_layers), c.vocab_size, dim))
+            self.ve_gate = nn.Parameter(torch.zeros(len(c.value_embed_layers), c.num_heads, GATE_INPUTS))
+        if c.bigram_embeds:
+            self.bigram_embed = nn.Parameter(torch.zeros(c.bigram_table_multiplier * c.vocab_size, dim))
+        if c.smear:
+            self.smear_gate = nn.Parameter(torch.zeros(1, GATE_INPUTS))
+        # scalars: per layer (residual, x0, bigram) mixing weights, then smear, backout, skip gate logit.
+        L = c.num_layers
+        self.scalar_index = {"residual": slice(0, L), "x0": slice(L, 2 * L), "bigram": slice(2 * L, 3 * L),
+                             "smear": 3 * L, "backout": 3 * L + 1, "skip": 3 * L + 2}
+        self.scalars = nn.Parameter(torch.cat([torch.ones(L), torch.zeros(L), torch.full((L,), 0.1),
+                                               torch.tensor([0.0, 0.5, 0.0])]))
+        self.register_buffer("rotary_freqs", rotary_frequencies(c.head_dim, c.rope_min_wavelength_ratio))
+        self.register_buffer("attn_temperature", torch.ones(()))
+        self.register_buffer("yarn_window", torch.zeros((), dtype=torch.int64))  # long window the freqs fit
+        self.register_buffer("tied", torch.ones((), dtype=torch.bool))
+        self.attention_backend = "sdpa"
+        self.reset_parameters()
+        self._mirror_buffers()
+
+    def _mirror_buffers(self):
+        # Python copies of the schedule state the forward branches on: torch.compile specializes on
+        # them (a recompile per stage, done in the warmup) instead of breaking the graph on .item().
+        self.is_tied = bool(self.tied)
+        self.temperature = float(self.attn_temperature)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._mirror_buffers()
+        return result
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        c = self.config
+        bound = math.sqrt(3) * 0.5 * c.model_dim**-0.5  # uniform with std 0.5 / sqrt(dim)
+        hd = c.num_heads * c.head_dim
+        self.attn_bank.uniform_(-bound, bound)
+        self.attn_bank[:, 3 * hd:].zero_()  # output projections start at zero (muP-like)
+        self.mlp_bank.zero_()
+        self.mlp_bank[: c.num_layers, 0].uniform_(-bound, bound)  # up projections; down ones stay zero
+        self.lm_head_t.normal_(0, 0.5 * c.model_dim**-0.5)
+        self.embed.copy_(self.lm_head_t.T)
+        if c.value_embeds:
+            self.value_embeds.normal_(0, 0.5 * c.model_dim**-0.5)
+
+    # --- schedule hooks (called by the trainer between steps) -------------------------------------
+
+    @torch.no_grad()
+    def set_long_window(self, long_window_blocks: int):
+        """Rescale the rotary frequencies (YaRN) when the long window grows beyond what they fit."""
+        tokens = long_window_blocks * BLOCK
+        old = int(self.yarn_window)
+        if old == 0:
+            self.yarn_window.fill_(tokens)
+        elif tokens > old:
+            freqs, temperature = yarn_rescale(self.rotary_freqs, old, tokens)
+            self.rotary_freqs.copy_(freqs)
+            self.attn_temperature.mul_(temperature)
+            self.yarn_window.fill_(tokens)
+        self._mirror_buffers()
+
+    @torch.no_grad()
+    def untie(self):
+        """From now on the token embedding is its own parameter, starting from the head's weights."""
+        self.embed.copy_(self.lm_head_t.T)
+        self.tied.fill_(False)
+        self._mirror_buffers()
+
+    # --- forward ------------------------------------------------------------------------------------
+
+    def bigram_index(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Hash of (previous token, token) into the table; the first token of a document gets the
+        reserved last bucket (it has no previous token of its own)."""
+        buckets = self.bigram_embed.size(0) - 1
+        cur = inputs.to(torch.int64)
+        prev = torch.cat([cur.new_zeros(1), cur[:-1]])
+        h = torch.bitwise_xor(cur * 1000003, prev * 69069) % buckets
+        return torch.where(inputs == self.config.bos_id, torch.full_like(h, buckets), h)
+
+    def attention(self, x, layer, ve, ctx):
+        c = self.config
+        T, H, D = x.size(0), c.num_heads, c.head_dim
+        hd = H * D
+        w = self.attn_bank[self.attn_slot[layer]].to(x.dtype)
+        q, k, v = (x @ w[: 3 * hd].T).view(T, 3, H, D).unbind(1)
+        if c.qk_norm:
+            q, k = norm(q), norm(k)
+        q, k = apply_rotary(q, ctx["cos"], ctx["sin"]), apply_rotary(k, ctx["cos"], ctx["sin"])
+        long = layer in c.long_window_layers
+        if c.key_offset and long:
+            # Stationary dims of a key carry the previous token's content: a query can match "the token
+            # after X" in one layer (induction). Nothing is carried across a document start.
+            stationary = k[..., D // 4 : D // 2], k[..., 3 * D // 4 :]
+            shifted = [torch.cat([s[:1] * 0, s[:-1]]) * ctx["not_doc_start"][:, None, None] for s in stationary]
+            k = torch.cat([k[..., : D // 4], shifted[0], k[..., D // 2 : 3 * D // 4], shifted[1]], dim=-1)
+        if ve is not None:
+            gate = 2 * torch.sigmoid(x[:, :GATE_INPUTS] @ self.ve_gate[self.ve_slot[layer]].to(x.dtype).T)
+            v = v + gate[..., None] * ve.view(T, H, D)
+        window = ctx["long_window"] if long else ctx["short_window"]
+        scale = c.attn_scale * self.temperature
+        if layer in c.paired_head_layers:
+            # Paired heads: heads i and i + H/2 of a token become two consecutive positions of one head of
+            # a sequence twice as long, so each head also sees its partner head's keys at earlier tokens.
+            q, k, v = (t.reshape(2 * T, H // 2, D) for t in (q, k, v))
+            y = attend(q, k, v, ctx["doc2"], ctx["cu_seqlens"], window, 1, scale, self.attention_backend)
+            y = y.reshape(T, H, D)
+        else:
+            y = attend(q, k, v, ctx["doc"], ctx["cu_seqlens"], window, 0, scale, self.attention_backend)
+        y = y * torch.sigmoid(x[:, :GATE_INPUTS] @ self.attn_gate[self.attn_slot[layer]].to(x.dtype).T)[..., None]
+        return y.reshape(T, hd) @ w[3 * hd:]
+
+    def mlp(self, x, layer):
+        up, down = self.mlp_bank[layer].to(x.dtype).unbind(0)
+        if self.config.mlp_activation == "relu2":
+            h = kernels.relu2_linear(x, up)
+        else:
+            h = F.gelu(x @ up.T, approximate="tanh")
+        return h @ down
+
+    def forward(self, inputs, targets, short_window: int, long_window: int, mtp_weights=(1.0,),
+                loss_divisor: float = 1.0, cu_seqlens=None):
+        """Loss of one packed sequence: sum over positions t and k of mtp_weights[k] * CE(logits_t,
+        targets[t + k]), divided by loss_divisor. Windows in blocks of 128 tokens."""
+        c = self.config
+        dtype = torch.bfloat16 if inputs.is_cuda else torch.float32
+        is_doc_start = inputs == c.bos_id
+        doc = torch.cumsum(is_doc_start.to(torch.int32), 0)
+        freqs = self.rotary_freqs
+        angles = torch.arange(inputs.numel(), device=inputs.device, dtype=torch.float32)[:, None] * freqs[None, :]
+        ctx = {"doc": doc, "doc2": doc.repeat_interleave(2), "cu_seqlens": cu_seqlens,
+               "short_window": short_window * BLOCK, "long_window": long_window * BLOCK,
+               "cos": angles.cos(), "sin": angles.sin(),
+               "not_doc_start": (~is_doc_start).to(dtype)}
+
+        embed_weight = self.lm_head_t.T if self.is_tied else self.embed
+        x = F.embedding(inputs.to(torch.int64), embed_weight).to(dtype)
+        if c.smear:
+            # Smear: a gated share of the previous token's embedding, within the document.
+            gate = self.scalars[self.scalar_index["smear"]] * torch.sigmoid(x[:, :GATE_INPUTS] @ self.smear_gate.to(dtype).T)
+            previous = torch.cat([x[:1] * 0, x[:-1]]) * ctx["not_doc_start"][:, None]
+            x = x + gate * previous
+        x = x0 = norm(x)
+        bigram = self.bigram_embed[self.bigram_index(inputs)].to(dtype) if c.bigram_embeds else None
+        s = self.scalars.to(dtype)
+        residual, mix_x0, mix_bigram = (s[self.scalar_index[k]] for k in ("residual", "x0", "bigram"))
+
+        skip = backout = None
+        for layer in range(c.num_layers):
+            if c.skip_connections and layer == c.skip_to:
+                x = x + torch.sigmoid(s[self.scalar_index["skip"]]) * skip
+            x = residual[layer] * x + mix_x0[layer] * x0
+            if bigram is not None:
+                x = x + mix_bigram[layer] * bigram
+            if layer in self.attn_slot:
+                ve = None
+                if layer in self.ve_slot:
+                    ve = F.embedding(inputs.to(torch.int64), self.value_embeds[self.ve_slot[layer]]).to(dtype)
+                x = x + self.attention(norm(x), layer, ve, ctx)
+            x = x + self.mlp(norm(x), layer)
+            if layer == c.skip_from:
+                skip = x
+            if layer == c.backout_layer:
+                backout = x
+        if c.backout:
+            # Backout: take back a learned share of an intermediate state before the head.
+            x = x - s[self.scalar_index["backout"]] * backout
+        x = norm(x)
+        return self.loss(x, targets, mtp_weights, loss_divisor)
+
+    def loss(self, x, targets, mtp_weights, loss_divisor):
+        c = self.config
+        if c.fp8 and x.is_cuda:
+            logits = kernels.fp8_linear(x, self.lm_head_t, c.fp8_x_scale, c.fp8_w_scale, c.fp8_grad_scale / loss_divisor)
+        else:
+            logits = x @ self.lm_head_t.to(x.dtype)
+        if c.softcap:
+            return kernels.softcapped_cross_entropy(logits, targets, mtp_weights, reduction="sum") / loss_divisor
+        logits = logits.float()
+        total = 0
+        for k in range(len(mtp_weights)):
+            total = total + mtp_weights[k] * F.cross_entropy(logits[: logits.size(0) - k], targets[k:], reduction="sum")
+        return total / loss_divisor
+
+
+def validate_config(c: ModelConfig):
+    """Index lists and sizes must fit the model; each error names the setting."""
+    L = c.num_layers
+
+    def layers_ok(name, layers):
+        bad = [i for i in layers if not 0 <= i < L]
+        if bad:
+            raise ValueError(f"{name}: layer indices {bad} are outside 0..{L - 1} (num_layers={L})")
+
+    for name in ("attention_skip_layers", "long_window_layers", "paired_head_layers", "value_embed_layers"):
+        layers_ok(name, getattr(c, name))
+    attn = [i for i in range(L) if i not in c.attention_skip_layers]
+    if not attn:
+        raise ValueError("attention_skip_layers skips every layer; at least one layer needs attention")
+    for name in ("paired_head_layers", "value_embed_layers"):
+        skipped = sorted(set(getattr(c, name)) & set(c.attention_skip_layers))
+        if skipped and (name != "value_embed_layers" or c.value_embeds):
+            raise ValueError(f"{name}: layers {skipped} have no attention (attention_skip_layers)")
+    if c.paired_head_layers and c.num_heads % 2:
+        raise ValueError(f"paired_head_layers needs an even num_heads, got {c.num_heads}")
+    if c.head_dim % 4:
+        raise ValueError(f"head_dim must be a multiple of 4 (half-truncated RoPE), got {c.head_dim}")
+    if c.skip_connections and not 0 <= c.skip_from < c.skip_to < L:
+        raise ValueError(f"skip_from ({c.skip_from}) must be before skip_to ({c.skip_to}), both in 0..{L - 1}")
+    if c.backout and not 0 <= c.backout_layer < L:
+        raise ValueError(f"backout_layer {c.backout_layer} is outside 0..{L - 1}")
+    if c.mlp_activation not in ("relu2", "gelu"):
+        raise ValueError(f"mlp_activation must be relu2 or gelu, got {c.mlp_activation!r}")
+    if not 0 <= c.bos_id < c.vocab_size:
+        raise ValueError(f"bos_id {c.bos_id} is outside the vocabulary (vocab_size={c.vocab_size})")

@@ -1,0 +1,577 @@
+"""The speedrun trainer: GPT-2 124M to val loss <= 3.28 on FineWeb, at 1/2/4/8 GPUs, every feature a flag.
+
+  python -m modded_nanogpt.train_gpt --recipe=tiny_cpu --data_dir=DIR --run_dir=DIR --num_iterations=20
+  torchrun --standalone --nproc_per_node=8 -m modded_nanogpt.train_gpt            # the speedrun, 8 GPUs
+  NUM_GPUS=1 bash modded_nanogpt/run.sh --seed=1                                  # the same via run.sh
+  DISABLE_FP8=1 ... (same as --fp8=False)
+
+Settings: the `Hyperparameters` dataclass below; `--recipe=NAME` (modded_nanogpt/recipes/NAME.toml, only
+deltas) then `--key=value` overrides; unknown keys and wrong types fail before anything is allocated.
+Lists are comma-separated (`--paired_head_layers=0,2` or `none`); stage schedules separate stages by ';'.
+
+A run: validate everything -> build the model, compile it -> an untimed warmup that runs one step of
+every shape the schedule will meet (and the validations), then restores model, optimizer and data
+state -> the timed run (synchronized clock that excludes warmup, validation and checkpoints), with
+`step:N/T train_time:Xms step_avg:Yms` per step and `val_loss` per validation. The run directory
+(runlog.py) gets config.json, provenance.json, metrics.jsonl, train.log and ckpt/; the same command
+resumes from the newest checkpoint. SIGUSR1/SIGUSR2/SIGTERM and max_train_minutes checkpoint and exit 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import json
+import math
+import os
+import signal
+import sys
+import time
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from modded_nanogpt.data.loader import DistributedBOSLoader, ShardError, find_shards
+from modded_nanogpt.dist_optim import AdamGroup, BankSpec, SpeedrunOptimizer
+from modded_nanogpt.model import GPT, ModelConfig, select_attention_backend
+from modded_nanogpt.runlog import RunLog, collect_provenance
+from modded_nanogpt.schedule import Schedule, ScheduleError
+
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+WORLD_SIZES = (1, 2, 4, 8)
+TOTAL_MICRO_STEPS = 8  # micro-steps per step summed over ranks: 8 // world_size per rank
+
+
+@dataclass
+class Hyperparameters:
+    # --- data and run ---
+    data_dir: str = ""  # token shards (*train_NNNNNN.bin, *val_NNNNNN.bin); "" = $DATA_PATH or $DATA_DIR + /fineweb10B
+    run_dir: str = ""  # "" = $RUNS_DIR/modded-<time>; the same run_dir resumes
+    vocab_size: int = 50304  # GPT-2's 50,257 padded to a multiple of 128; 0 = from data_dir/corpus.json, padded
+    bos_id: int = 50256  # the document separator (GPT-2's <|endoftext|>); -1 = from data_dir/corpus.json
+    # --- model size ---
+    num_layers: int = 11
+    model_dim: int = 768
+    num_heads: int = 6
+    head_dim: int = 128
+    mlp_ratio: int = 4
+    # --- architecture features (each off-switch leaves the plain model) ---
+    fp8: bool = True  # FP8 lm_head matmuls (torch._scaled_mm) on GPUs that have them; DISABLE_FP8=1 = False
+    paired_head_layers: list[int] = field(default_factory=lambda: [0, 2, 5, 9])  # `none` = off
+    value_embeds: bool = True  # the bank of value embeddings mixed into V (with gates)
+    value_embed_layers: list[int] = field(default_factory=lambda: [0, 1, 2, 9, 10])
+    bigram_embeds: bool = True  # hashed (previous, current) token embeddings added to the residual
+    skip_connections: bool = True  # gated U-net skip from skip_from's output to skip_to's input
+    skip_from: int = 3
+    skip_to: int = 6
+    smear: bool = True  # gated copy of token t-1's embedding into token t
+    backout: bool = True  # x -= backout_lambda * x_backout before the head
+    backout_layer: int = 7
+    key_offset: bool = True  # long-window layers: stationary key dims shifted by one token
+    mtp: bool = True  # multi-token prediction losses (weights from mtp_schedule); False = next token only
+    softcap: bool = True  # logits -> 23 * sigmoid((logits + 5) / 7.5)
+    qk_norm: bool = True
+    mlp_activation: str = "relu2"  # relu2 | gelu
+    optimizer: str = "normuon"  # normuon (banks) + Adam (rest) | adamw (everything)
+    attention_backend: str = "auto"  # auto | fa3 | flex | sdpa
+    attention_skip_layers: list[int] = field(default_factory=lambda: [6])
+    long_window_layers: list[int] = field(default_factory=lambda: [3, 7, 10])
+    attn_scale: float = 0.12
+    # --- schedule (stages separated by ';', see schedule.py) ---
+    seq_len: int = 2048  # longest document piece (documents are clipped to it)
+    num_iterations: int = 1515  # scheduled steps, split evenly into the stages
+    extension_iterations: int = 40  # then these, with the last entry of each schedule
+    batch_schedule: str = "8;16;24;24"  # sequences of seq_len per micro-step (x 8 micro-steps per step)
+    window_schedule: str = "1,3;3,7;5,11;6,13"  # (short, long) windows in blocks of 128 tokens
+    final_long_window: int = 20  # long window for the final validation
+    mtp_schedule: str = "1,0.5,0.25>0;1,0.5>0;1;1"  # per-stage weights; a>b moves linearly over the stage
+    lr_schedule: str = "1.0;1.52;1.73;1.73"  # per-stage learning-rate multipliers
+    cooldown_frac: float = 0.55  # lr decays over the final 55% of the scheduled steps ...
+    final_lr_frac: float = 0.1  # ... toward this fraction
+    tie_embeddings: bool = True  # tied until the stage-2 boundary (forced onto an odd step), then untied
+    # --- optimizer ---
+    muon_lr: float = 0.023
+    muon_momentum: float = 0.95
+    muon_beta2: float = 0.95
+    muon_weight_decay: float = 1.2
+    adam_lr: float = 0.008
+    adam_eps: float = 1e-10
+    adam_weight_decay: float = 0.005
+    adamw_matrix_lr: float = 0.004  # optimizer=adamw: lr of the bank matrices
+    # --- validation and stopping ---
+    val_tokens: int = 10_485_760  # the first tokens of the val shard(s)
+    val_batch_tokens: int = 32_768  # tokens per validation forward per rank
+    val_every: int = 250  # steps; 0 = only at the end
+    target_val_loss: float = 3.28  # the time it is first reached is recorded (the run goes on)
+    # --- system ---
+    seed: int = 0
+    device: str = "auto"  # auto | cuda | cpu
+    compile: bool = True  # torch.compile(fullgraph=True) on CUDA (ignored on CPU)
+    warmup: bool = True  # untimed compile warmup of every shape, then state restored
+    save_checkpoints: str = ""  # "" | "every:N" | "100,500,1000": checkpoints kept for studies
+    max_train_minutes: float = 0.0  # > 0: checkpoint and stop after this much wall time (job limits)
+    log_every: int = 1
+
+
+class ConfigError(ValueError):
+    pass
+
+
+# ---- configuration -------------------------------------------------------------------------------------
+
+
+def _coerce(key: str, raw, tp):
+    text = raw if isinstance(raw, str) else None
+    try:
+        if tp is bool:
+            if isinstance(raw, bool):
+                return raw
+            if text is not None and text.lower() in ("true", "1", "yes", "false", "0", "no"):
+                return text.lower() in ("true", "1", "yes")
+        elif tp is int:
+            if isinstance(raw, int) and not isinstance(raw, bool):
+                return raw
+            if text is not None:
+                number = float(text.replace("_", ""))
+                if number.is_integer():
+                    return int(number)
+        elif tp is float:
+            if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+                return float(raw)
+            if text is not None:
+                return float(text)
+        elif tp is str:
+            if isinstance(raw, str):
+                return raw
+        elif tp == list[int]:
+            if isinstance(raw, list):
+                return [int(v) for v in raw]
+            if text is not None:
+                return [] if text.strip().lower() in ("", "none", "[]") else [int(v) for v in text.strip("[]").split(",")]
+    except (ValueError, TypeError):
+        pass
+    name = getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"--{key}: cannot read {raw!r} as {name}")
+
+
+def parse_hyperparameters(argv: list[str]) -> Hyperparameters:
+    """Defaults <- recipe (--recipe=NAME or a path) <- DISABLE_FP8 <- --key=value."""
+    hints = typing.get_type_hints(Hyperparameters)
+    overrides: list[tuple[str, str]] = []
+    recipe = None
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"arguments are --key=value, got {arg!r}")
+        key, value = arg[2:].split("=", 1)
+        if key == "recipe":
+            recipe = value
+        else:
+            overrides.append((key, value))
+    values: dict = {}
+    if recipe:
+        path = Path(recipe) if recipe.endswith(".toml") else RECIPE_DIR / f"{recipe}.toml"
+        if not path.is_file():
+            known = sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
+            raise ConfigError(f"--recipe: no recipe {recipe!r} ({path}); known recipes: {', '.join(known)}")
+        for key, value in tomllib.loads(path.read_text()).items():
+            values[key] = value
+    if os.environ.get("DISABLE_FP8", "0") not in ("", "0"):
+        values["fp8"] = False
+    for key, value in overrides:
+        values[key] = value
+    resolved = {}
+    for key, value in values.items():
+        if key not in hints:
+            close = difflib.get_close_matches(key, hints, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"unknown setting --{key}{hint} (valid: {', '.join(hints)})")
+        resolved[key] = _coerce(key, value, hints[key])
+    hp = Hyperparameters(**resolved)
+    check_choices(hp)
+    return hp
+
+
+def check_choices(hp: Hyperparameters) -> None:
+    choices = {"mlp_activation": ("relu2", "gelu"), "optimizer": ("normuon", "adamw"),
+               "attention_backend": ("auto", "fa3", "flex", "sdpa"), "device": ("auto", "cuda", "cpu")}
+    for key, allowed in choices.items():
+        if getattr(hp, key) not in allowed:
+            raise ConfigError(f"--{key}: {getattr(hp, key)!r} is not one of {', '.join(allowed)}")
+    for key in ("num_iterations", "seq_len", "val_batch_tokens", "val_tokens", "log_every", "num_layers", "model_dim"):
+        if getattr(hp, key) < 1:
+            raise ConfigError(f"--{key} must be >= 1, got {getattr(hp, key)}")
+    if hp.num_heads * hp.head_dim != hp.model_dim:
+        raise ConfigError(f"num_heads * head_dim ({hp.num_heads} * {hp.head_dim}) must equal model_dim ({hp.model_dim}) (square attention banks)")
+    checkpoint_steps(hp.save_checkpoints, 1)  # raises on a bad spec
+
+
+def checkpoint_steps(spec: str, total_steps: int) -> set[int]:
+    spec = spec.strip()
+    if not spec:
+        return set()
+    try:
+        if spec.startswith("every:"):
+            every = int(spec[len("every:"):])
+            if every < 1:
+                raise ValueError
+            return set(range(every, total_steps + 1, every))
+        return {int(s) for s in spec.split(",")}
+    except ValueError:
+        raise ConfigError(f"--save_checkpoints: {spec!r} is not '', 'every:N' or a list of steps like '100,500'") from None
+
+
+def default_data_dir() -> Path:
+    root = os.environ.get("DATA_PATH") or os.environ.get("DATA_DIR") or "data"
+    return Path(root) / "fineweb10B"
+
+
+def resolve_data(hp: Hyperparameters) -> tuple[list[Path], list[Path]]:
+    """Shards exist and are well-formed; vocab_size/bos_id from corpus.json where asked."""
+    data_dir = Path(hp.data_dir) if hp.data_dir else default_data_dir()
+    hp.data_dir = str(data_dir)
+    if not data_dir.is_dir():
+        raise ShardError(f"{data_dir}: data directory not found (python -m modded_nanogpt.data.cached_fineweb10B 9 "
+                         "downloads FineWeb; python -m nanogpt.data.text_corpus makes local shards)")
+    train, val = find_shards(data_dir, "train"), find_shards(data_dir, "val")
+    if hp.vocab_size == 0 or hp.bos_id == -1:
+        corpus = data_dir / "corpus.json"
+        if not corpus.is_file():
+            raise ConfigError(f"vocab_size=0 / bos_id=-1 read {corpus}, which does not exist; set them explicitly")
+        meta = json.loads(corpus.read_text())
+        if hp.vocab_size == 0:
+            hp.vocab_size = -(-int(meta["vocab_size"]) // 128) * 128
+        if hp.bos_id == -1:
+            hp.bos_id = int(meta["eot_id"] if "eot_id" in meta else meta["end_of_text_id"])
+    return train, val
+
+
+def model_config(hp: Hyperparameters) -> ModelConfig:
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in dataclasses.asdict(hp).items() if k in names})
+
+
+# ---- runtime -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def init_runtime(hp: Hyperparameters) -> Runtime:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size not in WORLD_SIZES:
+        raise ConfigError(f"world_size {world_size} is not supported: the speedrun runs on 1, 2, 4 or 8 GPUs "
+                          f"(one node; grad accumulation = 8 // world_size)")
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = hp.device == "cuda" or (hp.device == "auto" and torch.cuda.is_available())
+    if hp.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device=cuda but no CUDA device is available")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    return Runtime(rank, local_rank, world_size, device)
+
+
+class StopSignal:
+    """Remembers that SIGUSR1/SIGUSR2/SIGTERM arrived; the loop checkpoints and exits at a step boundary."""
+
+    NAMES = ("SIGUSR1", "SIGUSR2", "SIGTERM")
+
+    def __enter__(self):
+        self.received, self._previous = None, {}
+        for name in self.NAMES:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def any_rank(flag: bool, rt: Runtime) -> bool:
+    if rt.world_size == 1:
+        return flag
+    t = torch.tensor(float(flag), device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+# ---- optimizer -----------------------------------------------------------------------------------------
+
+
+def build_optimizer(model: GPT, hp: Hyperparameters, rt: Runtime) -> SpeedrunOptimizer:
+    """Banks -> NorMuon (or AdamW); embeddings and head, gates, scalars -> Adam with per-group settings."""
+    embeddings = [model.embed] + [getattr(model, n) for n in ("value_embeds", "bigram_embed") if hasattr(model, n)]
+    gates = [model.attn_gate] + [getattr(model, n) for n in ("ve_gate", "smear_gate") if hasattr(model, n)]
+    wd = hp.adam_weight_decay
+    groups = [
+        AdamGroup("head", [model.lm_head_t], hp.adam_lr, (0.8, 0.95), wd),
+        AdamGroup("embeddings", embeddings, hp.adam_lr, (0.8, 0.95), wd),
+        AdamGroup("gates", gates, hp.adam_lr, (0.9, 0.99), 0.0),
+        AdamGroup("scalars", [model.scalars], 5 * hp.adam_lr, (0.9, 0.99), 0.0),
+    ]
+    hd = hp.num_heads * hp.head_dim
+    banks = [BankSpec("attn_bank", model.attn_bank, (model.attn_bank.numel() // (hd * hp.model_dim), hd, hp.model_dim)),
+             BankSpec("mlp_bank", model.mlp_bank,
+                      (model.mlp_bank.numel() // (model.hidden * hp.model_dim), model.hidden, hp.model_dim))]
+    if hp.optimizer == "adamw":
+        groups.append(AdamGroup("matrices", [b.param for b in banks], hp.adamw_matrix_lr, (0.9, 0.95), 0.0, every_step=True))
+        banks = []
+    return SpeedrunOptimizer(banks, groups, hp.muon_lr, hp.muon_momentum, hp.muon_beta2, hp.muon_weight_decay,
+                             hp.adam_eps, rt.rank, rt.world_size)
+
+
+# ---- one step, one validation ----------------------------------------------------------------------------
+
+
+def train_step(model, step_fn, optimizer, loader, plan, rt: Runtime):
+    """Forward/backward over this rank's micro-steps, then the optimizer; returns the step's loss (a tensor)."""
+    accumulation = TOTAL_MICRO_STEPS // rt.world_size
+    micro_tokens = plan.batch_tokens // TOTAL_MICRO_STEPS
+    loader.tokens_per_rank = micro_tokens
+    model.set_long_window(plan.long_window)
+    # A tensor, so the weights can move every step without a recompile (their count changes per stage).
+    mtp = torch.tensor(plan.mtp_weights, dtype=torch.float32, device=rt.device)
+    loss_total = torch.zeros((), device=rt.device)
+    for _ in range(accumulation):
+        batch = loader.next_batch()
+        loss = step_fn(batch.inputs, batch.targets, plan.short_window, plan.long_window, mtp,
+                       float(plan.batch_tokens), batch.cu_seqlens)
+        loss.backward()
+        loss_total += loss.detach()
+    optimizer.step(plan.lr_multiplier, plan.adam_step)
+    if plan.untie_after:
+        model.untie()
+        optimizer.copy_adam_state(model.lm_head_t, model.embed, transform=lambda t: t.T if t.ndim == 2 else t)
+    if rt.world_size > 1:
+        dist.all_reduce(loss_total)
+    return loss_total
+
+
+@torch.no_grad()
+def validate(model, eval_fn, val_files, hp: Hyperparameters, rt: Runtime, short_window: int, long_window: int) -> float:
+    """Mean next-token loss over the first val_tokens of the val shards (fresh loader each time)."""
+    per_forward = hp.val_batch_tokens
+    steps = hp.val_tokens // (per_forward * rt.world_size)
+    loader = DistributedBOSLoader(val_files, per_forward, hp.seq_len, hp.bos_id, rt.rank, rt.world_size, rt.device)
+    total = torch.zeros((), device=rt.device, dtype=torch.float64)
+    next_token = torch.ones(1, device=rt.device)
+    try:
+        for _ in range(steps):
+            batch = loader.next_batch()
+            total += eval_fn(batch.inputs, batch.targets, short_window, long_window, next_token, 1.0, batch.cu_seqlens).double()
+    finally:
+        loader.close()
+    if rt.world_size > 1:
+        dist.all_reduce(total)
+    return total.item() / (steps * per_forward * rt.world_size)
+
+
+# ---- the run -------------------------------------------------------------------------------------------
+
+
+def snapshot(model, optimizer, loader) -> dict:
+    return {"model": copy.deepcopy(model.state_dict()), "optimizer": optimizer.state_dict(), "loader": loader.state_dict()}
+
+
+def restore(state, model, optimizer, loader) -> None:
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    loader.load_state_dict(state["loader"])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    hp = parse_hyperparameters(argv)
+    rt = init_runtime(hp)  # refuses world sizes other than 1/2/4/8 before anything is allocated
+    try:
+        return run(hp, rt, argv)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
+    train_files, val_files = resolve_data(hp)
+    try:
+        cfg = model_config(hp)
+        schedule = Schedule(hp.num_iterations, hp.extension_iterations, hp.seq_len, TOTAL_MICRO_STEPS,
+                            hp.batch_schedule, hp.window_schedule, hp.mtp_schedule, hp.lr_schedule,
+                            hp.final_long_window, hp.cooldown_frac, hp.final_lr_frac, hp.mtp, hp.tie_embeddings)
+        backend = select_attention_backend(hp.attention_backend, rt.device)
+    except (ValueError, ScheduleError) as e:
+        raise ConfigError(str(e)) from None
+    if hp.val_tokens % (hp.val_batch_tokens * rt.world_size):
+        raise ConfigError(f"val_tokens ({hp.val_tokens}) must be a multiple of val_batch_tokens * world_size "
+                          f"({hp.val_batch_tokens} * {rt.world_size})")
+    if not hp.run_dir:
+        hp.run_dir = str(Path(os.environ.get("RUNS_DIR", "runs")) / f"modded-{time.strftime('%Y%m%d-%H%M%S')}")
+    total_steps = schedule.total_steps
+    keep_steps = checkpoint_steps(hp.save_checkpoints, total_steps)
+
+    torch.manual_seed(hp.seed)
+    try:
+        model = GPT(cfg).to(rt.device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    model.attention_backend = backend
+    compiled = hp.compile and rt.device.type == "cuda"
+    if compiled:
+        torch._dynamo.config.cache_size_limit = 64
+        step_fn = torch.compile(model, fullgraph=True)
+    else:
+        step_fn = model
+    optimizer = build_optimizer(model, hp, rt)
+    loader = DistributedBOSLoader(train_files, schedule.at(0).batch_tokens // TOTAL_MICRO_STEPS, hp.seq_len,
+                                  hp.bos_id, rt.rank, rt.world_size, rt.device)
+    log_run = RunLog(Path(hp.run_dir), rt.master)
+    log = log_run.log
+
+    start_step, state = 0, {"train_time_ms": 0.0, "time_to_target_ms": None, "tokens": 0, "last_val_loss": None}
+    saved = log_run.load_newest(log) if Path(hp.run_dir, "ckpt").is_dir() else None
+    if saved is not None:
+        if saved["config"]["num_layers"] != hp.num_layers or saved["config"]["model_dim"] != hp.model_dim:
+            raise ConfigError(f"{hp.run_dir}: its checkpoint is of another model size; use a new run_dir")
+        restore(saved, model, optimizer, loader)
+        start_step, state = saved["step"], saved["state"]
+    config = dataclasses.asdict(hp)
+    log_run.start(config, collect_provenance(argv, rt.world_size, backend), start_step if saved else None)
+    log(f"modded_nanogpt: world_size {rt.world_size} | {rt.world_size and TOTAL_MICRO_STEPS // rt.world_size} micro-steps/rank "
+        f"| attention {backend} | compile {compiled} | params {sum(p.numel() for p in model.parameters()):,} | run {hp.run_dir}")
+    if saved is not None:
+        log(f"resumed from step {start_step}")
+
+    def save(step: int):
+        ckpt = {"step": step, "state": state, "config": config, **snapshot(model, optimizer, loader)}
+        if rt.master:
+            log_run.save_checkpoint(ckpt, step)
+
+    # --- warmup: compile every shape the schedule meets, untimed, then put everything back ---
+    warmup_s = 0.0
+    if compiled and hp.warmup and start_step < total_steps:
+        t0 = time.perf_counter()
+        saved_state = snapshot(model, optimizer, loader)
+        plans = schedule.distinct_shapes()
+        for plan in plans:
+            if schedule.untie_step is not None and plan.step > schedule.untie_step and model.is_tied:
+                model.untie()
+            train_step(model, step_fn, optimizer, loader, plan, rt)
+            validate_windows = (plan.short_window, plan.long_window)
+            warm_hp = dataclasses.replace(hp, val_tokens=hp.val_batch_tokens * rt.world_size)
+            validate(model, step_fn, val_files, warm_hp, rt, *validate_windows)
+        model.set_long_window(schedule.final_long_window)
+        validate(model, step_fn, val_files, dataclasses.replace(hp, val_tokens=hp.val_batch_tokens * rt.world_size),
+                 rt, schedule.windows[-1][0], schedule.final_long_window)
+        restore(saved_state, model, optimizer, loader)
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        warmup_s = time.perf_counter() - t0
+        log(f"warmup (compile of {len(plans)} step shapes + validation): {warmup_s:.1f}s, not timed")
+        torch.manual_seed(hp.seed)
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def sync():
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    deadline = time.time() + 60 * hp.max_train_minutes if hp.max_train_minutes > 0 else None
+    with StopSignal() as stop_signal:
+        sync()
+        clock = time.perf_counter()
+        step = start_step
+        while step < total_steps:
+            plan = schedule.at(step)
+            loss = train_step(model, step_fn, optimizer, loader, plan, rt)
+            step += 1
+            state["tokens"] += plan.batch_tokens
+            last = step == total_steps
+            if step % hp.log_every == 0 or last:
+                loss_value = loss.item() / 1.0  # synchronizes
+                now = time.perf_counter()
+                state["train_time_ms"] += 1000 * (now - clock)
+                clock = now
+                step_avg = state["train_time_ms"] / step
+                log(f"step:{step}/{total_steps} train_loss:{loss_value:.4f} train_time:{state['train_time_ms']:.0f}ms "
+                    f"step_avg:{step_avg:.2f}ms")
+                log_run.metric("train", step=step, tokens=state["tokens"], train_time_ms=state["train_time_ms"],
+                               loss=loss_value, lr_multiplier=plan.lr_multiplier, stage=plan.stage,
+                               batch_tokens=plan.batch_tokens, windows=[plan.short_window, plan.long_window],
+                               mtp_weights=list(plan.mtp_weights), step_avg_ms=step_avg)
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"loss is {loss_value} at step {step}")
+            if last or (hp.val_every and step % hp.val_every == 0):
+                sync()
+                state["train_time_ms"] += 1000 * (time.perf_counter() - clock)
+                short, long = plan.short_window, plan.long_window
+                if last:
+                    long = schedule.final_long_window
+                    model.set_long_window(long)
+                val_loss = validate(model, step_fn, val_files, hp, rt, short, long)
+                state["last_val_loss"] = val_loss
+                if state["time_to_target_ms"] is None and val_loss <= hp.target_val_loss:
+                    state["time_to_target_ms"] = state["train_time_ms"]
+                    state["step_to_target"] = step
+                log(f"step:{step}/{total_steps} val_loss:{val_loss:.4f} train_time:{state['train_time_ms']:.0f}ms "
+                    f"step_avg:{state['train_time_ms'] / step:.2f}ms")
+                log_run.metric("val", step=step, tokens=state["tokens"], train_time_ms=state["train_time_ms"],
+                               val_loss=val_loss)
+                sync()
+                clock = time.perf_counter()
+            if step in keep_steps and not last:
+                save(step)
+                clock = time.perf_counter()
+            out_of_time = deadline is not None and time.time() >= deadline
+            if not last and any_rank(stop_signal.received is not None or out_of_time, rt):
+                sync()
+                state["train_time_ms"] += 1000 * (time.perf_counter() - clock)
+                reason = f"signal {stop_signal.received}" if stop_signal.received else "max_train_minutes"
+                save(step)
+                log(f"stopping at step {step}: {reason}; run the same command again to resume")
+                log_run.metric("stop", step=step, reason=reason, train_time_ms=state["train_time_ms"])
+                return {"stopped": reason, "step": step, "train_time_ms": state["train_time_ms"]}
+    save(total_steps)
+    peak = torch.cuda.max_memory_allocated(rt.device) if rt.device.type == "cuda" else None
+    summary = {"step": total_steps, "tokens": state["tokens"], "train_time_ms": state["train_time_ms"],
+               "final_val_loss": state["last_val_loss"], "target_val_loss": hp.target_val_loss,
+               "reached_target": state["time_to_target_ms"] is not None,
+               "time_to_target_ms": state["time_to_target_ms"], "warmup_s": warmup_s,
+               "peak_memory_bytes": peak, "world_size": rt.world_size}
+    log_run.metric("end", **summary)
+    peak_text = f" | peak memory {peak / 2**30:.1f} GiB" if peak else ""
+    log(f"done | final val_loss {state['last_val_loss']:.4f} | train_time {state['train_time_ms'] / 1000:.1f}s"
+        f"{peak_text} | run {hp.run_dir}")
+    return summary
+
+
+def cli() -> int:
+    try:
+        main()
+    except (ConfigError, ShardError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,291 @@
+"""The speedrun model on CPU: masks, rotary/YaRN, every flag, and the all-off model against a plain reference."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modded_nanogpt.model import (
+    BLOCK,
+    GPT,
+    ModelConfig,
+    attend,
+    block_classes,
+    dense_mask,
+    norm,
+    rotary_frequencies,
+    validate_config,
+    yarn_rescale,
+)
+
+VOCAB, BOS = 128, 0
+
+
+def tiny_config(**changes) -> ModelConfig:
+    base = dict(vocab_size=VOCAB, bos_id=BOS, num_layers=4, model_dim=64, num_heads=2, head_dim=32,
+                attention_skip_layers=[2], long_window_layers=[1, 3], paired_head_layers=[0], value_embed_layers=[0, 3],
+                skip_from=0, skip_to=2, backout_layer=2, fp8=False)
+    base.update(changes)
+    return ModelConfig(**base)
+
+
+def packed_tokens(T=256, seed=0, doc_lengths=(70, 31, 100, 55)):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, VOCAB, (T + 1,), generator=g)
+    pos = 0
+    for length in doc_lengths:
+        if pos >= T:
+            break
+        tokens[pos] = BOS
+        pos += length
+    return tokens[:-1], tokens[1:]
+
+
+def randomized(model: GPT, seed=1) -> GPT:
+    """Every parameter random (zero-initialized gates, tables and projections would hide features)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        model.scalars.add_(0.5)
+    return model
+
+
+def loss_of(model, inputs, targets, short=1, long=2, mtp=(1.0,)):
+    return model(inputs, targets, short, long, torch.tensor(mtp), 1.0)
+
+
+def test_forward_backward_tiny():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    inputs, targets = packed_tokens()
+    loss = loss_of(model, inputs, targets, mtp=(1.0, 0.5, 0.25))
+    assert torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    assert grads["embed"] is None  # tied: the embedding reads lm_head_t
+    for name in ("attn_bank", "mlp_bank", "lm_head_t", "scalars", "value_embeds", "bigram_embed", "attn_gate"):
+        assert grads[name] is not None and torch.isfinite(grads[name]).all(), name
+    # The padding slots of the MLP bank (4 layers -> 4 slots here) and the gates' inputs exist as declared.
+    assert model.mlp_bank.shape == (4, 2, 256, 64) and model.attn_bank.shape == (3, 4 * 64, 64)
+
+
+def test_initial_loss_is_near_uniform():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    inputs, targets = packed_tokens()
+    per_token = loss_of(model, inputs, targets).item() / targets.numel()
+    # softcap maps logits near 0 into ~23 * sigmoid(2/3) but every logit alike: near log(V)
+    assert abs(per_token - math.log(VOCAB)) < 0.5
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+@pytest.mark.parametrize("window", [1, 100, 128, 200, 1000])
+def test_block_classes_agree_with_the_dense_mask(shift, window):
+    g = torch.Generator().manual_seed(window + shift)
+    P = 1024
+    starts = torch.zeros(P >> shift, dtype=torch.bool)
+    starts[0] = True
+    starts[torch.randint(1, P >> shift, (6,), generator=g)] = True
+    doc = torch.cumsum(starts.int(), 0).repeat_interleave(1 << shift)
+    dense = dense_mask(doc, window, shift)
+    partial, full = block_classes(doc, window, shift)
+    nb = P // BLOCK
+    for qb in range(nb):
+        for kb in range(nb):
+            tile = dense[qb * BLOCK:(qb + 1) * BLOCK, kb * BLOCK:(kb + 1) * BLOCK]
+            if full[qb, kb]:
+                assert tile.all(), (qb, kb)
+            elif partial[qb, kb]:
+                assert tile.any() and not tile.all(), (qb, kb)
+            else:
+                assert not tile.any(), (qb, kb)
+            assert not (partial[qb, kb] and full[qb, kb])
+
+
+def test_dense_mask_rules():
+    doc = torch.tensor([1, 1, 1, 2, 2, 2, 2, 2])
+    mask = dense_mask(doc, 2, 0)
+    assert mask[2, 0].item() is False  # outside the window of 2 tokens
+    assert mask[2, 1].item() and mask[2, 2].item()
+    assert not mask[3, 2]  # another document
+    assert not mask[4, 5]  # the future
+    paired = dense_mask(doc.repeat_interleave(2), 2, 1)  # positions 2t, 2t+1 belong to token t
+    assert paired[5, 4] and not paired[4, 5]  # within a token: slot 1 sees slot 0, not the reverse
+    assert paired[5, 2] and not paired[5, 1]  # token 2 sees token 1 (distance 1 < 2), not token 0
+
+
+def test_attention_respects_documents_and_windows():
+    g = torch.Generator().manual_seed(0)
+    T, H, D = 64, 2, 16
+    q, k, v = (torch.randn(T, H, D, generator=g) for _ in range(3))
+    doc = torch.tensor([0] * 20 + [1] * 44)
+    out = attend(q, k, v, doc, None, 8, 0, 0.25, "sdpa")
+    k2, v2 = k.clone(), v.clone()
+    k2[:20], v2[:20] = torch.randn(20, H, D), torch.randn(20, H, D)  # change document 0 only
+    k2[21:30], v2[21:30] = torch.randn(9, H, D), torch.randn(9, H, D)  # and keys far behind query 50
+    out2 = attend(q, k2, v2, doc, None, 8, 0, 0.25, "sdpa")
+    assert torch.equal(out[40:], out2[40:])  # queries >= 38 see only keys 31.. of their own document
+    assert not torch.allclose(out[20:30], out2[20:30])
+    # The reference: softmax over the allowed keys only, one query at a time.
+    for t in (0, 20, 27, 63):
+        keys = [j for j in range(T) if doc[j] == doc[t] and 0 <= t - j < 8]
+        scores = torch.einsum("hd,jhd->hj", q[t], k[keys]) * 0.25
+        expected = torch.einsum("hj,jhd->hd", scores.softmax(-1), v[keys])
+        torch.testing.assert_close(out[t], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_rotary_half_truncated_and_yarn():
+    freqs = rotary_frequencies(128, 1024.0)
+    assert freqs.shape == (64,) and (freqs[32:] == 0).all()
+    assert freqs[0] == 1.0 and freqs[31] == pytest.approx(1 / 1024)
+    new, temperature = yarn_rescale(freqs, 384, 896)
+    s = 896 / 384
+    assert new[0] == freqs[0]  # turns many times in the window: kept
+    assert new[31] == pytest.approx(freqs[31] / s)  # less than one turn: interpolated
+    assert (new[32:] == 0).all()
+    assert temperature == pytest.approx(0.1 * math.log(s) + 1)
+    model = GPT(tiny_config())
+    model.set_long_window(3)
+    before = model.rotary_freqs.clone()
+    model.set_long_window(3)
+    assert torch.equal(model.rotary_freqs, before)  # no growth, no change
+    model.set_long_window(7)
+    assert model.temperature == pytest.approx(0.1 * math.log(7 / 3) + 1)
+    assert int(model.yarn_window) == 7 * BLOCK and not torch.equal(model.rotary_freqs, before)
+
+
+def test_bigram_hash():
+    model = GPT(tiny_config())
+    inputs, _ = packed_tokens()
+    h = model.bigram_index(inputs)
+    buckets = model.bigram_embed.size(0)
+    assert buckets == 5 * VOCAB
+    assert ((0 <= h) & (h < buckets)).all()
+    assert (h[inputs == BOS] == buckets - 1).all()  # a document's first token has no bigram
+    same = model.bigram_index(torch.tensor([5, 7, 9, 5, 7]))
+    assert same[1] == same[4] and same[1] != same[2]  # a function of (previous, current) only
+
+
+def test_untie_copies_the_head_and_separates_the_gradients():
+    torch.manual_seed(0)
+    model = randomized(GPT(tiny_config()))
+    inputs, targets = packed_tokens()
+    before = loss_of(model, inputs, targets)
+    model.untie()
+    assert not model.is_tied and torch.equal(model.embed, model.lm_head_t.T)
+    after = loss_of(model, inputs, targets)
+    torch.testing.assert_close(before, after)
+    after.backward()
+    assert model.embed.grad is not None and model.embed.grad.abs().sum() > 0
+    state = model.state_dict()
+    fresh = GPT(tiny_config())
+    fresh.load_state_dict(state)
+    assert not fresh.is_tied  # the tie state travels with checkpoints
+
+
+FLAGS = ["value_embeds", "bigram_embeds", "skip_connections", "smear", "backout", "key_offset", "softcap", "qk_norm"]
+
+
+@pytest.mark.parametrize("flag", FLAGS)
+def test_each_off_switch_changes_the_model(flag):
+    torch.manual_seed(0)
+    on = randomized(GPT(tiny_config()))
+    off = GPT(tiny_config(**{flag: False}))
+    missing, unexpected = off.load_state_dict(on.state_dict(), strict=False)
+    assert not missing
+    inputs, targets = packed_tokens()
+    assert not torch.allclose(loss_of(on, inputs, targets), loss_of(off, inputs, targets))
+    removed = {"value_embeds": {"value_embeds", "ve_gate"}, "bigram_embeds": {"bigram_embed"}, "smear": {"smear_gate"}}
+    assert set(unexpected) == removed.get(flag, set())
+
+
+@pytest.mark.parametrize("changes", [{"paired_head_layers": []}, {"mlp_activation": "gelu"},
+                                     {"long_window_layers": [1]}, {"attention_skip_layers": []}])
+def test_structural_switches_change_the_model(changes):
+    torch.manual_seed(0)
+    on = randomized(GPT(tiny_config()))
+    off = GPT(tiny_config(**changes))
+    state = on.state_dict()
+    if changes.get("attention_skip_layers") == []:
+        state = {k: v for k, v in state.items() if k not in ("attn_bank", "attn_gate")}
+    off.load_state_dict(state, strict=False)
+    inputs, targets = packed_tokens()
+    assert not torch.allclose(loss_of(on, inputs, targets), loss_of(off, inputs, targets))
+
+
+def test_mtp_weights_add_later_targets():
+    torch.manual_seed(0)
+    model = randomized(GPT(tiny_config(softcap=False)))
+    inputs, targets = packed_tokens()
+    one = loss_of(model, inputs, targets, mtp=(1.0,))
+    two = loss_of(model, inputs, targets, mtp=(1.0, 0.5))
+    zero = loss_of(model, inputs, targets, mtp=(1.0, 0.0))
+    torch.testing.assert_close(one, zero)
+    assert two > one
+
+
+def plain_reference_loss(model: GPT, inputs, targets, short, long):
+    """The all-features-off model written out plainly: x0 mixing, pre-norm attention with half-truncated
+    RoPE over each document's sliding window, ReLU^2 MLP, RMSNorm, tied head, cross-entropy."""
+    c = model.config
+    T, H, D = inputs.numel(), c.num_heads, c.head_dim
+    hd = H * D
+    doc = torch.cumsum((inputs == c.bos_id).int(), 0)
+    angles = torch.arange(T, dtype=torch.float32)[:, None] * model.rotary_freqs[None]
+    cos, sin = angles.cos(), angles.sin()
+
+    def rope(x):  # (T, H, D): pairs (i, i + D/2)
+        a, b = x[..., : D // 2], x[..., D // 2:]
+        return torch.cat([a * cos[:, None] + b * sin[:, None], b * cos[:, None] - a * sin[:, None]], -1)
+
+    x = x0 = norm(model.lm_head_t.T[inputs])
+    for layer in range(c.num_layers):
+        x = model.scalars[layer] * x + model.scalars[c.num_layers + layer] * x0
+        if layer not in c.attention_skip_layers:
+            w = model.attn_bank[model.attn_slot[layer]]
+            h = norm(x)
+            q, k, v = (h @ w[i * hd:(i + 1) * hd].T for i in range(3))
+            q, k, v = rope(q.view(T, H, D)), rope(k.view(T, H, D)), v.view(T, H, D)
+            window = (long if layer in c.long_window_layers else short) * BLOCK
+            y = torch.empty(T, H, D)
+            for t in range(T):
+                keys = [j for j in range(t + 1) if doc[j] == doc[t] and t - j < window]
+                p = (torch.einsum("hd,jhd->hj", q[t], k[keys]) * c.attn_scale).softmax(-1)
+                y[t] = torch.einsum("hj,jhd->hd", p, v[keys])
+            gate = torch.sigmoid(h[:, :12] @ model.attn_gate[model.attn_slot[layer]].T)
+            x = x + (y * gate[..., None]).reshape(T, hd) @ w[3 * hd:]
+        up, down = model.mlp_bank[layer]
+        x = x + F.relu(norm(x) @ up.T).square() @ down
+    logits = norm(x) @ model.lm_head_t
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def test_all_features_off_is_the_plain_model():
+    off = dict(paired_head_layers=[], value_embeds=False, bigram_embeds=False, skip_connections=False, smear=False,
+               backout=False, key_offset=False, softcap=False, qk_norm=False)
+    torch.manual_seed(0)
+    model = randomized(GPT(tiny_config(**off)))
+    assert {n for n, _ in model.named_parameters()} == {"attn_bank", "mlp_bank", "lm_head_t", "embed", "attn_gate", "scalars"}
+    inputs, targets = packed_tokens(T=256, doc_lengths=(180, 76))
+    # a window of 1 block: the first document (180 tokens) is longer than the window (128 tokens)
+    got = loss_of(model, inputs, targets, short=1, long=1)
+    expected = plain_reference_loss(model, inputs, targets, 1, 1)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"paired_head_layers": [9]}, "paired_head_layers: layer indices [9]"),
+    ({"paired_head_layers": [2]}, "paired_head_layers: layers [2] have no attention"),
+    ({"num_heads": 3, "head_dim": 32, "model_dim": 96}, "even num_heads"),
+    ({"skip_from": 3, "skip_to": 1}, "skip_from (3) must be before skip_to (1)"),
+    ({"mlp_activation": "swish"}, "mlp_activation"),
+    ({"bos_id": 500}, "bos_id 500 is outside"),
+    ({"attention_skip_layers": [0, 1, 2, 3]}, "skips every layer"),
+])
+def test_bad_model_settings_are_named(changes, message):
+    with pytest.raises(ValueError) as err:
+        validate_config(dataclasses.replace(tiny_config(), **changes))
+    assert message in str(err.value)

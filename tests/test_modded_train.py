@@ -1,0 +1,214 @@
+"""The speedrun trainer end to end on CPU: the issue's command, world sizes 1 and 2, resume, bad input,
+and the optimizer step against slow references."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from modded_nanogpt.dist_optim import AdamGroup, BankSpec, SpeedrunOptimizer, adam_update, normuon_update
+from modded_nanogpt.optim import NorMuon
+from modded_nanogpt.train_gpt import ConfigError, main, parse_hyperparameters
+from tests.fixtures import REPO_ROOT, read_metrics, run_module
+
+# Three one-step stages (the third is stage 3): every stage switch and the untie happen within 3 steps.
+THREE_STEPS = ["--num_iterations=3", "--extension_iterations=0", "--batch_schedule=1;2;1",
+               "--window_schedule=1,1;1,2;2,3", "--mtp_schedule=1,0.5;1,0.5>0;1", "--lr_schedule=1;1.5;1",
+               "--val_every=0", "--val_tokens=2048"]
+
+
+def tiny(char_corpus, run_dir, *extra):
+    return ["--recipe=tiny_cpu", f"--data_dir={char_corpus}", f"--run_dir={run_dir}", *extra]
+
+
+def final_params(run_dir):
+    ckpts = sorted((run_dir / "ckpt").glob("step_*.pt"))
+    return torch.load(ckpts[-1], map_location="cpu", weights_only=False)
+
+
+def test_twenty_cpu_steps_on_the_local_corpus(char_corpus, tmp_path):
+    """The issue's command: python -m modded_nanogpt.train_gpt --recipe=tiny_cpu ... --num_iterations=20."""
+    run_dir = tmp_path / "run"
+    proc = run_module("modded_nanogpt.train_gpt", *tiny(char_corpus, run_dir, "--num_iterations=20"))
+    metrics = read_metrics(run_dir)
+    train = [m for m in metrics if m["kind"] == "train"]
+    val = [m for m in metrics if m["kind"] == "val"]
+    assert [m["step"] for m in train] == list(range(1, 23))  # 20 scheduled + 2 extension steps
+    assert [m["step"] for m in val] == [10, 20, 22]
+    assert train[-1]["loss"] < 0.6 * train[0]["loss"]
+    assert val[-1]["val_loss"] < val[0]["val_loss"]
+    end = metrics[-1]
+    assert end["kind"] == "end" and end["final_val_loss"] == val[-1]["val_loss"]
+    assert "step:22/22 val_loss:" in proc.stdout and "step_avg:" in proc.stdout
+    config = json.loads((run_dir / "config.json").read_text())
+    corpus = json.loads((char_corpus / "corpus.json").read_text())
+    assert config["vocab_size"] == -(-corpus["vocab_size"] // 128) * 128 and config["bos_id"] == corpus["eot_id"]
+    provenance = json.loads((run_dir / "provenance.json").read_text())
+    assert provenance["attention_backend"] == "sdpa"
+    assert "modded_nanogpt/model.py" in provenance["sources"]
+    assert [m["stage"] for m in train][:8] == [0] * 7 + [1]  # 20 steps in 3 stages: 0, 7, 13, then extension 20
+
+
+def test_world_sizes_one_and_two_give_the_same_parameters(char_corpus, tmp_path):
+    """gloo on CPU: 2 ranks x 4 micro-steps == 1 rank x 8 micro-steps, through the stage switches and the untie."""
+    run_module("modded_nanogpt.train_gpt", *tiny(char_corpus, tmp_path / "one", *THREE_STEPS))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "modded_nanogpt.train_gpt", *tiny(char_corpus, tmp_path / "two", *THREE_STEPS)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one, two = final_params(tmp_path / "one"), final_params(tmp_path / "two")
+    assert one["step"] == two["step"] == 3
+    assert not one["model"]["tied"]  # untied after step 1
+    # Summation order differs (2 ranks x 4 micro-steps), and Adam with eps 1e-10 turns a rounding-level
+    # difference of a near-zero gradient into up to ~lr * 1e-3: measured max 2.7e-5 on embedding rows.
+    for name, tensor in one["model"].items():
+        torch.testing.assert_close(two["model"][name], tensor, rtol=1e-4, atol=1e-4, msg=name)
+    for bank, state in one["optimizer"]["muon"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(two["optimizer"]["muon"][bank][key], value, rtol=1e-4, atol=1e-6)
+    assert json.loads((tmp_path / "two" / "provenance.json").read_text())["world_size"] == 2
+
+
+def test_signal_checkpoints_and_the_resumed_run_matches(char_corpus, tmp_path):
+    """SIGUSR1 mid-run: checkpoint, exit 0; the same command resumes to the uninterrupted run's numbers (CPU: bitwise)."""
+    args = ["--num_iterations=14", "--extension_iterations=0", "--batch_schedule=1;1;1", "--window_schedule=1,1;1,2;2,3",
+            "--mtp_schedule=1,0.5>0;1;1", "--lr_schedule=1;1.2;1.3", "--val_every=7"]
+    run_module("modded_nanogpt.train_gpt", *tiny(char_corpus, tmp_path / "whole", *args))
+    run_dir = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "modded_nanogpt.train_gpt", *tiny(char_corpus, run_dir, *args)],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and any(json.loads(line)["step"] >= 3 for line in metrics.read_text().splitlines()):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    stop = read_metrics(run_dir)[-1]
+    assert stop["kind"] == "stop" and stop["reason"] == "signal SIGUSR1" and stop["step"] < 14, stop
+    resumed = run_module("modded_nanogpt.train_gpt", *tiny(char_corpus, run_dir, *args))
+    assert f"resumed from step {stop['step']}" in resumed.stdout
+    whole, cut = read_metrics(tmp_path / "whole"), read_metrics(run_dir)
+    curve = lambda ms: [(m["step"], m.get("loss"), m.get("val_loss")) for m in ms if m["kind"] in ("train", "val")]
+    assert curve(cut) == curve(whole)
+    assert cut[-1]["final_val_loss"] == whole[-1]["final_val_loss"]
+
+
+def test_save_checkpoints_every_n(char_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    main(tiny(char_corpus, run_dir, "--num_iterations=6", "--extension_iterations=0", "--batch_schedule=1;1;1",
+              "--window_schedule=1,1;1,1;1,1", "--mtp_schedule=1;1;1", "--lr_schedule=1;1;1", "--val_every=0",
+              "--save_checkpoints=every:2"))
+    assert sorted(p.name for p in (run_dir / "ckpt").iterdir()) == [f"step_{s:07d}.pt" for s in (2, 4, 6)]
+
+
+# ---- bad input: a clear error, before any allocation or write ----------------------------------------------
+
+@pytest.mark.parametrize("extra, env, message", [
+    (["--num_layer=3"], {}, "unknown setting --num_layer; did you mean num_layers"),
+    (["--num_layers=three"], {}, "--num_layers: cannot read 'three' as int"),
+    (["--optimizer=sgd"], {}, "--optimizer: 'sgd' is not one of normuon, adamw"),
+    (["--paired_head_layers=0,7"], {}, "paired_head_layers: layer indices [7] are outside 0..3"),
+    (["--val_tokens=1000"], {}, "val_tokens (1000) must be a multiple of val_batch_tokens"),
+    (["--window_schedule=1,3"], {}, "window_schedule has 1 stages but batch_schedule has 4"),
+    (["--save_checkpoints=sometimes"], {}, "--save_checkpoints: 'sometimes'"),
+    ([], {"WORLD_SIZE": "3"}, "world_size 3 is not supported: the speedrun runs on 1, 2, 4 or 8 GPUs"),
+])
+def test_bad_settings_fail_before_any_write(char_corpus, tmp_path, extra, env, message):
+    run_dir = tmp_path / "run"
+    proc = run_module("modded_nanogpt.train_gpt", *tiny(char_corpus, run_dir, *extra), check=False, env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not run_dir.exists()
+
+
+def test_missing_data_and_recipe(tmp_path):
+    proc = run_module("modded_nanogpt.train_gpt", "--recipe=tiny_cpu", f"--data_dir={tmp_path / 'nope'}",
+                      f"--run_dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 2 and f"{tmp_path / 'nope'}: data directory not found" in proc.stderr
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "empty").mkdir()
+    proc = run_module("modded_nanogpt.train_gpt", "--recipe=tiny_cpu", f"--data_dir={tmp_path / 'empty'}",
+                      f"--run_dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 2 and "no train shards" in proc.stderr
+    with pytest.raises(ConfigError, match="no recipe 'speedy'.*known recipes: .*tiny_cpu"):
+        parse_hyperparameters(["--recipe=speedy"])
+
+
+def test_disable_fp8_env_and_list_flags(monkeypatch):
+    assert parse_hyperparameters([]).fp8
+    monkeypatch.setenv("DISABLE_FP8", "1")
+    assert not parse_hyperparameters([]).fp8
+    assert parse_hyperparameters(["--fp8=True"]).fp8  # the command line still wins
+    assert parse_hyperparameters(["--paired_head_layers=none"]).paired_head_layers == []
+    assert parse_hyperparameters(["--paired_head_layers=1,3"]).paired_head_layers == [1, 3]
+
+
+# ---- the optimizer step against slow references --------------------------------------------------------------
+
+def test_adam_update_matches_torch_adamw():
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    ref = p.clone().requires_grad_()
+    torch_adam = torch.optim.AdamW([ref], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.005)
+    state = {}
+    for _ in range(4):
+        grad = torch.randn(7, 5, generator=g, dtype=torch.float64)
+        ref.grad = grad.clone()
+        torch_adam.step()
+        adam_update(p, grad, state, 0.01, 0.8, 0.95, 1e-10, 0.005)
+    torch.testing.assert_close(p, ref.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_normuon_update_matches_the_normuon_class():
+    g = torch.Generator().manual_seed(1)
+    p = torch.randn(3, 16, 8, generator=g, dtype=torch.float64)
+    ref = torch.nn.Parameter(p.clone())
+    opt = NorMuon([ref], lr=0.02, weight_decay=1.2)
+    state = {}
+    for _ in range(3):
+        grad = torch.randn(3, 16, 8, generator=g, dtype=torch.float64)
+        ref.grad = grad.clone()
+        opt.step()
+        normuon_update(p, grad, state, lr=0.02, momentum=0.95, beta2=0.95, weight_decay=1.2)
+    torch.testing.assert_close(p, ref.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_speedrun_optimizer_single_rank_updates_banks_and_accumulates_adam():
+    g = torch.Generator().manual_seed(2)
+    bank = torch.nn.Parameter(torch.randn(2, 2, 8, 4, generator=g, dtype=torch.float64))
+    head = torch.nn.Parameter(torch.randn(4, 6, generator=g, dtype=torch.float64))
+    opt = SpeedrunOptimizer([BankSpec("bank", bank, (4, 8, 4))], [AdamGroup("head", [head], 0.01, (0.8, 0.95), 0.0)],
+                            muon_lr=0.02, muon_momentum=0.95, muon_beta2=0.95, muon_weight_decay=0.0, adam_eps=1e-10)
+    expected_bank, expected_head = bank.detach().clone().view(4, 8, 4), head.detach().clone()
+    muon_state, adam_state = {}, {}
+    grads = [(torch.randn(2, 2, 8, 4, generator=g, dtype=torch.float64), torch.randn(4, 6, generator=g, dtype=torch.float64))
+             for _ in range(2)]
+    bank.grad, head.grad = grads[0][0].clone(), grads[0][1].clone()
+    opt.step(lr_multiplier=0.5, adam_step=False)  # Adam waits: the head's gradient stays
+    normuon_update(expected_bank, grads[0][0].view(4, 8, 4), muon_state, lr=0.01, momentum=0.95, beta2=0.95, weight_decay=0)
+    assert bank.grad is None and torch.equal(head.grad, grads[0][1]) and torch.equal(head.detach(), expected_head)
+    bank.grad = grads[1][0].clone()
+    head.grad += grads[1][1]
+    opt.step(lr_multiplier=1.0, adam_step=True)
+    normuon_update(expected_bank, grads[1][0].view(4, 8, 4), muon_state, lr=0.02, momentum=0.95, beta2=0.95, weight_decay=0)
+    adam_update(expected_head, grads[0][1] + grads[1][1], adam_state, 0.01, 0.8, 0.95, 1e-10, 0.0)
+    torch.testing.assert_close(bank.detach().view(4, 8, 4), expected_bank, rtol=0, atol=0)
+    torch.testing.assert_close(head.detach(), expected_head, rtol=0, atol=0)
+    assert head.grad is None
+    # A checkpoint round trip keeps the states.
+    saved = opt.state_dict()
+    opt2 = SpeedrunOptimizer([BankSpec("bank", bank, (4, 8, 4))], [AdamGroup("head", [head], 0.01, (0.8, 0.95), 0.0)],
+                             0.02, 0.95, 0.95, 0.0, 1e-10)
+    opt2.load_state_dict(saved)
+    torch.testing.assert_close(opt2.muon_state["bank"]["momentum_buffer"], muon_state["momentum_buffer"])
+    assert opt2.adam_state[id(head)]["step"] == 1
