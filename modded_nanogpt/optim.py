@@ -8,6 +8,8 @@ decoupled weight decay. Both run on CPU in float32/float64 for tests and in bf16
 
 import torch
 
+from modded_nanogpt.kernels import ba_plus_caa, use_triton, xxt
+
 # Per-iteration (a, b, c) for X <- a X + b (X X^T) X + c (X X^T)^2 X, five iterations.
 # Source: the Polar Express coefficients of the modded-nanogpt speedrun (train_gpt.py),
 # computed by the method of Amsel, Persson, Musco, Gower 2025, "The Polar Express"
@@ -43,9 +45,16 @@ def polar_express(G, steps=5, dtype=None, safety=1.02, eps=1e-7):
     if transposed:
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * safety + eps)
+    # On GPU the two symmetric products go to kernels that compute only their upper
+    # triangles, and a X + B X to one cuBLAS call with the addition in its epilogue.
+    fused = use_triton(X) and X.ndim in (2, 3)
     for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
-        gram = X @ X.mT
-        X = a * X + (b * gram + c * (gram @ gram)) @ X
+        if fused:
+            B = ba_plus_caa(xxt(X), alpha=c, beta=b)  # b gram + c gram^2, gram = X X^T
+            X = torch.baddbmm(X, B, X, beta=a) if X.ndim == 3 else torch.addmm(X, B, X, beta=a)
+        else:
+            gram = X @ X.mT
+            X = a * X + (b * gram + c * (gram @ gram)) @ X
     return X.mT if transposed else X
 
 

@@ -368,18 +368,36 @@ def train_step(model, step_fn, optimizer, loader, plan, rt: Runtime):
     return loss_total
 
 
-@torch.no_grad()
-def validate(model, eval_fn, val_files, hp: Hyperparameters, rt: Runtime, short_window: int, long_window: int) -> float:
-    """Mean next-token loss over the first val_tokens of the val shards (fresh loader each time)."""
-    per_forward = hp.val_batch_tokens
+def validate(model, eval_fn, val_files, hp: Hyperparameters, rt: Runtime, plan, long_window: int | None = None,
+             reuse_train_graph: bool = False, max_forwards: int | None = None) -> float:
+    """Mean next-token loss over the first val_tokens of the val shards (fresh loader each time), with the
+    attention windows of `plan` (the long one replaced by `long_window` for the final validation).
+
+    reuse_train_graph (compiled runs): call the model exactly as the training step does (same tokens per
+    forward, number of MTP terms, loss divisor, grad mode) with the extra MTP weights zeroed, so the compiled
+    training graph serves validation and the warmup compiles no separate evaluation graphs. Used when
+    val_tokens splits into forwards of the step's micro-batch size; else forwards of val_batch_tokens.
+    The forward size decides where the packed val documents are cut (a cut document's rest is dropped),
+    so it is part of the measurement: compare val losses of runs that validate with the same sizes.
+    """
+    micro_tokens = plan.batch_tokens // TOTAL_MICRO_STEPS
+    reuse = reuse_train_graph and hp.val_tokens % (micro_tokens * rt.world_size) == 0
+    per_forward = micro_tokens if reuse else hp.val_batch_tokens
     steps = hp.val_tokens // (per_forward * rt.world_size)
+    if max_forwards is not None:  # the warmup: compile, do not measure
+        steps = min(steps, max_forwards)
+    weights = torch.zeros(len(plan.mtp_weights) if reuse else 1, device=rt.device)
+    weights[0] = 1.0
+    divisor = float(plan.batch_tokens) if reuse else 1.0
+    long = plan.long_window if long_window is None else long_window
     loader = DistributedBOSLoader(val_files, per_forward, hp.seq_len, hp.bos_id, rt.rank, rt.world_size, rt.device)
     total = torch.zeros((), device=rt.device, dtype=torch.float64)
-    next_token = torch.ones(1, device=rt.device)
     try:
-        for _ in range(steps):
-            batch = loader.next_batch()
-            total += eval_fn(batch.inputs, batch.targets, short_window, long_window, next_token, 1.0, batch.cu_seqlens).double()
+        with torch.set_grad_enabled(reuse):
+            for _ in range(steps):
+                batch = loader.next_batch()
+                loss = eval_fn(batch.inputs, batch.targets, plan.short_window, long, weights, divisor, batch.cu_seqlens)
+                total += loss.detach().double() * divisor
     finally:
         loader.close()
     if rt.world_size > 1:
@@ -405,7 +423,10 @@ def main(argv: list[str] | None = None) -> dict:
     hp = parse_hyperparameters(argv)
     rt = init_runtime(hp)  # refuses world sizes other than 1/2/4/8 before anything is allocated
     try:
-        return run(hp, rt, argv)
+        result = run(hp, rt, argv)
+        if dist.is_initialized():
+            dist.barrier()  # leave together: gloo can abort a rank whose peer tears down connections first
+        return result
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -438,7 +459,9 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
     compiled = hp.compile and rt.device.type == "cuda"
     if compiled:
         torch._dynamo.config.cache_size_limit = 64
-        step_fn = torch.compile(model, fullgraph=True)
+        # Static shapes: one graph per schedule shape (the warmup compiles them all); dynamic sequence
+        # lengths trip Inductor on the block-mask arithmetic and would slow every kernel.
+        step_fn = torch.compile(model, fullgraph=True, dynamic=False)
     else:
         step_fn = model
     optimizer = build_optimizer(model, hp, rt)
@@ -476,12 +499,12 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
             if schedule.untie_step is not None and plan.step > schedule.untie_step and model.is_tied:
                 model.untie()
             train_step(model, step_fn, optimizer, loader, plan, rt)
-            validate_windows = (plan.short_window, plan.long_window)
-            warm_hp = dataclasses.replace(hp, val_tokens=hp.val_batch_tokens * rt.world_size)
-            validate(model, step_fn, val_files, warm_hp, rt, *validate_windows)
+            log(f"warmup: step shape of step {plan.step} (batch {plan.batch_tokens}, windows {plan.short_window},"
+                f"{plan.long_window}, {len(plan.mtp_weights)} MTP terms) compiled at {time.perf_counter() - t0:.0f}s")
+            validate(model, step_fn, val_files, hp, rt, plan, reuse_train_graph=True, max_forwards=1)
         model.set_long_window(schedule.final_long_window)
-        validate(model, step_fn, val_files, dataclasses.replace(hp, val_tokens=hp.val_batch_tokens * rt.world_size),
-                 rt, schedule.windows[-1][0], schedule.final_long_window)
+        validate(model, step_fn, val_files, hp, rt, schedule.at(total_steps - 1), schedule.final_long_window,
+                 reuse_train_graph=True, max_forwards=1)
         restore(saved_state, model, optimizer, loader)
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
@@ -523,11 +546,11 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
             if last or (hp.val_every and step % hp.val_every == 0):
                 sync()
                 state["train_time_ms"] += 1000 * (time.perf_counter() - clock)
-                short, long = plan.short_window, plan.long_window
+                long = None
                 if last:
                     long = schedule.final_long_window
                     model.set_long_window(long)
-                val_loss = validate(model, step_fn, val_files, hp, rt, short, long)
+                val_loss = validate(model, step_fn, val_files, hp, rt, plan, long, reuse_train_graph=compiled)
                 state["last_val_loss"] = val_loss
                 if state["time_to_target_ms"] is None and val_loss <= hp.target_val_loss:
                     state["time_to_target_ms"] = state["train_time_ms"]

@@ -425,7 +425,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     rt = init_runtime(cfg)
     try:
-        return _train(cfg, recipe, rt, run_dir, train_files, val_files, vocab_size, data_meta, accumulation, argv)
+        result = _train(cfg, recipe, rt, run_dir, train_files, val_files, vocab_size, data_meta, accumulation, argv)
+        if rt.distributed:
+            # Every rank leaves together: gloo aborts a process ("terminate called without an active
+            # exception") when a peer tears its connections down while it is still finishing up.
+            torch.distributed.barrier()
+        return result
     finally:
         if rt.distributed:
             torch.distributed.destroy_process_group()

@@ -289,3 +289,34 @@ def test_bad_model_settings_are_named(changes, message):
     with pytest.raises(ValueError) as err:
         validate_config(dataclasses.replace(tiny_config(), **changes))
     assert message in str(err.value)
+
+
+def final_states(model, inputs, targets, short=1, long=2):
+    """The normalized states the head sees, per position (captured at the loss)."""
+    captured = {}
+    original = model.loss
+
+    def capture(x, *args):
+        captured["x"] = x.detach().clone()
+        return original(x, *args)
+
+    model.loss = capture
+    try:
+        model(inputs, targets, short, long, torch.tensor([1.0, 0.5]), 1.0)
+    finally:
+        model.loss = original
+    return captured["x"]
+
+
+def test_no_position_sees_the_future():
+    """Every feature on (paired heads, key offset, smear, bigram, value embeddings, skip, backout): changing
+    tokens from position j on leaves every state before j unchanged."""
+    torch.manual_seed(0)
+    model = randomized(GPT(tiny_config()))
+    inputs, targets = packed_tokens(T=256, doc_lengths=(256,))
+    j = 150
+    changed = inputs.clone()
+    changed[j:] = torch.randint(1, VOCAB, (256 - j,), generator=torch.Generator().manual_seed(5))
+    a, b = final_states(model, inputs, targets), final_states(model, changed, targets)
+    torch.testing.assert_close(a[:j], b[:j], rtol=0, atol=0)
+    assert not torch.allclose(a[j:], b[j:])

@@ -212,3 +212,39 @@ def test_speedrun_optimizer_single_rank_updates_banks_and_accumulates_adam():
     opt2.load_state_dict(saved)
     torch.testing.assert_close(opt2.muon_state["bank"]["momentum_buffer"], muon_state["momentum_buffer"])
     assert opt2.adam_state[id(head)]["step"] == 1
+
+
+def test_run_sh(char_corpus, tmp_path):
+    """run.sh: torchrun --standalone over NUM_GPUS processes; other counts are refused before torchrun starts."""
+    bad = subprocess.run(["bash", "modded_nanogpt/run.sh"], cwd=REPO_ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, NUM_GPUS="3"))
+    assert bad.returncode == 2 and "NUM_GPUS must be 1, 2, 4 or 8 (got '3')" in bad.stderr
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(["bash", "modded_nanogpt/run.sh", *tiny(char_corpus, run_dir, *THREE_STEPS)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, NUM_GPUS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert read_metrics(run_dir)[-1]["kind"] == "end"
+
+
+def test_validation_through_the_training_graph_gives_the_same_loss(char_corpus):
+    """Compiled runs validate with the training step's call (zeroed extra MTP weights, same divisor, grad mode
+    on) so no evaluation graph is compiled: the loss must equal the plain next-token validation of the same
+    forward size (the forward size decides where documents are cut, so it is part of the measurement)."""
+    from modded_nanogpt.data.loader import find_shards
+    from modded_nanogpt.model import GPT
+    from modded_nanogpt.schedule import StepPlan
+    from modded_nanogpt.train_gpt import Runtime, model_config, resolve_data, validate
+
+    hp = parse_hyperparameters(["--recipe=tiny_cpu", f"--data_dir={char_corpus}", "--val_tokens=3072",
+                                "--val_batch_tokens=384"])
+    resolve_data(hp)
+    torch.manual_seed(0)
+    model = GPT(model_config(hp))
+    rt = Runtime(0, 0, 1, torch.device("cpu"))
+    plan = StepPlan(step=0, stage=0, batch_tokens=8 * 384, short_window=1, long_window=2, mtp_weights=(1.0, 0.5, 0.25),
+                    lr_multiplier=1.0, adam_step=False, untie_after=False)
+    val_files = find_shards(char_corpus, "val")
+    plain = validate(model, model, val_files, hp, rt, plan)
+    reused = validate(model, model, val_files, hp, rt, plan, reuse_train_graph=True)
+    assert abs(plain - reused) < 1e-5 * plain
+    assert all(p.grad is None for p in model.parameters())  # validation never leaves gradients behind

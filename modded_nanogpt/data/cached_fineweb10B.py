@@ -47,8 +47,9 @@ def shard_names(num_train_shards: int) -> list[str]:
     return [VAL_FILE] + [f"fineweb_train_{index:06d}.bin" for index in range(1, num_train_shards + 1)]
 
 
-def destination(out: Path | None, environ=os.environ) -> tuple[Path, str]:
+def destination(out: Path | None, environ=None) -> tuple[Path, str]:
     """The output folder and why it is that one."""
+    environ = os.environ if environ is None else environ  # looked up now: tests and callers may replace it
     if out is not None:
         return out, "--out"
     for name in ("DATA_PATH", "DATA_DIR"):

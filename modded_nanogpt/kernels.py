@@ -1,0 +1,713 @@
+"""Fused GPU ops of the speedrun trainer, each beside the plain PyTorch reference it must match.
+
+    relu2_linear(x, weight)                         relu(x @ weight.T) ** 2, the MLP up projection
+    fp8_linear(x, weight_t, x_scale, w_scale, grad_scale)
+                                                    x @ weight_t through fp8 tensor cores (lm_head)
+    softcapped_cross_entropy(logits, targets, mtp_weights, cap, shift, div, reduction)
+                                                    multi-token-prediction CE on sigmoid-capped logits
+    xxt(X), ba_plus_caa(A, alpha, beta)             symmetric products of Polar Express
+
+Each public function takes CPU or CUDA tensors. `use_triton(t)` picks the fused path: a CUDA
+tensor, triton importable, and MODDED_NO_TRITON unset (MODDED_NO_TRITON=1 forces the
+references, for debugging and for A/B runs). Everywhere else the `*_reference` function runs,
+so the trainer's CPU tests exercise the same math. The Triton matmuls are written for 16-bit
+inputs (bf16/fp16); float32 inputs take the reference (cuBLAS) path on GPU too, since tl.dot
+would silently round them to tf32.
+
+The fused ops are torch.library custom ops with fake (shape) functions and registered
+autograd, so torch.compile(fullgraph=True) traces them as single opaque nodes. Nothing here
+touches CUDA at import; triton is imported under a guard, and the kernels exist only where it
+imports.
+"""
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only machines: every public function runs its reference
+    triton = tl = None
+
+_FLOAT8_E4M3 = torch.float8_e4m3fn
+_FLOAT8_E5M2 = torch.float8_e5m2
+_TRITON_MATMUL_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True where the fused path runs for tensor t: CUDA, triton importable, MODDED_NO_TRITON unset."""
+    return t.is_cuda and triton is not None and os.environ.get("MODDED_NO_TRITON", "") in ("", "0")
+
+
+# ---------------------------------------------------------------------------------------------
+# relu2_linear: relu(x @ W^T)^2 with the activation in the matmul epilogue
+# ---------------------------------------------------------------------------------------------
+
+def relu2_linear_reference(x, weight):
+    """relu(x @ weight.T) ** 2 in plain PyTorch, autograd by torch. x (..., K), weight (M, K)."""
+    return torch.relu(x @ weight.mT) ** 2
+
+
+def relu2_linear(x, weight):
+    """relu(x @ weight.T) ** 2 for x (..., K) and weight (M, K); differentiable in both.
+
+    weight is cast to x's dtype first (fp32 master weights with bf16 activations). The fused
+    path computes the product in one Triton matmul whose epilogue writes both the output and
+    the pre-activation; backward multiplies the incoming gradient by 2 relu(pre) in one
+    elementwise kernel and leaves the two matmuls of the gradient to cuBLAS.
+    """
+    if x.ndim < 1 or weight.ndim != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"relu2_linear needs x (..., K) and weight (M, K) with the same K, "
+                         f"got x shape {tuple(x.shape)} and weight shape {tuple(weight.shape)}")
+    weight = weight.to(x.dtype)
+    if not (use_triton(x) and x.dtype in _TRITON_MATMUL_DTYPES):
+        return relu2_linear_reference(x, weight)
+    post, _ = torch.ops.modded_nanogpt.relu2_linear(x.reshape(-1, x.shape[-1]), weight)
+    return post.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("modded_nanogpt::relu2_linear", mutates_args=())
+def _relu2_linear_op(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(post, pre) for 2-D x and weight; pre is kept only for the backward pass."""
+    rows, inner = x.shape
+    cols = weight.shape[0]
+    pre = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
+    post = torch.empty_like(pre)
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)
+    _relu2_matmul_kernel[grid](
+        x, weight, pre, post, rows, cols, inner,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), pre.stride(0), pre.stride(1),
+    )
+    return post, pre
+
+
+@_relu2_linear_op.register_fake
+def _(x, weight):
+    out = x.new_empty((x.shape[0], weight.shape[0]))
+    return out, torch.empty_like(out)
+
+
+@torch.library.custom_op("modded_nanogpt::relu2_grad", mutates_args=())
+def _relu2_grad_op(grad_post: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """grad_post * 2 relu(pre): the gradient through the squared ReLU, in one pass."""
+    grad_post, pre = grad_post.contiguous(), pre.contiguous()
+    grad_pre = torch.empty_like(pre)
+    numel = pre.numel()
+    _relu2_grad_kernel[(triton.cdiv(numel, 4096),)](grad_post, pre, grad_pre, numel, BLOCK=4096, num_warps=8)
+    return grad_pre
+
+
+@_relu2_grad_op.register_fake
+def _(grad_post, pre):
+    return torch.empty_like(pre)
+
+
+def _relu2_linear_setup_context(ctx, inputs, output):
+    x, weight = inputs
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _relu2_linear_backward(ctx, grad_post, _grad_pre):
+    x, weight, pre = ctx.saved_tensors
+    grad_pre = torch.ops.modded_nanogpt.relu2_grad(grad_post, pre)
+    return grad_pre @ weight, grad_pre.mT @ x
+
+
+_relu2_linear_op.register_autograd(_relu2_linear_backward, setup_context=_relu2_linear_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# fp8_linear: x @ weight_t on fp8 tensor cores, with fp8 gradients
+# ---------------------------------------------------------------------------------------------
+
+def _quantize(t, scale, dtype):
+    """(t / scale) cast to an fp8 dtype, saturating at its largest finite value.
+
+    The scale is the divisor before the cast, so it should be about max|t| / 448 for e4m3 and
+    a value's fp8 code times the scale gives it back. The division is done in fp32: rounding
+    t / scale to bf16 first and then to fp8 would round twice, off by one fp8 step in about
+    3% of the values. Saturating (rather than the NaN or inf that an overflowing cast can
+    give) keeps one outlier from poisoning a whole step.
+    """
+    bound = torch.finfo(dtype).max
+    return (t.float() / scale).clamp(-bound, bound).to(dtype)
+
+
+def _dequantize(t_fp8, scale):
+    return t_fp8.float() * scale
+
+
+@functools.cache
+def _has_fp8_tensor_cores(device_index):
+    return torch.cuda.get_device_capability(device_index) >= (8, 9)
+
+
+def _quantize_both_layouts(t, scale, dtype):
+    """_quantize of a 2-D t, returned as (q, q_t): q row-major and q_t = q.T made contiguous.
+
+    cuBLASLt's fp8 matmul takes its first operand row-major and its second column-major, and
+    each of the three products of fp8_linear uses an operand in the other layout than its
+    sibling, so every quantized tensor is written both ways in one pass (one read of t).
+    Where the GPU has no fp8 tensor cores, plain torch ops do the same.
+    """
+    if not (t.is_cuda and _has_fp8_tensor_cores(t.device.index)):
+        q = _quantize(t, scale, dtype)
+        return q, q.mT.contiguous()
+    rows, cols = t.shape
+    q = torch.empty((rows, cols), dtype=dtype, device=t.device)
+    q_t = torch.empty((cols, rows), dtype=dtype, device=t.device)
+    grid = (triton.cdiv(rows, 64), triton.cdiv(cols, 64))
+    _quantize_fp8_kernel[grid](t, q, q_t, rows, cols, t.stride(0), t.stride(1), scale, torch.finfo(dtype).max,
+                               BLOCK_R=64, BLOCK_C=64, num_warps=4)
+    return q, q_t
+
+
+def _fp8_matmul(a, b, scale_a, scale_b, out_dtype, fast_accum):
+    """(a * scale_a) @ (b * scale_b) for fp8 a (m, k) and b (k, n), returned in out_dtype.
+
+    torch._scaled_mm (cuBLASLt) where the GPU has fp8 tensor cores (sm_89 and later) and every
+    dim is a multiple of 16, as it requires; a must be row-major and b column-major (the
+    callers pass them so; .contiguous() below is then free). Elsewhere the same product is
+    simulated in fp32, exactly as the reference does it.
+    """
+    dims_ok = all(d % 16 == 0 for d in (*a.shape, b.shape[1]))
+    if a.is_cuda and dims_ok and _has_fp8_tensor_cores(a.device.index):
+        scale_a = torch.full((), scale_a, dtype=torch.float32, device=a.device)
+        scale_b = torch.full((), scale_b, dtype=torch.float32, device=a.device)
+        return torch._scaled_mm(a.contiguous(), b.mT.contiguous().mT, scale_a, scale_b,
+                                out_dtype=out_dtype, use_fast_accum=fast_accum)
+    return (_dequantize(a, scale_a) @ _dequantize(b, scale_b)).to(out_dtype)
+
+
+class _Fp8LinearReference(torch.autograd.Function):
+    """The fp8 recipe simulated in fp32: quantize, dequantize, multiply exactly.
+
+    Straight-through: each gradient is the exact product of the quantized operands, as on the
+    tensor cores; nothing is propagated through the rounding itself.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight_t, x_scale, w_scale, grad_scale):
+        x_q = _dequantize(_quantize(x, x_scale, _FLOAT8_E4M3), x_scale)
+        w_q = _dequantize(_quantize(weight_t, w_scale, _FLOAT8_E4M3), w_scale)
+        ctx.save_for_backward(x_q, w_q)
+        ctx.grad_scale, ctx.dtypes = grad_scale, (x.dtype, weight_t.dtype)
+        return (x_q @ w_q).to(torch.bfloat16)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_q, w_q = ctx.saved_tensors
+        g_q = _dequantize(_quantize(grad, ctx.grad_scale, _FLOAT8_E5M2), ctx.grad_scale)
+        x_dtype, w_dtype = ctx.dtypes
+        return (g_q @ w_q.mT).to(x_dtype), (x_q.mT @ g_q).to(w_dtype), None, None, None
+
+
+def fp8_linear_reference(x, weight_t, x_scale, w_scale, grad_scale):
+    """fp8_linear simulated in plain PyTorch (fp32 products of fp8-rounded values), bf16 out."""
+    _check_fp8_shapes(x, weight_t)
+    return _Fp8LinearReference.apply(x, weight_t, x_scale, w_scale, grad_scale)
+
+
+def fp8_linear(x, weight_t, x_scale, w_scale, grad_scale):
+    """Logits x @ weight_t in bf16 through fp8 tensor cores. x (..., K), weight_t (K, V).
+
+    weight_t is the lm_head stored transposed (model_dim x vocab). Scales are python floats
+    and are divisors: x_fp8 = (x / x_scale).to(e4m3), w_fp8 = (weight_t / w_scale).to(e4m3),
+    and in backward grad_fp8 = (grad / grad_scale).to(e5m2); each cast saturates at the
+    format's largest finite value (448 for e4m3, 57344 for e5m2), so pick scale ~ max|value| /
+    that bound. Gradients come back in x's and weight_t's dtypes (fp32 master weights work).
+    The forward product sums over K (768) and uses fast, less often promoted, accumulation;
+    the backward ones sum over the vocabulary (grad_x) and over the tokens (grad_weight_t),
+    long sums that get cuBLASLt's accurate accumulation.
+    """
+    _check_fp8_shapes(x, weight_t)
+    if not use_triton(x):
+        return fp8_linear_reference(x, weight_t, x_scale, w_scale, grad_scale)
+    out, _, _ = torch.ops.modded_nanogpt.fp8_linear(
+        x.reshape(-1, x.shape[-1]), weight_t, float(x_scale), float(w_scale), float(grad_scale))
+    return out.reshape(*x.shape[:-1], weight_t.shape[1])
+
+
+def _check_fp8_shapes(x, weight_t):
+    if x.ndim < 1 or weight_t.ndim != 2 or x.shape[-1] != weight_t.shape[0]:
+        raise ValueError(f"fp8_linear needs x (..., K) and weight_t (K, V) with the same K, "
+                         f"got x shape {tuple(x.shape)} and weight_t shape {tuple(weight_t.shape)}")
+
+
+@torch.library.custom_op("modded_nanogpt::fp8_linear", mutates_args=())
+def _fp8_linear_op(x: torch.Tensor, weight_t: torch.Tensor, x_scale: float, w_scale: float,
+                   grad_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, x_fp8^T, weight_t_fp8): the fp8 operands are returned in the layouts backward needs."""
+    x_fp8, x_fp8_t = _quantize_both_layouts(x, x_scale, _FLOAT8_E4M3)
+    w_fp8, w_fp8_t = _quantize_both_layouts(weight_t, w_scale, _FLOAT8_E4M3)
+    out = _fp8_matmul(x_fp8, w_fp8_t.mT, x_scale, w_scale, torch.bfloat16, fast_accum=True)
+    return out, x_fp8_t, w_fp8
+
+
+@_fp8_linear_op.register_fake
+def _(x, weight_t, x_scale, w_scale, grad_scale):
+    out = x.new_empty((x.shape[0], weight_t.shape[1]), dtype=torch.bfloat16)
+    x_fp8_t = x.new_empty((x.shape[1], x.shape[0]), dtype=_FLOAT8_E4M3)
+    return out, x_fp8_t, weight_t.new_empty(weight_t.shape, dtype=_FLOAT8_E4M3)
+
+
+@torch.library.custom_op("modded_nanogpt::fp8_linear_backward", mutates_args=())
+def _fp8_linear_backward_op(grad: torch.Tensor, x_fp8_t: torch.Tensor, w_fp8: torch.Tensor,
+                            x_scale: float, w_scale: float, grad_scale: float,
+                            x_dtype: torch.dtype, w_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_weight_t). Both products pair e5m2 with e4m3, which _scaled_mm supports
+    (tested on H100 with torch 2.11); only e5m2 x e5m2 is refused, and nothing here needs it."""
+    grad_fp8, grad_fp8_t = _quantize_both_layouts(grad, grad_scale, _FLOAT8_E5M2)
+    # grad_x = grad @ weight_t^T: w_fp8 is row-major (K, V), so its transpose is column-major.
+    grad_x = _fp8_matmul(grad_fp8, w_fp8.mT, grad_scale, w_scale, x_dtype, fast_accum=False)
+    grad_w = _fp8_matmul(x_fp8_t, grad_fp8_t.mT, x_scale, grad_scale, w_dtype, fast_accum=False)
+    return grad_x, grad_w
+
+
+@_fp8_linear_backward_op.register_fake
+def _(grad, x_fp8_t, w_fp8, x_scale, w_scale, grad_scale, x_dtype, w_dtype):
+    grad_x = grad.new_empty((grad.shape[0], w_fp8.shape[0]), dtype=x_dtype)
+    return grad_x, w_fp8.new_empty(w_fp8.shape, dtype=w_dtype)
+
+
+def _fp8_linear_setup_context(ctx, inputs, output):
+    x, weight_t, x_scale, w_scale, grad_scale = inputs
+    ctx.save_for_backward(output[1], output[2])
+    ctx.scales, ctx.dtypes = (x_scale, w_scale, grad_scale), (x.dtype, weight_t.dtype)
+
+
+def _fp8_linear_backward(ctx, grad_out, _grad_x_fp8_t, _grad_w_fp8):
+    x_fp8_t, w_fp8 = ctx.saved_tensors
+    grad_x, grad_w = torch.ops.modded_nanogpt.fp8_linear_backward(grad_out, x_fp8_t, w_fp8, *ctx.scales, *ctx.dtypes)
+    return grad_x, grad_w, None, None, None
+
+
+_fp8_linear_op.register_autograd(_fp8_linear_backward, setup_context=_fp8_linear_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# softcapped_cross_entropy: multi-token-prediction CE on sigmoid-capped logits
+# ---------------------------------------------------------------------------------------------
+
+def _check_ce_args(logits, targets, mtp_weights, cap, reduction):
+    if logits.ndim != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"softcapped_cross_entropy needs logits (N, V) and targets (N,), "
+                         f"got logits shape {tuple(logits.shape)} and targets shape {tuple(targets.shape)}")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be integer token ids, got dtype {targets.dtype}")
+    if isinstance(mtp_weights, torch.Tensor) and mtp_weights.ndim != 1:
+        raise ValueError(f"mtp_weights as a tensor must be 1-D, got shape {tuple(mtp_weights.shape)}")
+    if len(mtp_weights) == 0:
+        raise ValueError("mtp_weights must hold at least one weight (weight of the next token first)")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    if not cap > 0:
+        raise ValueError(f"cap must be > 0, got {cap}")
+
+
+def softcapped_cross_entropy_reference(logits, targets, mtp_weights, cap=23.0, shift=5.0, div=7.5,
+                                       reduction="sum"):
+    """The loss of softcapped_cross_entropy in plain PyTorch, at least fp32, autograd by torch.
+
+    float64 logits are computed in float64, so torch.autograd.gradcheck applies.
+    """
+    _check_ce_args(logits, targets, mtp_weights, cap, reduction)
+    rows = logits.shape[0]
+    capped = cap * torch.sigmoid((logits.to(torch.promote_types(logits.dtype, torch.float32)) + shift) / div)
+    log_probs = torch.log_softmax(capped, dim=-1)
+    loss = log_probs.new_zeros(())
+    for k in range(min(len(mtp_weights), rows)):
+        picked = log_probs[: rows - k].gather(1, targets[k:, None].long()).squeeze(1)
+        loss = loss - mtp_weights[k] * picked.sum()
+    return loss / rows if reduction == "mean" else loss
+
+
+def softcapped_cross_entropy(logits, targets, mtp_weights, cap=23.0, shift=5.0, div=7.5, reduction="sum"):
+    """Multi-token-prediction cross-entropy on softcapped logits, an fp32 scalar.
+
+    s = cap * sigmoid((logits + shift) / div) bounds the logits to (0, cap). The loss is
+    sum over rows t and k = 0..len(mtp_weights)-1 of mtp_weights[k] * CE(s_t, targets[t + k]),
+    skipping t + k >= N: row t also predicts the token k steps after its own target.
+    reduction "mean" divides by N. logits (N, V) bf16/fp16/fp32, targets (N,) ints in [0, V)
+    (not checked on GPU: checking would cost a host sync). Gradients come back in the
+    logits' dtype.
+
+    mtp_weights: a tuple/list of python floats, or a 1-D float tensor on the logits' device.
+    Under torch.compile floats are baked into the graph, so changing them recompiles; a
+    tensor's values can change freely (only a change of its length recompiles).
+
+    The fused forward makes one pass over each row (softcap, running max, log-sum-exp, and the
+    target terms) and keeps only the row's log-sum-exp; the backward recomputes the softcap
+    from the logits rather than saving an (N, V) gradient in the forward, so evaluation
+    without grad writes nothing of size (N, V) and the incoming gradient is applied in the
+    same pass that writes grad_logits.
+    """
+    _check_ce_args(logits, targets, mtp_weights, cap, reduction)
+    if not use_triton(logits):
+        return softcapped_cross_entropy_reference(logits, targets, mtp_weights, cap, shift, div, reduction)
+    if isinstance(mtp_weights, torch.Tensor):
+        weights, weight_values = mtp_weights, []
+    else:
+        weights, weight_values = None, [float(w) for w in mtp_weights]
+    row_losses, _ = torch.ops.modded_nanogpt.softcapped_cross_entropy(
+        logits, targets, weights, weight_values, float(cap), float(shift), float(div))
+    loss = row_losses.sum()
+    return loss / logits.shape[0] if reduction == "mean" else loss
+
+
+@functools.lru_cache(maxsize=64)
+def _weights_on_device(values, device):
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def _mtp_weight_tensor(weights, weight_values, device):
+    """The weights as an fp32 tensor on device. Python floats are copied there once per distinct
+    tuple and cached: a fresh host-to-device copy on every call would make each call wait for
+    the GPU (and could not be captured in a CUDA graph)."""
+    if weights is not None:
+        return weights.to(device=device, dtype=torch.float32).contiguous()
+    return _weights_on_device(tuple(weight_values), device)
+
+
+@torch.library.custom_op("modded_nanogpt::softcapped_cross_entropy", mutates_args=())
+def _softcapped_ce_op(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None,
+                      weight_values: list[float], cap: float, shift: float,
+                      div: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row_losses, row_lse), both fp32 (N,): each row's weighted loss terms and log-sum-exp.
+
+    The MTP weights come either as a tensor (weights) or as floats (weight_values, weights None).
+    """
+    logits = logits if logits.stride(1) == 1 else logits.contiguous()
+    rows, vocab = logits.shape
+    weights = _mtp_weight_tensor(weights, weight_values, logits.device)
+    row_losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    row_lse = torch.empty_like(row_losses)
+    _softcapped_ce_forward_kernel[(rows,)](
+        logits, logits.stride(0), targets.contiguous(), weights, row_losses, row_lse,
+        rows, vocab, cap, shift, 1.0 / div, N_MTP=weights.numel(),
+    )
+    return row_losses, row_lse
+
+
+@_softcapped_ce_op.register_fake
+def _(logits, targets, weights, weight_values, cap, shift, div):
+    row_losses = logits.new_empty(logits.shape[:1], dtype=torch.float32)
+    return row_losses, torch.empty_like(row_losses)
+
+
+@torch.library.custom_op("modded_nanogpt::softcapped_cross_entropy_backward", mutates_args=())
+def _softcapped_ce_backward_op(grad_rows: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+                               weights: torch.Tensor | None, weight_values: list[float], row_lse: torch.Tensor,
+                               cap: float, shift: float, div: float) -> torch.Tensor:
+    """grad_logits, in the logits' dtype, for per-row loss gradients grad_rows (N,)."""
+    logits = logits if logits.stride(1) == 1 else logits.contiguous()
+    rows, vocab = logits.shape
+    weights = _mtp_weight_tensor(weights, weight_values, logits.device)
+    grad_logits = torch.empty((rows, vocab), dtype=logits.dtype, device=logits.device)
+    # grad_rows is often the expanded gradient of a sum: stride 0, read as such.
+    _softcapped_ce_backward_kernel[(rows,)](
+        grad_rows, grad_rows.stride(0), logits, logits.stride(0), grad_logits, grad_logits.stride(0),
+        targets.contiguous(), weights, row_lse, rows, vocab, cap, shift, 1.0 / div, N_MTP=weights.numel(),
+    )
+    return grad_logits
+
+
+@_softcapped_ce_backward_op.register_fake
+def _(grad_rows, logits, targets, weights, weight_values, row_lse, cap, shift, div):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _softcapped_ce_setup_context(ctx, inputs, output):
+    logits, targets, weights, weight_values, cap, shift, div = inputs
+    ctx.save_for_backward(logits, targets, weights, output[1])
+    ctx.args = (weight_values, cap, shift, div)
+
+
+def _softcapped_ce_backward(ctx, grad_rows, _grad_lse):
+    logits, targets, weights, row_lse = ctx.saved_tensors
+    weight_values, cap, shift, div = ctx.args
+    grad_logits = torch.ops.modded_nanogpt.softcapped_cross_entropy_backward(
+        grad_rows, logits, targets, weights, weight_values, row_lse, cap, shift, div)
+    return grad_logits, None, None, None, None, None, None
+
+
+_softcapped_ce_op.register_autograd(_softcapped_ce_backward, setup_context=_softcapped_ce_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Symmetric products of Polar Express: only the upper-triangular tiles are computed
+# ---------------------------------------------------------------------------------------------
+# Measured on H100, bf16, kernel time: xxt matches cuBLAS's full product (0.059 vs 0.056 ms at
+# (40, 768, 768), 0.101 vs 0.114 ms at (24, 768, 3072)), the halved work offset by Triton's lower
+# matmul efficiency; ba_plus_caa, which also folds in beta * A, takes 0.077 vs 0.172 ms; the
+# five Polar Express iterations 1.40 vs 2.00 ms and 2.59 vs 4.71 ms on those two banks.
+
+def xxt_reference(X):
+    """X @ X^T for X (..., m, n)."""
+    return X @ X.mT
+
+
+def ba_plus_caa_reference(A, alpha, beta):
+    """alpha * (A @ A) + beta * A for A (..., m, m)."""
+    return alpha * (A @ A) + beta * A
+
+
+def xxt(X):
+    """X @ X^T for X (m, n) or (b, m, n), in X's dtype.
+
+    The result is symmetric, so the fused kernel computes only the tiles on and above the
+    diagonal and writes each off-diagonal one twice (as itself and transposed): about half
+    the FLOPs of a general matmul, and an exactly symmetric result.
+    """
+    if X.ndim not in (2, 3):
+        raise ValueError(f"xxt needs X of shape (m, n) or (b, m, n), got shape {tuple(X.shape)}")
+    if not (use_triton(X) and X.dtype in _TRITON_MATMUL_DTYPES):
+        return xxt_reference(X)
+    return torch.ops.modded_nanogpt.xxt(X)
+
+
+def ba_plus_caa(A, alpha, beta):
+    """alpha * (A @ A) + beta * A for symmetric A, (m, m) or (b, m, m), in A's dtype.
+
+    A must be symmetric (as the output of xxt is): the kernel reads A's rows for A's columns,
+    and computes only the upper-triangular tiles of the (symmetric) result.
+    """
+    if A.ndim not in (2, 3) or A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"ba_plus_caa needs a square A of shape (m, m) or (b, m, m), got shape {tuple(A.shape)}")
+    if not (use_triton(A) and A.dtype in _TRITON_MATMUL_DTYPES):
+        return ba_plus_caa_reference(A, alpha, beta)
+    return torch.ops.modded_nanogpt.ba_plus_caa(A, float(alpha), float(beta))
+
+
+def _launch_symmetric_matmul(A, alpha, beta, add_input):
+    batched = A if A.ndim == 3 else A.unsqueeze(0)
+    batch, rows, inner = batched.shape
+    out = torch.empty((batch, rows, rows), dtype=A.dtype, device=A.device)
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK"]), triton.cdiv(rows, meta["BLOCK"]), batch)
+    _symmetric_matmul_kernel[grid](
+        batched, out, rows, inner, batched.stride(0), batched.stride(1), batched.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), alpha, beta, ADD_INPUT=add_input,
+    )
+    return out if A.ndim == 3 else out.squeeze(0)
+
+
+@torch.library.custom_op("modded_nanogpt::xxt", mutates_args=())
+def _xxt_op(X: torch.Tensor) -> torch.Tensor:
+    return _launch_symmetric_matmul(X, 1.0, 0.0, add_input=False)
+
+
+@_xxt_op.register_fake
+def _(X):
+    return X.new_empty((*X.shape[:-1], X.shape[-2]))
+
+
+@torch.library.custom_op("modded_nanogpt::ba_plus_caa", mutates_args=())
+def _ba_plus_caa_op(A: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    return _launch_symmetric_matmul(A, alpha, beta, add_input=True)
+
+
+@_ba_plus_caa_op.register_fake
+def _(A, alpha, beta):
+    return torch.empty_like(A, memory_format=torch.contiguous_format)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels (defined only where triton imports)
+# ---------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    def _matmul_configs(block_m_n_k_warps_stages):
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+                for m, n, k, w, s in block_m_n_k_warps_stages]
+
+    # Measured on H100 at 6144 x 768 -> 3072: (128, 128, 64, 8 warps, 3 stages) 76 us, about cuBLAS's
+    # 48 us matmul plus an elementwise relu^2 pass; deeper pipelines or wider tiles were slower (88-92 us).
+    @triton.autotune(
+        configs=_matmul_configs([(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 128, 64, 4, 3), (256, 128, 64, 8, 3)]),
+        key=["M", "N", "K"],
+    )
+    @triton.jit
+    def _relu2_matmul_kernel(x_ptr, w_ptr, pre_ptr, post_ptr, M, N, K,
+                             stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             GROUP_M: tl.constexpr):
+        """pre = x @ w^T (M x N, inner K), post = relu(pre)^2; one (BLOCK_M, BLOCK_N) tile per program."""
+        # Programs run in groups of GROUP_M row-tiles sweeping the columns together, so the
+        # weight tiles they share are read from L2 instead of HBM.
+        pid = tl.program_id(0)
+        tiles_m = tl.cdiv(M, BLOCK_M)
+        tiles_n = tl.cdiv(N, BLOCK_N)
+        programs_per_group = GROUP_M * tiles_n
+        first_tile_m = (pid // programs_per_group) * GROUP_M
+        group_rows = tl.minimum(tiles_m - first_tile_m, GROUP_M)
+        tile_m = first_tile_m + (pid % programs_per_group) % group_rows
+        tile_n = (pid % programs_per_group) // group_rows
+
+        rows = (tile_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        cols = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        ks = tl.arange(0, BLOCK_K)
+        x_tile_ptr = x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk
+        w_tile_ptr = w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn  # w^T tile, (BLOCK_K, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_in = (k0 + ks) < K
+            x_tile = tl.load(x_tile_ptr, mask=(rows[:, None] < M) & k_in[None, :], other=0.0)
+            w_tile = tl.load(w_tile_ptr, mask=k_in[:, None] & (cols[None, :] < N), other=0.0)
+            acc = tl.dot(x_tile, w_tile, acc)
+            x_tile_ptr += BLOCK_K * stride_xk
+            w_tile_ptr += BLOCK_K * stride_wk
+
+        out_offsets = rows[:, None] * stride_om + cols[None, :] * stride_on
+        out_mask = (rows[:, None] < M) & (cols[None, :] < N)
+        relu = tl.maximum(acc, 0.0)
+        tl.store(pre_ptr + out_offsets, acc.to(pre_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(post_ptr + out_offsets, (relu * relu).to(post_ptr.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
+    def _relu2_grad_kernel(grad_post_ptr, pre_ptr, grad_pre_ptr, numel, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        in_range = offsets < numel
+        grad_post = tl.load(grad_post_ptr + offsets, mask=in_range, other=0.0).to(tl.float32)
+        pre = tl.load(pre_ptr + offsets, mask=in_range, other=0.0).to(tl.float32)
+        grad_pre = 2.0 * grad_post * tl.maximum(pre, 0.0)
+        tl.store(grad_pre_ptr + offsets, grad_pre.to(grad_pre_ptr.dtype.element_ty), mask=in_range)
+
+    @triton.jit
+    def _quantize_fp8_kernel(src_ptr, q_ptr, q_t_ptr, R, C, stride_r, stride_c, scale, bound,
+                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """q = fp8(clamp(src / scale)), (R, C) row-major, and q_t = q^T, (C, R) row-major.
+
+        The transposed tile is loaded a second time (from L1/L2) in transposed order rather
+        than made with tl.trans: with triton 3.6 on H100, tl.trans of this tile dropped
+        elements of the transposed store for fp32 sources (measured).
+        """
+        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        cols = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+        mask = (rows[:, None] < R) & (cols[None, :] < C)
+        values = tl.load(src_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
+        tl.store(q_ptr + rows[:, None] * C + cols[None, :], _to_fp8(values, scale, bound, q_ptr), mask=mask)
+        mask_t = (cols[:, None] < C) & (rows[None, :] < R)
+        values_t = tl.load(src_ptr + cols[:, None] * stride_c + rows[None, :] * stride_r, mask=mask_t, other=0.0)
+        tl.store(q_t_ptr + cols[:, None] * R + rows[None, :], _to_fp8(values_t, scale, bound, q_t_ptr), mask=mask_t)
+
+    @triton.jit
+    def _to_fp8(values, scale, bound, fp8_ptr):
+        # div_rn: a correctly rounded division, as torch's on CPU, so the codes match the reference's
+        scaled = tl.div_rn(values.to(tl.float32), scale)
+        clamped = tl.minimum(tl.maximum(scaled, -bound), bound)
+        return clamped.to(fp8_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+
+    _ROW_CONFIGS = [triton.Config({"BLOCK_V": 1024}, num_warps=4), triton.Config({"BLOCK_V": 2048}, num_warps=8),
+                    triton.Config({"BLOCK_V": 4096}, num_warps=8), triton.Config({"BLOCK_V": 4096}, num_warps=16)]
+
+    @triton.autotune(configs=_ROW_CONFIGS, key=["V", "N_MTP"])
+    @triton.jit
+    def _softcapped_ce_forward_kernel(logits_ptr, stride_row, targets_ptr, weights_ptr, row_loss_ptr, row_lse_ptr,
+                                      N, V, cap, shift, inv_div, N_MTP: tl.constexpr, BLOCK_V: tl.constexpr):
+        """One program per row: log-sum-exp of the softcapped row, then its weighted target terms."""
+        row = tl.program_id(0)
+        row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+        # Online log-sum-exp. Softcapped values lie in (0, cap), so 0 is a safe starting max.
+        row_max = 0.0
+        sum_exp = 0.0
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            in_row = cols < V
+            z = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+            capped = tl.where(in_row, cap * tl.sigmoid((z + shift) * inv_div), 0.0)
+            new_max = tl.maximum(row_max, tl.max(capped, axis=0))
+            block_sum = tl.sum(tl.where(in_row, tl.exp(capped - new_max), 0.0), axis=0)
+            sum_exp = sum_exp * tl.exp(row_max - new_max) + block_sum
+            row_max = new_max
+        lse = row_max + tl.log(sum_exp)
+
+        loss = 0.0
+        for k in tl.static_range(N_MTP):
+            valid = row + k < N
+            target = tl.load(targets_ptr + row + k, mask=valid, other=0)
+            z_target = tl.load(row_ptr + target).to(tl.float32)
+            capped_target = cap * tl.sigmoid((z_target + shift) * inv_div)
+            loss += tl.where(valid, tl.load(weights_ptr + k) * (lse - capped_target), 0.0)
+        tl.store(row_loss_ptr + row, loss)
+        tl.store(row_lse_ptr + row, lse)
+
+    @triton.autotune(configs=_ROW_CONFIGS, key=["V", "N_MTP"])
+    @triton.jit
+    def _softcapped_ce_backward_kernel(grad_rows_ptr, grad_rows_stride, logits_ptr, stride_row, grad_ptr,
+                                       grad_stride_row, targets_ptr, weights_ptr, row_lse_ptr, N, V, cap, shift,
+                                       inv_div, N_MTP: tl.constexpr, BLOCK_V: tl.constexpr):
+        """grad = g_t * (W_t softmax(s) - sum_k w_k onehot(y_{t+k})) * ds/dz, with W_t the valid weights' sum."""
+        row = tl.program_id(0)
+        row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+        grad_row_ptr = grad_ptr + row.to(tl.int64) * grad_stride_row
+        grad_row = tl.load(grad_rows_ptr + row * grad_rows_stride)
+        lse = tl.load(row_lse_ptr + row)
+        weight_total = 0.0
+        for k in tl.static_range(N_MTP):
+            weight_total += tl.where(row + k < N, tl.load(weights_ptr + k), 0.0)
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            in_row = cols < V
+            z = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+            sig = tl.sigmoid((z + shift) * inv_div)
+            dloss_dcapped = weight_total * tl.exp(cap * sig - lse)
+            for k in tl.static_range(N_MTP):
+                valid = row + k < N
+                target = tl.load(targets_ptr + row + k, mask=valid, other=-1)  # -1 matches no column
+                dloss_dcapped -= tl.where(cols == target, tl.load(weights_ptr + k), 0.0)
+            grad = grad_row * dloss_dcapped * (cap * inv_div) * sig * (1.0 - sig)
+            tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+
+    @triton.autotune(
+        configs=[triton.Config({"BLOCK": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+                 triton.Config({"BLOCK": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+                 triton.Config({"BLOCK": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+                 triton.Config({"BLOCK": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3)],
+        key=["M", "K"],
+    )
+    @triton.jit
+    def _symmetric_matmul_kernel(a_ptr, c_ptr, M, K, stride_ab, stride_am, stride_ak, stride_cb, stride_cm,
+                                 stride_cn, alpha, beta, ADD_INPUT: tl.constexpr, BLOCK: tl.constexpr,
+                                 BLOCK_K: tl.constexpr):
+        """C = alpha A A^T (+ beta A when ADD_INPUT: A square, symmetric), upper tiles only.
+
+        Program (i, j, b) computes tile (i, j) of batch b when i <= j and also stores its
+        transpose as tile (j, i); programs below the diagonal return at once. Square tiles
+        keep the computed and mirrored tiles aligned, so each output element has one writer.
+        """
+        tile_i = tl.program_id(0)
+        tile_j = tl.program_id(1)
+        if tile_i > tile_j:
+            return
+        batch = tl.program_id(2).to(tl.int64)
+        a_batch_ptr = a_ptr + batch * stride_ab
+        rows_i = (tile_i * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+        rows_j = (tile_j * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+        ks = tl.arange(0, BLOCK_K)
+        a_i_ptr = a_batch_ptr + rows_i[:, None] * stride_am + ks[None, :] * stride_ak
+        a_j_t_ptr = a_batch_ptr + ks[:, None] * stride_ak + rows_j[None, :] * stride_am  # (BLOCK_K, BLOCK)
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_in = (k0 + ks) < K
+            a_i = tl.load(a_i_ptr, mask=(rows_i[:, None] < M) & k_in[None, :], other=0.0)
+            a_j_t = tl.load(a_j_t_ptr, mask=k_in[:, None] & (rows_j[None, :] < M), other=0.0)
+            acc = tl.dot(a_i, a_j_t, acc)
+            a_i_ptr += BLOCK_K * stride_ak
+            a_j_t_ptr += BLOCK_K * stride_ak
+
+        tile_mask = (rows_i[:, None] < M) & (rows_j[None, :] < M)
+        acc = acc * alpha
+        if ADD_INPUT:
+            a_tile = tl.load(a_batch_ptr + rows_i[:, None] * stride_am + rows_j[None, :] * stride_ak,
+                             mask=tile_mask, other=0.0)
+            acc += beta * a_tile.to(tl.float32)
+        out = acc.to(c_ptr.dtype.element_ty)
+        c_batch_ptr = c_ptr + batch * stride_cb
+        tl.store(c_batch_ptr + rows_i[:, None] * stride_cm + rows_j[None, :] * stride_cn, out, mask=tile_mask)
+        if tile_i != tile_j:
+            mirror_mask = (rows_j[:, None] < M) & (rows_i[None, :] < M)
+            tl.store(c_batch_ptr + rows_j[:, None] * stride_cm + rows_i[None, :] * stride_cn, tl.trans(out),
+                     mask=mirror_mask)

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The speedrun trainer on a lent H100: a 300+-step run on the local BPE corpus (compile + warmup time,
+# step_avg per stage, peak memory, val curve), then the GPU tests. Prepare the data first (here or there):
+#   python -m nanogpt.data.text_corpus --out data/stdlib_bpe50257 --tokenizer bpe --vocab_size 50257
+# Knobs: DATA (data dir), STEPS (scheduled steps), TESTS=0 to skip the tests, EXTRA (more --key=value).
+set -uo pipefail
+DATA=${DATA:-data/stdlib_bpe50257}
+STEPS=${STEPS:-300}
+TESTS=${TESTS:-1}
+EXTRA=${EXTRA:-}
+OUT=${OUT:-/tmp/modded_gpu_session}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+# shellcheck disable=SC2086
+python -m modded_nanogpt.train_gpt --data_dir="$DATA" --vocab_size=0 --bos_id=-1 --run_dir="$OUT/run" \
+  --num_iterations="$STEPS" --extension_iterations=12 --val_every=50 --val_tokens=294912 $EXTRA 2>&1 |
+  tee "$OUT/run.log" | awk '!/train_loss/ || /step:(1|2|3|50|100|101|150|200|201|250|300|304|312)\//'
+python - "$OUT/run/metrics.jsonl" <<'PY'
+import json, sys, statistics
+records = [json.loads(l) for l in open(sys.argv[1])]
+train = [r for r in records if r["kind"] == "train"]
+times = {}
+prev = 0.0
+for r in train:
+    times.setdefault((r["stage"], r["batch_tokens"]), []).append(r["train_time_ms"] - prev)
+    prev = r["train_time_ms"]
+print("stage | tokens/step | steps | median ms/step (first 3 of each stage dropped) | tokens/s")
+for (stage, tokens), ts in sorted(times.items()):
+    med = statistics.median(ts[3:] or ts)
+    print(f"{stage} | {tokens} | {len(ts)} | {med:.1f} | {tokens / med * 1000:,.0f}")
+end = records[-1]
+print("end:", {k: end.get(k) for k in ("final_val_loss", "train_time_ms", "warmup_s", "peak_memory_bytes")})
+print("val:", [(r["step"], round(r["val_loss"], 4)) for r in records if r["kind"] == "val"])
+PY
+if [[ $TESTS == 1 ]]; then
+  python -m pytest tests/test_modded_gpu.py tests/test_modded_kernels.py tests/test_modded_optim.py -m gpu -q 2>&1 | tail -15
+fi
