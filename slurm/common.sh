@@ -10,10 +10,17 @@
 # provenance, makes the run directory, cds to the repo root and defines:
 #   launch MODULE ARGS...     python -m MODULE ARGS, one process per GPU (torchrun), on every node (srun),
 #                             forwarding TERM/INT/USR1/USR2 to the trainer (preemption, scancel --signal)
+#   launch_trainer MODULE ARGS...  launch, then, if the trainer stopped on SIGUSR1/SIGUSR2 after writing a
+#                             checkpoint (the --signal=B:USR1@120 of the scripts' headers: time limit, preemption
+#                             notice, scancel --signal), requeue the job (REQUEUE); it resumes from RUN_DIR
+#   require_token_dir KNOB HINT...  the directory in KNOB exists and holds token files, else exit 2
 #   gpu_fact GPU_TYPE COLUMN  one value from slurm/gpus.tsv
 #   sbatch_args               the sbatch options that the knobs ask for (used by SUBMIT=1)
 # Outside a Slurm job (bash slurm/...sh on a workstation) the same script runs the same trainer locally.
 # With SUBMIT=1 outside a job, the script instead submits itself: sbatch $(sbatch_args) $SBATCH_FLAGS SCRIPT.
+# In a batch job every launch is a job step (srun), so `scancel --signal=USR1 JOBID` reaches the trainer as
+# well as `scancel --signal=USR1 --batch JOBID` does. A script that needs no run directory (data
+# preparation, builds) sets NEEDS_RUN_DIR=0 before sourcing this file.
 
 # ---- knobs (environment variables); empty = derived as described -----------------------------------
 GPU_TYPE=${GPU_TYPE:-}              # a gpu_type of slurm/gpus.tsv; default: the type the job asked for
@@ -36,6 +43,9 @@ RUN_NAME=${RUN_NAME:-}              # default: <job name>-<job id> (array jobs: 
 RUN_DIR=${RUN_DIR:-}                # default: $RUNS_DIR/$RUN_NAME; a requeued job reuses it and resumes
 RDZV_PORT=${RDZV_PORT:-}            # multi-node rendezvous port on the first node; default 29500 + job id % 1000
 EXTRA_ARGS=${EXTRA_ARGS:-}          # more --key=value for the trainer (word-split)
+REQUEUE=${REQUEUE:-auto}            # 1 = after the trainer stopped on SIGUSR1/SIGUSR2 with a checkpoint, scontrol
+                                    # requeue the job (it resumes from RUN_DIR); 0 = just exit; auto = 1 in a batch job
+MAX_REQUEUES=${MAX_REQUEUES:-20}    # no requeue once the job has restarted this often (SLURM_RESTART_COUNT)
 # DATA_DIR, RUNS_DIR, REPO_DIR, CONDA_SH, ENV_PATH: see activate_env.sh (defaults <repo>/data, <repo>/runs).
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -60,6 +70,8 @@ require_int() {
 }
 
 in_slurm_job() { [[ -n ${SLURM_JOB_ID:-} ]]; }
+# In a job but not inside a job step: the batch script (or an salloc shell), where launch starts a step.
+in_batch_script() { in_slurm_job && [[ -z ${SLURM_STEP_ID:-} ]]; }
 
 # The GPU type the job asked for, from scontrol (Slurm sets no environment variable with it).
 job_gpu_type() {
@@ -110,6 +122,12 @@ resolve_counts() {
   require_int GPUS_PER_NODE 0
   require_int CPUS_PER_GPU 1
   [[ -z $GRAD_ACC_STEPS ]] || require_int GRAD_ACC_STEPS 1
+  require_int MAX_REQUEUES 0
+  case $REQUEUE in
+    auto) if in_batch_script; then REQUEUE=1; else REQUEUE=0; fi ;;
+    0 | 1) ;;
+    *) common_die "REQUEUE must be auto, 0 or 1, got '$REQUEUE'" ;;
+  esac
   gpu_fact "$GPU_TYPE" gpu_type >/dev/null ||
     common_die "GPU_TYPE='$GPU_TYPE' is not in $GPUS_TSV (known: $(gpu_types)); add a row or pick one"
   local total=$((10#$NUM_NODES * 10#$GPUS_PER_NODE))
@@ -128,7 +146,7 @@ resolve_counts() {
     if [[ $DEVICE == cuda ]] && ((10#$GPUS_PER_NODE > 0)); then NPROC_PER_NODE=$GPUS_PER_NODE; else NPROC_PER_NODE=1; fi
   fi
   require_int NPROC_PER_NODE 1
-  export GPU_TYPE NUM_NODES GPUS_PER_NODE NUM_GPUS NPROC_PER_NODE GRAD_ACC_STEPS CPUS_PER_GPU DEVICE
+  export GPU_TYPE NUM_NODES GPUS_PER_NODE NUM_GPUS NPROC_PER_NODE GRAD_ACC_STEPS CPUS_PER_GPU DEVICE REQUEUE
 }
 
 # sbatch_args: the sbatch options the knobs ask for, one per line.
@@ -172,12 +190,16 @@ print_provenance() {
   fi
   echo "SLURM_* variables:"
   env | grep '^SLURM_' | sort | sed 's/^/  /' || true
-  echo "run_dir: $RUN_DIR"
+  if [[ ${NEEDS_RUN_DIR:-1} == 1 ]]; then echo "run_dir: $RUN_DIR"; else echo "run_dir: none"; fi
   echo "===="
 }
 
 git_sha() {
   local sha dirty=""
+  if [[ -f $REPO_DIR/.snapshot.json ]]; then  # a code snapshot made by python -m slurm.submit: no .git
+    sed -n 's/^ *"git_describe": "\(.*\)",\{0,1\}$/\1 (snapshot)/p' "$REPO_DIR/.snapshot.json"
+    return 0
+  fi
   command -v git >/dev/null || { echo "unknown (git not installed)"; return 0; }
   sha=$(git -C "$REPO_DIR" rev-parse HEAD 2>/dev/null) || { echo "unknown (no commit)"; return 0; }
   [[ -z $(git -C "$REPO_DIR" status --porcelain 2>/dev/null) ]] || dirty=" (dirty)"
@@ -214,9 +236,13 @@ run_forwarding_signals() {
   return "$status"
 }
 
+# step_cpus: CPUs for a job step on this node. srun of Slurm 22.05-23.02 does not take --cpus-per-task from
+# the job, and a step that asks for 1 CPU is confined to it where cgroups are enforced.
+step_cpus() { echo "${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}"; }
+
 # launch MODULE ARGS...: python -m MODULE ARGS with NPROC_PER_NODE processes on each of NUM_NODES nodes.
 launch() {
-  local module=$1 cmd
+  local module=$1 cmd node_cmd
   shift
   local signals=--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2
   if ((NUM_NODES > 1)); then
@@ -225,17 +251,117 @@ launch() {
     rdzv_host=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
     RDZV_PORT=${RDZV_PORT:-$((29500 + SLURM_JOB_ID % 1000))}
     # One torchrun per node; they meet at a c10d rendezvous hosted on the first node of the job.
-    cmd=(srun --nodes="$NUM_NODES" --ntasks-per-node=1 --kill-on-bad-exit=1
-      torchrun --nnodes="$NUM_NODES" --nproc-per-node="$NPROC_PER_NODE"
+    node_cmd=(torchrun --nnodes="$NUM_NODES" --nproc-per-node="$NPROC_PER_NODE"
       --rdzv-backend=c10d --rdzv-endpoint="$rdzv_host:$RDZV_PORT" --rdzv-id="$SLURM_JOB_ID"
       "$signals" -m "$module" "$@")
-  elif ((NPROC_PER_NODE > 1)); then
-    cmd=(torchrun --standalone --nproc-per-node="$NPROC_PER_NODE" "$signals" -m "$module" "$@")
+    if in_batch_script; then
+      cmd=(srun --nodes="$NUM_NODES" --ntasks-per-node=1 --cpus-per-task="$(step_cpus)" --kill-on-bad-exit=1
+        "${node_cmd[@]}")
+    elif [[ ${SLURM_STEP_NUM_TASKS:-} == "$NUM_NODES" && ${SLURM_STEP_NUM_NODES:-} == "$NUM_NODES" ]]; then
+      cmd=("${node_cmd[@]}")  # already one task per node (srun --ntasks-per-node=1 bash SCRIPT)
+    else
+      common_die "inside a job step, NUM_NODES=$NUM_NODES needs one task per node (srun --ntasks-per-node=1)," \
+        "this step has ${SLURM_STEP_NUM_TASKS:-?} tasks on ${SLURM_STEP_NUM_NODES:-?} nodes; or sbatch the script"
+    fi
   else
-    cmd=(python -m "$module" "$@")
+    if ((NPROC_PER_NODE > 1)); then
+      node_cmd=(torchrun --standalone --nproc-per-node="$NPROC_PER_NODE" "$signals" -m "$module" "$@")
+    else
+      node_cmd=(python -m "$module" "$@")
+    fi
+    if in_batch_script; then
+      # A job step: Slurm's --signal and `scancel --signal` (without --batch) reach job steps only.
+      cmd=(srun --nodes=1 --ntasks=1 --cpus-per-task="$(step_cpus)" --kill-on-bad-exit=1 "${node_cmd[@]}")
+    else
+      cmd=("${node_cmd[@]}")
+    fi
   fi
   echo "launch: ${cmd[*]}"
   run_forwarding_signals "${cmd[@]}"
+}
+
+# stop_records RUN_DIR: "COUNT REASON": how many "stop" records RUN_DIR/metrics.jsonl holds, and the reason of
+# the last one (it may hold spaces: read it last).
+stop_records() {
+  python - "$1/metrics.jsonl" <<'PY'
+import json, sys
+count, reason = 0, "none"
+try:
+    lines = open(sys.argv[1], encoding="utf-8").read().splitlines()
+except OSError:
+    lines = []
+for line in lines:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        continue
+    if isinstance(record, dict) and record.get("kind") == "stop":
+        count, reason = count + 1, str(record.get("reason", "")) or "unknown"
+print(count, reason)
+PY
+}
+
+EXIT_REQUEUED=75  # the status of a script that requeued its job (EX_TEMPFAIL: it runs again)
+
+# launch_trainer MODULE ARGS...: launch a trainer that honours the run directory contract, then act on how it
+# stopped. A new "stop" record in RUN_DIR/metrics.jsonl says it wrote a checkpoint and exited on a signal:
+# after SIGUSR1/SIGUSR2 (time limit or preemption notice) the job is requeued (REQUEUE=1) and exits
+# EXIT_REQUEUED, or, without requeue, the script ends with status 0 and says how to resume. Otherwise the
+# trainer's status is returned. (torchrun itself exits non-zero after passing a signal on, even when its
+# workers stopped cleanly, hence the run directory decides, not the status.)
+launch_trainer() {
+  local before after reason status=0
+  read -r before _ < <(stop_records "$RUN_DIR") || true
+  launch "$@" || status=$?
+  read -r after reason < <(stop_records "$RUN_DIR") || true
+  if ((${after:-0} <= ${before:-0})); then
+    return "$status"
+  fi
+  case $reason in
+    "signal SIGUSR1" | "signal SIGUSR2")
+      if [[ $REQUEUE == 1 ]] && in_slurm_job; then
+        if ((${SLURM_RESTART_COUNT:-0} >= MAX_REQUEUES)); then
+          echo "requeue: not requeueing job $SLURM_JOB_ID: it has restarted ${SLURM_RESTART_COUNT:-0} times" \
+            "(MAX_REQUEUES=$MAX_REQUEUES); resubmit with RUN_DIR=$RUN_DIR to resume" >&2
+          return 0
+        fi
+        echo "requeue: the trainer stopped on $reason after a checkpoint; requeueing job $SLURM_JOB_ID" \
+          "(restart $((${SLURM_RESTART_COUNT:-0} + 1)), at most $MAX_REQUEUES); it resumes from $RUN_DIR"
+        # Slurm ends this run of the job (SIGTERM to its processes) as soon as it accepts the requeue: leave
+        # with EXIT_REQUEUED rather than die of it, so a caller (slurm/jobs.py) knows what happened.
+        trap '' TERM
+        scontrol requeue "$SLURM_JOB_ID" ||
+          common_die "scontrol requeue $SLURM_JOB_ID failed (submitted with --no-requeue?); resubmit with RUN_DIR=$RUN_DIR to resume"
+        exit "$EXIT_REQUEUED"
+      fi
+      ;;
+  esac
+  echo "stopped on $reason after a checkpoint; run the same command with RUN_DIR=$RUN_DIR to resume"
+  return 0
+}
+
+# require_token_dir KNOB HINT...: the directory named by KNOB exists and holds token files (*.bin); else
+# exit 2, printing the HINT lines (the commands that prepare it).
+require_token_dir() {
+  local knob=$1 dir=${!1}
+  shift
+  if [[ ! -d $dir ]]; then
+    echo "error: $knob=$dir does not exist (DATA_DIR=$DATA_DIR). Prepare it first:" >&2
+  elif ! compgen -G "$dir/*.bin" >/dev/null; then
+    echo "error: $knob=$dir holds no token files (*.bin); prepare it first:" >&2
+  else
+    return 0
+  fi
+  printf '  %s\n' "$@" >&2
+  exit 2
+}
+
+# refuse_grad_acc_steps TRAINER HOW: GRAD_ACC_STEPS is set but TRAINER derives accumulation itself (HOW), so the
+# knob would be silently ignored: exit 2.
+refuse_grad_acc_steps() {
+  [[ -z $GRAD_ACC_STEPS ]] && return 0
+  echo "error: GRAD_ACC_STEPS=$GRAD_ACC_STEPS: $1 derives gradient accumulation from $2" >&2
+  exit 2
 }
 
 # ---- prologue --------------------------------------------------------------------------------------
@@ -255,14 +381,19 @@ export REPO_DIR
 # shellcheck source=../activate_env.sh
 source "$REPO_DIR/activate_env.sh" || common_die "could not activate the environment (ENV_PATH=${ENV_PATH:-}); run: bash setup_env.sh"
 cd "$REPO_DIR" || common_die "cannot cd to REPO_DIR=$REPO_DIR"
-RUN_NAME=${RUN_NAME:-$(default_run_name "$COMMON_SCRIPT")}
-[[ $RUN_NAME =~ ^[A-Za-z0-9._-]+$ ]] || common_die "RUN_NAME must be a plain name (letters, digits, . _ -), got '$RUN_NAME'"
-RUN_DIR=${RUN_DIR:-$RUNS_DIR/$RUN_NAME}
-mkdir -p "$RUN_DIR" || common_die "cannot create RUN_DIR=$RUN_DIR"
-export RUN_NAME RUN_DIR
-if in_slurm_job && [[ -z ${OMP_NUM_THREADS:-} ]]; then
-  # Without this each process would start one thread per core of the whole node.
-  OMP_NUM_THREADS=$(( ${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}} / NPROC_PER_NODE ))
-  export OMP_NUM_THREADS=$((OMP_NUM_THREADS > 0 ? OMP_NUM_THREADS : 1))
+if [[ ${NEEDS_RUN_DIR:-1} == 1 ]]; then
+  RUN_NAME=${RUN_NAME:-$(default_run_name "$COMMON_SCRIPT")}
+  [[ $RUN_NAME =~ ^[A-Za-z0-9._-]+$ ]] || common_die "RUN_NAME must be a plain name (letters, digits, . _ -), got '$RUN_NAME'"
+  RUN_DIR=${RUN_DIR:-$RUNS_DIR/$RUN_NAME}
+  mkdir -p "$RUN_DIR" || common_die "cannot create RUN_DIR=$RUN_DIR"
+  export RUN_NAME RUN_DIR
+fi
+if in_slurm_job; then
+  if [[ -z ${OMP_NUM_THREADS:-} ]]; then
+    # Without this each process would start one thread per core of the whole node.
+    OMP_NUM_THREADS=$(($(step_cpus) / NPROC_PER_NODE))
+    export OMP_NUM_THREADS=$((OMP_NUM_THREADS > 0 ? OMP_NUM_THREADS : 1))
+  fi
+  export PYTHONUNBUFFERED=${PYTHONUNBUFFERED:-1}  # the job log shows each line when it is printed
 fi
 print_provenance

@@ -93,6 +93,7 @@ def test_gpus_tsv_holds_datasheet_dense_numbers_and_matches_device_names():
         "peak_fp8_flops",
         "memory_gib",
         "micro_batch_124m",
+        "cuda_arch",
     ]
     types = [row["gpu_type"] for row in rows]
     assert len(types) == len(set(types)), types

@@ -5,9 +5,14 @@
 #SBATCH --cpus-per-task=8
 #SBATCH --time=01:00:00
 #SBATCH --output=%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@120
+#SBATCH --requeue
 # The baseline trainer on character-level Shakespeare (or any token directory), through the shared
 # prologue slurm/common.sh. The GPU request comes from the command line, never from this file.
-# The job log goes to the submit directory (--output=%x-%j.out), not to a node-local /tmp.
+# The job log goes to the submit directory (--output=%x-%j.out), not to a node-local /tmp. 120 s before the
+# time limit (or on `scancel --signal=USR1 [--batch] JOBID`) the trainer checkpoints and the job requeues
+# itself; it resumes from the same RUN_DIR, and the log continues (--open-mode=append).
 #
 #   # data (once): python -m nanogpt.data.shakespeare_char   (offline: nanogpt.data.text_corpus --tokenizer char)
 #   # tiny CPU run, no Slurm (any machine):
@@ -36,35 +41,19 @@ DATASET_DIR=${DATASET_DIR:-}          # default needs DATA_DIR, known only after
 # Under sbatch this file runs from a copy in the spool directory, so its own location says nothing
 # about the repo: REPO_DIR if given, else this file's repo when run with bash, else the submit dir.
 if [[ -z ${REPO_DIR:-} ]]; then
-  here=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-  if [[ -f $here/slurm/common.sh ]]; then REPO_DIR=$here; else REPO_DIR=${SLURM_SUBMIT_DIR:-$PWD}; fi
-fi
-if [[ ! -f $REPO_DIR/slurm/common.sh ]]; then
-  echo "error: REPO_DIR=$REPO_DIR has no slurm/common.sh; submit from the repo root or set REPO_DIR" >&2
-  exit 2
+  REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+  [[ -f $REPO_DIR/slurm/common.sh ]] || REPO_DIR=${SLURM_SUBMIT_DIR:-$PWD}
 fi
 # shellcheck source=../common.sh
-source "$REPO_DIR/slurm/common.sh"
+source "$REPO_DIR/slurm/common.sh" ||
+  { echo "error: REPO_DIR=$REPO_DIR has no slurm/common.sh; submit from the repo root or set REPO_DIR" >&2; exit 2; }
 
 DATASET_DIR=${DATASET_DIR:-$DATA_DIR/shakespeare_char}
-if [[ ! -d $DATASET_DIR ]]; then
-  echo "error: DATASET_DIR=$DATASET_DIR does not exist (DATA_DIR=$DATA_DIR). Prepare it first:" >&2
-  echo "  python -m nanogpt.data.shakespeare_char --out $DATASET_DIR     (downloads Tiny Shakespeare), or offline:" >&2
-  echo "  python -m nanogpt.data.text_corpus --source DIR_OF_TEXT_FILES --out $DATASET_DIR --tokenizer char" >&2
-  exit 2
-fi
-if ! compgen -G "$DATASET_DIR/*.bin" >/dev/null; then
-  echo "error: DATASET_DIR=$DATASET_DIR holds no token files (*.bin); prepare it first" >&2
-  exit 2
-fi
-
-if [[ -n $GRAD_ACC_STEPS ]]; then
-  # nanogpt.train derives accumulation from its total batch, so a step count would be silently ignored.
-  echo "error: GRAD_ACC_STEPS=$GRAD_ACC_STEPS: nanogpt.train derives gradient accumulation from" \
-    "--total_batch_size (tokens per optimizer step); set EXTRA_ARGS=--total_batch_size=N instead" >&2
-  exit 2
-fi
+require_token_dir DATASET_DIR \
+  "python -m nanogpt.data.shakespeare_char --out $DATASET_DIR     (downloads Tiny Shakespeare), or offline:" \
+  "python -m nanogpt.data.text_corpus --source DIR_OF_TEXT_FILES --out $DATASET_DIR --tokenizer char"
+refuse_grad_acc_steps nanogpt.train "--total_batch_size (tokens per optimizer step); set EXTRA_ARGS=--total_batch_size=N instead"
 
 train_args=("$RECIPE" --data_dir="$DATASET_DIR" --run_dir="$RUN_DIR" --device="$DEVICE")
 read -ra extra_args <<<"$EXTRA_ARGS"
-launch nanogpt.train "${train_args[@]}" "${extra_args[@]}"
+launch_trainer nanogpt.train "${train_args[@]}" "${extra_args[@]}"

@@ -26,6 +26,8 @@ SLURMDBD_PORT=${SLURMDBD_PORT:-6819}
 MARIADB_PORT=${MARIADB_PORT:-3307}         # not 3306, so a system MariaDB is left alone
 SLURMD_PORT_BASE=${SLURMD_PORT_BASE:-6830} # node k listens on SLURMD_PORT_BASE + k
 START_TIMEOUT_S=${START_TIMEOUT_S:-60}     # how long to wait for every node to turn idle
+REQUEUE_DELAY_S=${REQUEUE_DELAY_S:-5}      # a requeued job may start again after this long (AuthInfo=cred_expire;
+                                           # Slurm's default is 120 s, its minimum 5 s)
 
 EXIT_CANNOT_RUN=77
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -40,6 +42,8 @@ check_knobs() {
   [[ $WITH_DBD == 0 || $WITH_DBD == 1 ]] || die "WITH_DBD must be 0 or 1, got '$WITH_DBD'"
   [[ -n $BASE && $BASE == /* && $BASE != / ]] || die "BASE must be an absolute path other than /, got '$BASE'"
   [[ $PARTITION =~ ^[A-Za-z0-9_-]+$ ]] || die "PARTITION must be a plain name, got '$PARTITION'"
+  [[ $REQUEUE_DELAY_S =~ ^[0-9]+$ ]] && ((REQUEUE_DELAY_S >= 5)) ||
+    die "REQUEUE_DELAY_S must be an integer >= 5 (Slurm's minimum cred_expire), got '$REQUEUE_DELAY_S'"
   local spec type nodes gpus
   [[ -n ${NODE_SPEC// /} ]] || die "NODE_SPEC is empty (expected e.g. 'h100:2:8 a100:1:8')"
   for spec in $NODE_SPEC; do
@@ -129,7 +133,9 @@ JobAcctGatherType=jobacct_gather/linux"
     accounting="AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none"
   fi
-  # batch_sched_delay=0: otherwise every batch job waits ~3 s before it starts.
+  # batch_sched_delay=0: otherwise every batch job waits ~3 s before it starts. sched_interval=1: the main
+  # scheduler runs every second, so a requeued job starts as soon as REQUEUE_DELAY_S has passed, not up to
+  # 60 s later (the default).
   # EnforcePartLimits=ALL: otherwise impossible requests (--nodes=3 on 2 nodes) pend forever instead of
   # being rejected at submission.
   cat >"$BASE/etc/slurm.conf" <<CONF
@@ -138,6 +144,7 @@ SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
 SlurmctldPort=$SLURMCTLD_PORT
 AuthType=auth/munge
+AuthInfo=cred_expire=$REQUEUE_DELAY_S
 CredType=cred/munge
 StateSaveLocation=$BASE/state
 SlurmdSpoolDir=$BASE/spool/%n
@@ -153,7 +160,7 @@ $accounting
 JobCompType=jobcomp/filetxt
 JobCompLoc=$BASE/log/jobcomp.txt
 SchedulerType=sched/backfill
-SchedulerParameters=batch_sched_delay=0,bf_interval=1
+SchedulerParameters=batch_sched_delay=0,bf_interval=1,sched_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SlurmdParameters=config_overrides

@@ -1,0 +1,103 @@
+#!/bin/bash
+#SBATCH --job-name=build_flash_attn
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=8
+#SBATCH --time=04:00:00
+#SBATCH --output=%x-%j.out
+# Build FlashAttention into the environment (ENV_PATH) on a node of the GPU type it is for: FA2 (flash_attn)
+# with `pip install --no-build-isolation` from a local checkout, an sdist or the package index, or FA3
+# (flash_attn_interface, Hopper: h100/h200) from the hopper/ folder of a checkout. The modded trainer's
+# attention selector uses flash_attn_interface where it imports (else FlexAttention). The kernels are built
+# for GPU_TYPE's compute capability (cuda_arch in slurm/gpus.tsv) only, with MAX_JOBS parallel compilers
+# (default: the CPUs of the job); the script ends by importing the module it built.
+#
+#   git clone https://github.com/Dao-AILab/flash-attention /shared/src/flash-attention   # on a login node
+#   sbatch --gres=gpu:h100:1 --cpus-per-task=32 --export=ALL,FLASH_ATTN_SRC=/shared/src/flash-attention slurm/modded/build_flash_attn.sh
+#   sbatch --gres=gpu:a100:1 --export=ALL,FA_VERSION=2 slurm/modded/build_flash_attn.sh     # FA2 from the index
+#   FA_VERSION=2 FLASH_ATTN_SRC=flash_attn-2.8.3.tar.gz bash slurm/modded/build_flash_attn.sh  # a workstation
+#
+# Knobs (more in slurm/common.sh):
+#   FA_VERSION         2 | 3 (default: 3 where GPU_TYPE's cuda_arch is 9.0, else 2)
+#   FLASH_ATTN_SRC     a flash-attention checkout (FA2: its root; FA3: its hopper/ is built) or, for FA2, an
+#                      sdist; empty: FA2 from the package index (FLASH_ATTN_SPEC); FA3 needs a checkout
+#   FLASH_ATTN_SPEC    FA2 from the index when FLASH_ATTN_SRC is empty (default flash-attn)
+#   FLASH_ATTN_MODULE  the module to import at the end (default flash_attn for 2, flash_attn_interface for 3)
+#   MAX_JOBS           parallel compile jobs (default: the CPUs of the job, else of this machine)
+#   CUDA_ARCHS         compute capabilities to build for, e.g. "8.0 9.0" (default: GPU_TYPE's cuda_arch)
+#   BUILD_REQUIRES     checked before the build: Python modules, and cmd:NAME for commands (default
+#                      "torch setuptools wheel packaging psutil ninja cmd:nvcc"); empty = no check
+#   PIP_ARGS           more pip options (word-split), e.g. "--no-deps" offline, "-v"
+set -euo pipefail
+
+FA_VERSION=${FA_VERSION:-}            # default needs GPU_TYPE, known only after common.sh: set below
+FLASH_ATTN_SRC=${FLASH_ATTN_SRC:-}
+FLASH_ATTN_SPEC=${FLASH_ATTN_SPEC:-flash-attn}
+FLASH_ATTN_MODULE=${FLASH_ATTN_MODULE:-}
+MAX_JOBS=${MAX_JOBS:-}
+CUDA_ARCHS=${CUDA_ARCHS:-}
+BUILD_REQUIRES=${BUILD_REQUIRES-torch setuptools wheel packaging psutil ninja cmd:nvcc}
+PIP_ARGS=${PIP_ARGS:-}
+# shellcheck disable=SC2034  # read by common.sh: no run directory; one pip process (it runs MAX_JOBS compilers)
+NEEDS_RUN_DIR=0 NPROC_PER_NODE=1
+
+# Under sbatch this file runs from a copy in the spool directory, so its own location says nothing
+# about the repo: REPO_DIR if given, else this file's repo when run with bash, else the submit dir.
+if [[ -z ${REPO_DIR:-} ]]; then
+  REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+  [[ -f $REPO_DIR/slurm/common.sh ]] || REPO_DIR=${SLURM_SUBMIT_DIR:-$PWD}
+fi
+# shellcheck source=../common.sh
+source "$REPO_DIR/slurm/common.sh" ||
+  { echo "error: REPO_DIR=$REPO_DIR has no slurm/common.sh; submit from the repo root or set REPO_DIR" >&2; exit 2; }
+
+CUDA_ARCHS=${CUDA_ARCHS:-$(gpu_fact "$GPU_TYPE" cuda_arch)}
+if [[ -z $FA_VERSION ]]; then
+  if [[ $CUDA_ARCHS == 9.0 ]]; then FA_VERSION=3; else FA_VERSION=2; fi
+fi
+case $FA_VERSION in
+  2) FLASH_ATTN_MODULE=${FLASH_ATTN_MODULE:-flash_attn}
+     if [[ -z $FLASH_ATTN_SRC ]]; then
+       target=$FLASH_ATTN_SPEC
+     elif [[ -d $FLASH_ATTN_SRC || -f $FLASH_ATTN_SRC ]]; then
+       target=$(realpath "$FLASH_ATTN_SRC")
+     else
+       common_die "FLASH_ATTN_SRC=$FLASH_ATTN_SRC is neither a checkout nor an sdist"
+     fi ;;
+  3) FLASH_ATTN_MODULE=${FLASH_ATTN_MODULE:-flash_attn_interface}
+     [[ -n $FLASH_ATTN_SRC ]] ||
+       common_die "FA_VERSION=3 builds from a checkout: set FLASH_ATTN_SRC to a clone of https://github.com/Dao-AILab/flash-attention"
+     [[ -d $FLASH_ATTN_SRC/hopper ]] || common_die "FLASH_ATTN_SRC=$FLASH_ATTN_SRC has no hopper/ folder (FA3's sources)"
+     target=$(realpath "$FLASH_ATTN_SRC/hopper") ;;
+  *) common_die "FA_VERSION must be 2 or 3, got '$FA_VERSION'" ;;
+esac
+[[ $FLASH_ATTN_MODULE =~ ^[A-Za-z_][A-Za-z0-9_.]*$ ]] || common_die "FLASH_ATTN_MODULE must be a module name, got '$FLASH_ATTN_MODULE'"
+if [[ -z $MAX_JOBS ]]; then
+  if in_slurm_job; then MAX_JOBS=$(step_cpus); else MAX_JOBS=$(nproc); fi
+fi
+require_int MAX_JOBS 1
+
+missing=()
+for requirement in $BUILD_REQUIRES; do
+  if [[ $requirement == cmd:* ]]; then
+    command -v "${requirement#cmd:}" >/dev/null || missing+=("$requirement")
+  elif ! python -c "import $requirement" 2>/dev/null; then
+    missing+=("$requirement")
+  fi
+done
+((${#missing[@]} == 0)) || common_die "the build needs ${missing[*]} (BUILD_REQUIRES) in ENV_PATH=$ENV_PATH;" \
+  "add the Python packages to environment.yml (or pip install them) and load a CUDA toolkit that has nvcc"
+
+# FA2's setup.py reads FLASH_ATTN_CUDA_ARCHS ("80;90"), PyTorch's extension builder TORCH_CUDA_ARCH_LIST ("8.0 9.0").
+FLASH_ATTN_CUDA_ARCHS=$(echo "$CUDA_ARCHS" | tr -d . | tr ' ' ';')
+export MAX_JOBS FLASH_ATTN_CUDA_ARCHS TORCH_CUDA_ARCH_LIST=$CUDA_ARCHS
+echo "build: FlashAttention $FA_VERSION from $target for compute capability $CUDA_ARCHS with MAX_JOBS=$MAX_JOBS"
+read -ra pip_args <<<"$PIP_ARGS"
+launch pip install --no-build-isolation "${pip_args[@]}" "$target"
+
+python -c '
+import importlib, sys
+module = importlib.import_module(sys.argv[1])
+version = getattr(module, "__version__", None)
+print(f"built: import {sys.argv[1]} works (version {version}, {module.__file__})")
+' "$FLASH_ATTN_MODULE" || common_die "the build finished but 'import $FLASH_ATTN_MODULE' fails (see above)"
