@@ -1,0 +1,78 @@
+"""Profile one speedrun step shape on a GPU: compile, time steps, and print the top kernels.
+
+    python -m tests.modded_profile [--stage=2] [--steps=6] [--key=value of Hyperparameters ...]
+
+Synthetic packed batches (random tokens, a BOS every ~800 tokens), the trainer's own model, optimizer and
+step function; prints the median step time, then the profiler's top CUDA kernels for two steps.
+"""
+
+import statistics
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from modded_nanogpt.data.loader import PackedBatch
+from modded_nanogpt.model import GPT, select_attention_backend
+from modded_nanogpt.schedule import Schedule
+from modded_nanogpt.train_gpt import (
+    TOTAL_MICRO_STEPS,
+    Runtime,
+    build_optimizer,
+    model_config,
+    parse_hyperparameters,
+    train_step,
+)
+
+
+class SyntheticLoader:
+    def __init__(self, bos_id, vocab, device):
+        self.tokens_per_rank, self.bos_id, self.vocab, self.device = 0, bos_id, vocab, device
+        self.generator = torch.Generator().manual_seed(0)
+
+    def next_batch(self):
+        n = self.tokens_per_rank
+        stream = torch.randint(0, self.vocab, (n + 1,), generator=self.generator)
+        stream[::800] = self.bos_id
+        starts = torch.arange(0, n, 800, dtype=torch.int32)
+        cu = torch.cat([starts, torch.tensor([n], dtype=torch.int32)])
+        return PackedBatch(stream[:-1].int().to(self.device), stream[1:].to(self.device), cu.to(self.device))
+
+
+def main(argv):
+    stage = int(next((a.split("=")[1] for a in argv if a.startswith("--stage=")), 2))
+    steps = int(next((a.split("=")[1] for a in argv if a.startswith("--steps=")), 6))
+    hp = parse_hyperparameters([a for a in argv if not a.startswith(("--stage=", "--steps="))])
+
+    rt = Runtime(0, 0, 1, torch.device("cuda"))
+    model = GPT(model_config(hp)).cuda()
+    model.attention_backend = select_attention_backend(hp.attention_backend, rt.device)
+    schedule = Schedule(hp.num_iterations, hp.extension_iterations, hp.seq_len, TOTAL_MICRO_STEPS, hp.batch_schedule,
+                        hp.window_schedule, hp.mtp_schedule, hp.lr_schedule, hp.final_long_window, hp.cooldown_frac,
+                        hp.final_lr_frac, hp.mtp, hp.tie_embeddings)
+    plan = schedule.at(schedule.stage_starts[stage] + 2)
+    if plan.step > (schedule.untie_step or 0):
+        model.untie()
+    step_fn = torch.compile(model, fullgraph=True, dynamic=False)
+    optimizer = build_optimizer(model, hp, rt)
+    loader = SyntheticLoader(hp.bos_id, 50257, rt.device)
+    t0 = time.perf_counter()
+    train_step(model, step_fn, optimizer, loader, plan, rt).item()
+    print(f"stage {stage}: {plan.batch_tokens} tokens/step, windows {plan.short_window},{plan.long_window}; "
+          f"compile + first step {time.perf_counter() - t0:.1f}s", flush=True)
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        train_step(model, step_fn, optimizer, loader, plan, rt).item()
+        times.append(1000 * (time.perf_counter() - t))
+    print(f"median step {statistics.median(times):.1f} ms over {steps} steps: {[round(t) for t in times]}", flush=True)
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            train_step(model, step_fn, optimizer, loader, plan, rt).item()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
