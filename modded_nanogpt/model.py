@@ -61,6 +61,7 @@ class ModelConfig:
     softcap: bool = True
     qk_norm: bool = True
     mlp_activation: str = "relu2"
+    mlp_kernel: str = "triton"  # relu2 up-projection: triton (fused kernel) | torch (matmul; Inductor fuses relu^2)
     fp8: bool = True
     attn_scale: float = 0.12
     rope_min_wavelength_ratio: float = 1024.0  # lowest rotating frequency is 1/1024 rad per token
@@ -340,8 +341,10 @@ class GPT(nn.Module):
 
     def mlp(self, x, layer):
         up, down = self.mlp_bank[layer].to(x.dtype).unbind(0)
-        if self.config.mlp_activation == "relu2":
+        if self.config.mlp_activation == "relu2" and self.config.mlp_kernel == "triton":
             h = kernels.relu2_linear(x, up)
+        elif self.config.mlp_activation == "relu2":
+            h = F.relu(x @ up.T).square()
         else:
             h = F.gelu(x @ up.T, approximate="tanh")
         return h @ down
@@ -437,6 +440,8 @@ def validate_config(c: ModelConfig):
         raise ValueError(f"skip_from ({c.skip_from}) must be before skip_to ({c.skip_to}), both in 0..{L - 1}")
     if c.backout and not 0 <= c.backout_layer < L:
         raise ValueError(f"backout_layer {c.backout_layer} is outside 0..{L - 1}")
+    if c.mlp_kernel not in ("triton", "torch"):
+        raise ValueError(f"mlp_kernel must be triton or torch, got {c.mlp_kernel!r}")
     if c.mlp_activation not in ("relu2", "gelu"):
         raise ValueError(f"mlp_activation must be relu2 or gelu, got {c.mlp_activation!r}")
     if not 0 <= c.bos_id < c.vocab_size:

@@ -77,6 +77,7 @@ class Hyperparameters:
     softcap: bool = True  # logits -> 23 * sigmoid((logits + 5) / 7.5)
     qk_norm: bool = True
     mlp_activation: str = "relu2"  # relu2 | gelu
+    mlp_kernel: str = "triton"  # relu2 up-projection: triton (fused kernel) | torch (cuBLAS matmul, relu^2 fused by Inductor)
     optimizer: str = "normuon"  # normuon (banks) + Adam (rest) | adamw (everything)
     attention_backend: str = "auto"  # auto | fa3 | flex | sdpa
     attention_skip_layers: list[int] = field(default_factory=lambda: [6])
@@ -197,7 +198,7 @@ def parse_hyperparameters(argv: list[str]) -> Hyperparameters:
 
 
 def check_choices(hp: Hyperparameters) -> None:
-    choices = {"mlp_activation": ("relu2", "gelu"), "optimizer": ("normuon", "adamw"),
+    choices = {"mlp_activation": ("relu2", "gelu"), "mlp_kernel": ("triton", "torch"), "optimizer": ("normuon", "adamw"),
                "attention_backend": ("auto", "fa3", "flex", "sdpa"), "device": ("auto", "cuda", "cpu")}
     for key, allowed in choices.items():
         if getattr(hp, key) not in allowed:

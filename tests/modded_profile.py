@@ -43,7 +43,7 @@ class SyntheticLoader:
 def main(argv):
     stage = int(next((a.split("=")[1] for a in argv if a.startswith("--stage=")), 2))
     steps = int(next((a.split("=")[1] for a in argv if a.startswith("--steps=")), 6))
-    hp = parse_hyperparameters([a for a in argv if not a.startswith(("--stage=", "--steps="))])
+    hp = parse_hyperparameters([a for a in argv if not a.startswith(("--stage=", "--steps=", "--no_profile"))])
 
     rt = Runtime(0, 0, 1, torch.device("cuda"))
     model = GPT(model_config(hp)).cuda()
@@ -68,6 +68,8 @@ def main(argv):
         train_step(model, step_fn, optimizer, loader, plan, rt).item()
         times.append(1000 * (time.perf_counter() - t))
     print(f"median step {statistics.median(times):.1f} ms over {steps} steps: {[round(t) for t in times]}", flush=True)
+    if "--no_profile" in sys.argv:
+        return
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(2):
             train_step(model, step_fn, optimizer, loader, plan, rt).item()

@@ -320,3 +320,14 @@ def test_no_position_sees_the_future():
     a, b = final_states(model, inputs, targets), final_states(model, changed, targets)
     torch.testing.assert_close(a[:j], b[:j], rtol=0, atol=0)
     assert not torch.allclose(a[j:], b[j:])
+
+
+def test_mlp_kernel_choice_is_the_same_function():
+    torch.manual_seed(0)
+    a = randomized(GPT(tiny_config()))
+    b = GPT(tiny_config(mlp_kernel="torch"))
+    b.load_state_dict(a.state_dict())
+    inputs, targets = packed_tokens()
+    torch.testing.assert_close(loss_of(a, inputs, targets), loss_of(b, inputs, targets), rtol=1e-6, atol=1e-5)
+    with pytest.raises(ValueError, match="mlp_kernel must be triton or torch"):
+        validate_config(tiny_config(mlp_kernel="cuda"))
