@@ -248,3 +248,34 @@ def test_validation_through_the_training_graph_gives_the_same_loss(char_corpus):
     reused = validate(model, model, val_files, hp, rt, plan, reuse_train_graph=True)
     assert abs(plain - reused) < 1e-5 * plain
     assert all(p.grad is None for p in model.parameters())  # validation never leaves gradients behind
+
+
+def test_optimizer_flag_moves_the_banks_to_adamw():
+    from modded_nanogpt.model import GPT
+    from modded_nanogpt.train_gpt import Runtime, build_optimizer, model_config
+
+    hp = parse_hyperparameters(["--recipe=tiny_cpu", "--vocab_size=128", "--bos_id=0"])
+    model = GPT(model_config(hp))
+    rt = Runtime(0, 0, 1, torch.device("cpu"))
+    normuon = build_optimizer(model, hp, rt)
+    assert [b.name for b in normuon.banks] == ["attn_bank", "mlp_bank"]
+    assert all(model.attn_bank is not p for g in normuon.adam_groups for p in g.params)
+    hp.optimizer = "adamw"
+    adamw = build_optimizer(model, hp, rt)
+    assert adamw.banks == []
+    matrices = [g for g in adamw.adam_groups if g.name == "matrices"][0]
+    assert matrices.every_step and {id(p) for p in matrices.params} == {id(model.attn_bank), id(model.mlp_bank)}
+
+
+def test_attention_backend_selection():
+    from modded_nanogpt.model import fa3_available, select_attention_backend
+
+    cpu = torch.device("cpu")
+    assert select_attention_backend("auto", cpu) == "sdpa"
+    with pytest.raises(ValueError, match="flex needs CUDA"):
+        select_attention_backend("flex", cpu)
+    if not fa3_available():
+        with pytest.raises(ValueError, match="flash_attn_interface is not importable"):
+            select_attention_backend("fa3", cpu)
+    with pytest.raises(ValueError, match="must be auto, fa3, flex or sdpa"):
+        select_attention_backend("xformers", cpu)
