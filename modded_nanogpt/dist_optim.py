@@ -21,29 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from modded_nanogpt.optim import polar_express
-
-
-def normuon_update(p, grad, state, lr, momentum, beta2, weight_decay, nesterov=True, ns_steps=5,
-                   eps=1e-8, ortho_dtype=None):
-    """One NorMuon step of p (matrices (..., rows, cols)) in place; see optim.NorMuon for the math."""
-    if not state:
-        state["momentum_buffer"] = torch.zeros_like(p)
-        state["second_moment"] = torch.zeros(*p.shape[:-1], 1, dtype=p.dtype, device=p.device)
-    buf, second_moment = state["momentum_buffer"], state["second_moment"]
-    buf.lerp_(grad, 1 - momentum)
-    update = grad.lerp(buf, momentum) if nesterov else buf
-    ortho = polar_express(update, ns_steps, dtype=ortho_dtype).to(p.dtype)
-    second_moment.lerp_(ortho.square().mean(dim=-1, keepdim=True), 1 - beta2)
-    normed = ortho / (second_moment.sqrt() + eps)
-    ortho_norm = ortho.norm(dim=(-2, -1), keepdim=True)
-    normed_norm = normed.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-30)
-    rows, cols = p.shape[-2], p.shape[-1]
-    normed.mul_(ortho_norm / normed_norm * max(1.0, rows / cols) ** 0.5)
-    if weight_decay != 0:
-        mask = (normed * p) > 0  # cautious: decay only where the update also shrinks |p|
-        p.sub_(lr * weight_decay * p * mask)
-    p.sub_(lr * normed)
+from modded_nanogpt.optim import normuon_update
 
 
 def adam_update(p, grad, state, lr, beta1, beta2, eps, weight_decay):

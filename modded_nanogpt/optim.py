@@ -109,26 +109,32 @@ class NorMuon(torch.optim.Optimizer):
         return loss
 
     def _update(self, p, group):
-        grad = p.grad
-        state = self.state[p]
-        if not state:
-            state["momentum_buffer"] = torch.zeros_like(p)
-            state["second_moment"] = torch.zeros(*p.shape[:-1], 1, dtype=p.dtype, device=p.device)
-        buf, second_moment = state["momentum_buffer"], state["second_moment"]
+        normuon_update(p, p.grad, self.state[p], lr=group["lr"], momentum=group["momentum"], beta2=group["beta2"],
+                       weight_decay=group["weight_decay"], nesterov=group["nesterov"], ns_steps=group["ns_steps"],
+                       eps=group["eps"], ortho_dtype=group["ortho_dtype"])
 
-        buf.lerp_(grad, 1 - group["momentum"])
-        update = grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-        ortho = polar_express(update, group["ns_steps"], dtype=group["ortho_dtype"]).to(p.dtype)
 
-        second_moment.lerp_(ortho.square().mean(dim=-1, keepdim=True), 1 - group["beta2"])
-        normed = ortho / (second_moment.sqrt() + group["eps"])
-        ortho_norm = ortho.norm(dim=(-2, -1), keepdim=True)
-        normed_norm = normed.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-30)
-        rows, cols = p.shape[-2], p.shape[-1]
-        normed.mul_(ortho_norm / normed_norm * max(1.0, rows / cols) ** 0.5)
+def normuon_update(p, grad, state, lr, momentum, beta2, weight_decay, nesterov=True, ns_steps=5,
+                   eps=1e-8, ortho_dtype=None):
+    """One NorMuon step of p (matrices (..., rows, cols)) in place with `grad`, keeping its moments in
+    `state`; see NorMuon for the math. The sharded optimizer (dist_optim.py) calls it on each rank's slice."""
+    if not state:
+        state["momentum_buffer"] = torch.zeros_like(p)
+        state["second_moment"] = torch.zeros(*p.shape[:-1], 1, dtype=p.dtype, device=p.device)
+    buf, second_moment = state["momentum_buffer"], state["second_moment"]
 
-        lr, wd = group["lr"], group["weight_decay"]
-        if wd != 0:
-            mask = (normed * p) > 0
-            p.sub_(lr * wd * p * mask)
-        p.sub_(lr * normed)
+    buf.lerp_(grad, 1 - momentum)
+    update = grad.lerp(buf, momentum) if nesterov else buf
+    ortho = polar_express(update, ns_steps, dtype=ortho_dtype).to(p.dtype)
+
+    second_moment.lerp_(ortho.square().mean(dim=-1, keepdim=True), 1 - beta2)
+    normed = ortho / (second_moment.sqrt() + eps)
+    ortho_norm = ortho.norm(dim=(-2, -1), keepdim=True)
+    normed_norm = normed.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-30)
+    rows, cols = p.shape[-2], p.shape[-1]
+    normed.mul_(ortho_norm / normed_norm * max(1.0, rows / cols) ** 0.5)
+
+    if weight_decay != 0:
+        mask = (normed * p) > 0  # cautious: decay only where the update also shrinks |p|
+        p.sub_(lr * weight_decay * p * mask)
+    p.sub_(lr * normed)

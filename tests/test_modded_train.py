@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from modded_nanogpt.dist_optim import AdamGroup, BankSpec, SpeedrunOptimizer, adam_update, normuon_update
-from modded_nanogpt.optim import NorMuon
+from modded_nanogpt.dist_optim import AdamGroup, BankSpec, SpeedrunOptimizer, adam_update
+from modded_nanogpt.optim import normuon_update
 from modded_nanogpt.train_gpt import ConfigError, main, parse_hyperparameters
 from tests.fixtures import REPO_ROOT, read_metrics, run_module
 
@@ -169,18 +169,20 @@ def test_adam_update_matches_torch_adamw():
     torch.testing.assert_close(p, ref.detach(), rtol=1e-12, atol=1e-12)
 
 
-def test_normuon_update_matches_the_normuon_class():
+def test_normuon_update_of_a_slice_equals_the_update_of_the_whole_bank():
+    """Sharding is exact: NorMuon works matrix by matrix, so updating slices (what each rank does) equals
+    updating the whole bank at once."""
     g = torch.Generator().manual_seed(1)
-    p = torch.randn(3, 16, 8, generator=g, dtype=torch.float64)
-    ref = torch.nn.Parameter(p.clone())
-    opt = NorMuon([ref], lr=0.02, weight_decay=1.2)
-    state = {}
+    whole = torch.randn(4, 16, 8, generator=g, dtype=torch.float64)
+    halves = whole.clone()
+    whole_state, half_states = {}, [{}, {}]
     for _ in range(3):
-        grad = torch.randn(3, 16, 8, generator=g, dtype=torch.float64)
-        ref.grad = grad.clone()
-        opt.step()
-        normuon_update(p, grad, state, lr=0.02, momentum=0.95, beta2=0.95, weight_decay=1.2)
-    torch.testing.assert_close(p, ref.detach(), rtol=1e-12, atol=1e-12)
+        grad = torch.randn(4, 16, 8, generator=g, dtype=torch.float64)
+        normuon_update(whole, grad, whole_state, lr=0.02, momentum=0.95, beta2=0.95, weight_decay=1.2)
+        for r in range(2):
+            normuon_update(halves[2 * r:2 * r + 2], grad[2 * r:2 * r + 2], half_states[r], lr=0.02, momentum=0.95,
+                           beta2=0.95, weight_decay=1.2)
+    torch.testing.assert_close(halves, whole, rtol=1e-12, atol=1e-12)
 
 
 def test_speedrun_optimizer_single_rank_updates_banks_and_accumulates_adam():
