@@ -139,10 +139,6 @@ class SpeedrunOptimizer:
         for work in gathers:
             work.wait()
 
-    def zero_bank_grads(self):
-        for bank in self.banks:
-            bank.param.grad = None
-
     # --- checkpoints: the full state on every rank's behalf, independent of the world size ------------
 
     def state_dict(self) -> dict:

@@ -480,7 +480,7 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
         start_step, state = saved["step"], saved["state"]
     config = dataclasses.asdict(hp)
     log_run.start(config, collect_provenance(argv, rt.world_size, backend), start_step if saved else None)
-    log(f"modded_nanogpt: world_size {rt.world_size} | {rt.world_size and TOTAL_MICRO_STEPS // rt.world_size} micro-steps/rank "
+    log(f"modded_nanogpt: world_size {rt.world_size} | {TOTAL_MICRO_STEPS // rt.world_size} micro-steps/rank "
         f"| attention {backend} | compile {compiled} | params {sum(p.numel() for p in model.parameters()):,} | run {hp.run_dir}")
     if saved is not None:
         log(f"resumed from step {start_step}")

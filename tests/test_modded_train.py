@@ -281,3 +281,18 @@ def test_attention_backend_selection():
             select_attention_backend("fa3", cpu)
     with pytest.raises(ValueError, match="must be auto, fa3, flex or sdpa"):
         select_attention_backend("xformers", cpu)
+
+
+def test_model_defaults_are_the_same_in_both_dataclasses():
+    """Hyperparameters repeats the model's fields so that every setting shows in one place with a comment;
+    the two must not drift apart."""
+    import dataclasses
+
+    from modded_nanogpt.model import ModelConfig
+    from modded_nanogpt.train_gpt import Hyperparameters, model_config
+
+    shared = {f.name for f in dataclasses.fields(ModelConfig)} & {f.name for f in dataclasses.fields(Hyperparameters)}
+    assert {"num_layers", "paired_head_layers", "value_embed_layers", "long_window_layers", "fp8"} <= shared
+    model_defaults = dataclasses.asdict(ModelConfig())
+    assert {k: v for k, v in dataclasses.asdict(model_config(Hyperparameters())).items() if k in shared} == \
+        {k: model_defaults[k] for k in shared}
