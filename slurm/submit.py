@@ -543,7 +543,7 @@ def plan_ablate(args, ctx: Context, errors: list[str]) -> Plan:
 
 
 def plan_compare(args, ctx: Context, errors: list[str]) -> Plan:
-    """Baseline and modded arrays over the same seeds and data, then the report (where slurm/report.py exists)."""
+    """Baseline and modded arrays over the same seeds and data, then the report job."""
     errors += gpu_checks(TRAINERS["modded"], args.gpu_type, args.num_gpus, args.nodes)
     seeds, overrides, data = parse_seeds(args.seeds, count_allowed=True), parse_overrides(args.set), data_plan(args, ctx)
     train_jobs = []
@@ -559,13 +559,10 @@ def plan_compare(args, ctx: Context, errors: list[str]) -> Plan:
         except LaunchError as e:  # reported with the other errors
             return [], errors + [str(e)], gpu_request(args, ctx)
     job_list = with_data(data, train_jobs)
-    if (REPO_ROOT / "slurm" / "report.py").is_file():
-        job_list.append(JobSpec(name="report", role="report", script=None, tasks=[Task("report", ctx.base_knobs())],
-                                cpus_per_task=2, time_min=30, partition=ctx.cpu_partition,
-                                after=[job.name for job in train_jobs], after_kind="afterany",
-                                module=["slurm.report", "--manifest", str(ctx.submission_dir / "manifest.json")]))
-    else:
-        print("report: skipped (slurm/report.py does not exist yet); compare the runs' metrics.jsonl by hand")
+    job_list.append(JobSpec(name="report", role="report", script=None, tasks=[Task("report", ctx.base_knobs())],
+                            cpus_per_task=2, time_min=30, partition=ctx.cpu_partition,
+                            after=[job.name for job in train_jobs], after_kind="afterany",
+                            module=["slurm.report", "--manifest", str(ctx.submission_dir / "manifest.json")]))
     return job_list, errors, gpu_request(args, ctx)
 
 
@@ -770,7 +767,9 @@ def print_submitted(manifest: dict, manifest_path: Path) -> None:
 
 def cmd_status(args) -> int:
     manifest_path = find_manifest(resolve_runs_dir(args), args.submission)
-    deadline = time.monotonic() + args.timeout
+    start = time.monotonic()
+    deadline = start + args.timeout
+    shown = None
     while True:
         manifest = json.loads(manifest_path.read_text())
         tasks = [(entry, task) for entry in manifest["jobs"] for task in entry["tasks"]]
@@ -782,6 +781,10 @@ def cmd_status(args) -> int:
         finished = all(state in TERMINAL_STATES for state in current.values())
         if not args.wait or finished or time.monotonic() > deadline:
             break
+        waiting = waiting_line(tasks, current)
+        if waiting != shown:  # say what it waits for whenever that changes (a job starts, a run logs a step)
+            print(f"[{time.monotonic() - start:5.0f}s] waiting for {waiting}", flush=True)
+            shown = waiting
         time.sleep(args.poll)
     print(f"submission {manifest['submission']} ({manifest['cluster']}): {manifest_path}")
     failed = 0
@@ -800,6 +803,19 @@ def cmd_status(args) -> int:
         print(f"error: {failed} task(s) did not complete; see the logs named above", file=sys.stderr)
         return 1
     return 0
+
+
+def waiting_line(tasks: list[tuple[dict, dict]], states: dict[str, str]) -> str:
+    """What --wait is waiting for: each unfinished task with its state and, when running, its progress."""
+    parts = []
+    for _, task in tasks:
+        state = states[task["job_id"]]
+        if state in TERMINAL_STATES:
+            continue
+        detail = progress(task) if state == "RUNNING" else ""
+        parts.append(f"{task['label']} {state}" + (f" ({detail})" if detail else ""))
+    done = len(tasks) - len(parts)
+    return "; ".join(parts) + (f"  [{done}/{len(tasks)} done]" if done else "")
 
 
 def cmd_logs(args) -> int:

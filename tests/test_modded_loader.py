@@ -12,6 +12,7 @@ from modded_nanogpt.data.loader import (
     SHARD_MAGIC,
     SHARD_VERSION,
     DistributedBOSLoader,
+    SequentialLoader,
     ShardError,
     find_shards,
     read_shard,
@@ -237,3 +238,35 @@ def test_no_documents_anywhere_is_an_error(tmp_path):
     path = write_raw_shard(tmp_path / "train_000001.bin", [5, 6, 7])
     with pytest.raises(ShardError, match="no document starting with BOS id 0"):
         DistributedBOSLoader([path], 8, MAX_SEQ_LEN, bos_id=0)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_sequential_loader_reads_the_stream_contiguously(tmp_path, world_size):
+    """Validation reads the first tokens of the split as they are (the speedrun's val loader): every rank's
+    forwards, interleaved, are the stream itself; documents are neither clipped nor realigned."""
+    rng = np.random.default_rng(7)
+    files, bos_id, docs = make_corpus(tmp_path, rng, [5, 7])
+    stream = np.concatenate(docs)
+    n, num_tokens = 24, 24 * world_size * 3
+    loaders = [SequentialLoader(files, n, num_tokens, bos_id, rank, world_size) for rank in range(world_size)]
+    seen = []
+    for _ in range(3):
+        for loader in loaders:
+            batch = loader.next_batch()
+            start = len(seen)
+            seen.extend(batch.inputs.tolist())
+            assert batch.targets.tolist() == stream[start + 1 : start + n + 1].tolist()
+            starts = [0] + [i for i in range(1, n) if stream[start + i] == bos_id] + [n]
+            assert batch.cu_seqlens.tolist() == starts
+    assert seen == stream[:num_tokens].tolist()
+    with pytest.raises(StopIteration):
+        loaders[0].next_batch()
+
+
+def test_sequential_loader_names_the_shards_when_too_short(tmp_path):
+    rng = np.random.default_rng(8)
+    files, bos_id, docs = make_corpus(tmp_path, rng, [2])
+    total = sum(d.size for d in docs)
+    with pytest.raises(ShardError, match="fineweb_train_000001.bin.*fewer than"):
+        SequentialLoader(files, 8, total, bos_id)  # needs total + 1
+    SequentialLoader(files, 1, total - 1, bos_id).next_batch()

@@ -157,8 +157,6 @@ def curve(run_dir: Path) -> list[tuple]:
 
 TINY = "--max_iters=20 --eval_interval=10 --eval_iters=2"
 TINY_MODDED = "--num_iterations=6 --extension_iterations=0 --val_every=3 --val_tokens=2048"
-HAS_MODDED = (REPO_ROOT / "modded_nanogpt" / "train_gpt.py").exists()
-requires_modded = pytest.mark.skipif(not HAS_MODDED, reason="modded_nanogpt/train_gpt.py does not exist yet")
 
 
 # ---- on this machine, without Slurm ------------------------------------------------------------------------
@@ -217,7 +215,6 @@ def test_train_speedrun_refuses_what_the_trainer_cannot_run(tmp_path, char_corpu
     assert "launch:" not in proc.stdout
 
 
-@requires_modded
 def test_train_speedrun_runs_the_tiny_cpu_recipe_with_two_processes(tmp_path, char_corpus):
     proc = run_script("slurm/modded/train_speedrun.sh", RECIPE="tiny_cpu", DATASET_DIR=char_corpus, DEVICE="cpu",
                       NPROC_PER_NODE=2, RUNS_DIR=tmp_path / "runs", RUN_NAME="modded", EXTRA_ARGS=TINY_MODDED)
@@ -366,11 +363,9 @@ def test_sbatch_train_gpt2_and_train_speedrun(slurm_cluster, tmp_path, char_corp
                           RUNS_DIR=tmp_path / "runs", EXTRA_ARGS=TINY)
     refused = sbatch_script(slurm_cluster, tmp_path, "slurm/modded/train_speedrun.sh", "--gres=gpu:h100:3",
                             RECIPE="tiny_cpu", DATASET_DIR=char_corpus, RUNS_DIR=tmp_path / "runs")
-    speedrun = None
-    if HAS_MODDED:
-        speedrun = sbatch_script(slurm_cluster, tmp_path, "slurm/modded/train_speedrun.sh", "--gres=gpu:a100:1",
-                                 "--cpus-per-task=2", RECIPE="tiny_cpu", DATASET_DIR=char_corpus, DEVICE="cpu",
-                                 RUNS_DIR=tmp_path / "runs", EXTRA_ARGS=TINY_MODDED)
+    speedrun = sbatch_script(slurm_cluster, tmp_path, "slurm/modded/train_speedrun.sh", "--gres=gpu:a100:1",
+                             "--cpus-per-task=2", RECIPE="tiny_cpu", DATASET_DIR=char_corpus, DEVICE="cpu",
+                             RUNS_DIR=tmp_path / "runs", EXTRA_ARGS=TINY_MODDED)
     assert slurm_cluster.wait(refused, timeout=300) == "FAILED"
     assert "the speedrun trainer runs on 1, 2, 4 or 8 GPUs (processes), got 3 GPUs" in job_log(tmp_path, refused)
     state = slurm_cluster.wait(train, timeout=300)
@@ -380,8 +375,6 @@ def test_sbatch_train_gpt2_and_train_speedrun(slurm_cluster, tmp_path, char_corp
            "--nproc-per-node=2" in log
     end = read_metrics(tmp_path / "runs" / f"train_gpt2-{train}")[-1]
     assert end["kind"] == "end" and end["world_size"] == 2 and end["step"] == 20
-    if speedrun is None:
-        pytest.skip("modded_nanogpt/train_gpt.py does not exist yet: the speedrun job was not submitted")
     state = slurm_cluster.wait(speedrun, timeout=300)
     assert state == "COMPLETED", job_log(tmp_path, speedrun)
     assert read_metrics(tmp_path / "runs" / f"train_speedrun-{speedrun}")[-1]["kind"] == "end"

@@ -116,14 +116,11 @@ def test_dry_run_of_a_comparison_trains_both_on_the_same_data(roots, char_corpus
     out = dry_run(roots, "compare", "--seeds", "1,3", "--gpu-type", "a100", "--num-gpus", "4", "--data-dir",
                   char_corpus, "--recipe", "tiny_cpu", "--baseline-set", "max_iters=30")
     tasks = planned_tasks(out)
-    assert sorted(tasks) == ["baseline-seed1", "baseline-seed3", "modded-seed1", "modded-seed3"] + (
-        ["report"] if (REPO_ROOT / "slurm" / "report.py").exists() else [])
+    assert sorted(tasks) == ["baseline-seed1", "baseline-seed3", "modded-seed1", "modded-seed3", "report"]
     assert {tasks[t]["DATASET_DIR"] for t in tasks if t != "report"} == {str(char_corpus)}
     assert tasks["baseline-seed1"]["EXTRA_ARGS"] == "--max_iters=30 --seed=1"
     assert tasks["modded-seed3"]["EXTRA_ARGS"] == "--seed=3"
     assert tasks["baseline-seed1"]["RUN_DIR"].rsplit("/", 1)[0] == tasks["modded-seed1"]["RUN_DIR"].rsplit("/", 1)[0]
-    if not (REPO_ROOT / "slurm" / "report.py").exists():
-        assert "report: skipped (slurm/report.py does not exist yet)" in out
 
 
 @pytest.mark.parametrize(

@@ -293,3 +293,53 @@ class DistributedBOSLoader:
     def close(self) -> None:
         """Stop the prefetch thread (waits for a load in flight)."""
         self._executor.shutdown(wait=True)
+
+
+class SequentialLoader:
+    """The first tokens of a split as one contiguous stream, as the speedrun validates: no BOS alignment,
+    no clipping. Global forward i gives rank r the stream slice starting at (i * world_size + r) * n
+    (n = tokens_per_rank), inputs = n tokens, targets = the same shifted by one. `cu_seqlens` marks
+    where documents start inside the slice (its first segment may be the tail of an earlier document).
+    `num_tokens` caps how far it reads (the stream must hold num_tokens + 1 tokens); only what is needed
+    is read from the shards."""
+
+    def __init__(self, files, tokens_per_rank: int, num_tokens: int, bos_id: int, rank: int = 0,
+                 world_size: int = 1, device="cpu"):
+        self.files = [Path(f) for f in files]
+        if not self.files:
+            raise ShardError("SequentialLoader: no shard files given")
+        if tokens_per_rank < 1 or num_tokens < tokens_per_rank * world_size:
+            raise ValueError(f"num_tokens ({num_tokens}) must hold at least one forward of tokens_per_rank "
+                             f"({tokens_per_rank}) x world_size ({world_size})")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        counts = [check_shard_header(f) for f in self.files]
+        if sum(counts) < num_tokens + 1:
+            raise ShardError(f"{', '.join(str(f) for f in self.files)}: {sum(counts):,} tokens in all, fewer than "
+                             f"the {num_tokens + 1:,} asked for (val_tokens + 1)")
+        pieces, need = [], num_tokens + 1
+        for path, count in zip(self.files, counts, strict=True):
+            take = min(count, need - sum(p.size for p in pieces))
+            if take <= 0:
+                break
+            pieces.append(np.fromfile(path, dtype="<u2", count=take, offset=HEADER_BYTES).astype(np.uint16, copy=False))
+        self.stream = torch.from_numpy(np.concatenate(pieces).astype(np.int32))
+        self.tokens_per_rank, self.num_tokens, self.bos_id = tokens_per_rank, num_tokens, bos_id
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self.forwards = num_tokens // (tokens_per_rank * world_size)
+        self._next = 0
+
+    def next_batch(self) -> PackedBatch:
+        if self._next >= self.forwards:
+            raise StopIteration(f"SequentialLoader: all {self.forwards} forwards of the first {self.num_tokens} tokens taken")
+        n = self.tokens_per_rank
+        start = (self._next * self.world_size + self.rank) * n
+        self._next += 1
+        piece = self.stream[start : start + n + 1]
+        starts = torch.nonzero(piece[1:n] == self.bos_id).flatten().to(torch.int32) + 1
+        cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.int32), starts, torch.full((1,), n, dtype=torch.int32)])
+        piece = piece.to(self.device, non_blocking=True)
+        return PackedBatch(piece[:-1], piece[1:].to(torch.int64), cu_seqlens.to(self.device, non_blocking=True))
+
+    def close(self) -> None:
+        pass
