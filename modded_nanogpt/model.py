@@ -146,8 +146,9 @@ def _kv_lists(blocks: torch.Tensor):
     return counts[None, None].contiguous(), order[None, None].contiguous()
 
 
-def flex_block_mask(doc: torch.Tensor, window_tokens: int, shift: int):
-    """A FlexAttention BlockMask built directly from block classes (no dense mask is materialized)."""
+def flex_block_mask(doc: torch.Tensor, window_tokens, shift: int):
+    """A FlexAttention BlockMask built directly from block classes (no dense mask is materialized).
+    window_tokens: an int or a 0-d tensor (a tensor lets a compiled graph serve every window)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     partial, full = block_classes(doc, window_tokens, shift)
@@ -158,6 +159,16 @@ def flex_block_mask(doc: torch.Tensor, window_tokens: int, shift: int):
         return allowed(q_idx, kv_idx, doc, window_tokens, shift)
 
     return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=BLOCK, mask_mod=mask_mod)
+
+
+def attention_mask(doc: torch.Tensor, window_tokens, shift: int, backend: str):
+    """What `attend` takes as its mask: a BlockMask (flex), the dense boolean mask (sdpa), None (fa3,
+    whose windows and documents are arguments of the kernel)."""
+    if backend == "flex":
+        return flex_block_mask(doc, window_tokens, shift)
+    if backend == "sdpa":
+        return dense_mask(doc, window_tokens, shift)
+    return None
 
 
 def fa3_available() -> bool:
@@ -183,8 +194,9 @@ def select_attention_backend(requested: str, device: torch.device) -> str:
     return requested
 
 
-def attend(q, k, v, doc, cu_seqlens, window_tokens: int, shift: int, scale: float, backend: str):
-    """q, k, v: (P, H, D) for P positions. Returns (P, H, D)."""
+def attend(q, k, v, mask, cu_seqlens, window_tokens: int, shift: int, scale: float, backend: str, temperature=None):
+    """q, k, v: (P, H, D) for P positions; mask from attention_mask (window_tokens and shift are read by FA3
+    only). Scores are q.k * scale, times temperature (a 0-d tensor, flex only) where given. Returns (P, H, D)."""
     if backend == "fa3":
         from flash_attn_interface import flash_attn_varlen_func
 
@@ -200,9 +212,13 @@ def attend(q, k, v, doc, cu_seqlens, window_tokens: int, shift: int, scale: floa
 
         if q.size(0) % BLOCK:
             raise ValueError(f"flex attention needs a sequence that is a multiple of {BLOCK} positions, got {q.size(0)}")
-        out = flex_attention(qt, kt, vt, block_mask=flex_block_mask(doc, window_tokens, shift), scale=scale)
+        score_mod = None
+        if temperature is not None:
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return score * temperature
+
+        out = flex_attention(qt, kt, vt, score_mod=score_mod, block_mask=mask, scale=scale)
     else:
-        mask = dense_mask(doc, window_tokens, shift)
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
     return out[0].transpose(0, 1)
 
@@ -327,15 +343,21 @@ class GPT(nn.Module):
             gate = 2 * torch.sigmoid(x[:, :GATE_INPUTS] @ self.ve_gate[self.ve_slot[layer]].to(x.dtype).T)
             v = v + gate[..., None] * ve.view(T, H, D)
         window = ctx["long_window"] if long else ctx["short_window"]
-        scale = c.attn_scale * self.temperature
-        if layer in c.paired_head_layers:
+        paired = layer in c.paired_head_layers
+        mask = ctx["masks"].get((long, paired))
+        if self.attention_backend == "flex":
+            # The YaRN temperature as a tensor (a score_mod): a compiled graph outlives its changes.
+            scale, temperature = c.attn_scale, self.attn_temperature
+        else:
+            scale, temperature = c.attn_scale * self.temperature, None
+        if paired:
             # Paired heads: heads i and i + H/2 of a token become two consecutive positions of one head of
             # a sequence twice as long, so each head also sees its partner head's keys at earlier tokens.
             q, k, v = (t.reshape(2 * T, H // 2, D) for t in (q, k, v))
-            y = attend(q, k, v, ctx["doc2"], ctx["cu_seqlens"], window, 1, scale, self.attention_backend)
+            y = attend(q, k, v, mask, ctx["cu_seqlens"], window, 1, scale, self.attention_backend, temperature)
             y = y.reshape(T, H, D)
         else:
-            y = attend(q, k, v, ctx["doc"], ctx["cu_seqlens"], window, 0, scale, self.attention_backend)
+            y = attend(q, k, v, mask, ctx["cu_seqlens"], window, 0, scale, self.attention_backend, temperature)
         y = y * torch.sigmoid(x[:, :GATE_INPUTS] @ self.attn_gate[self.attn_slot[layer]].to(x.dtype).T)[..., None]
         return y.reshape(T, hd) @ w[3 * hd:]
 
@@ -349,18 +371,33 @@ class GPT(nn.Module):
             h = F.gelu(x @ up.T, approximate="tanh")
         return h @ down
 
-    def forward(self, inputs, targets, short_window: int, long_window: int, mtp_weights=(1.0,),
+    def attention_masks(self, doc, short_tokens, long_tokens) -> dict:
+        """{(long window?, paired heads?): mask} for the kinds of attention layer the model has, built
+        once per forward (not once per layer: four kinds serve the ten layers of the default model)."""
+        c = self.config
+        masks = {}
+        for layer in self.attn_layers:
+            long, paired = layer in c.long_window_layers, layer in c.paired_head_layers
+            if (long, paired) not in masks:
+                positions_doc = doc.repeat_interleave(2) if paired else doc
+                masks[long, paired] = attention_mask(positions_doc, long_tokens if long else short_tokens,
+                                                     int(paired), self.attention_backend)
+        return masks
+
+    def forward(self, inputs, targets, short_window, long_window, mtp_weights=(1.0,),
                 loss_divisor: float = 1.0, cu_seqlens=None):
         """Loss of one packed sequence: sum over positions t and k of mtp_weights[k] * CE(logits_t,
-        targets[t + k]), divided by loss_divisor. Windows in blocks of 128 tokens."""
+        targets[t + k]), divided by loss_divisor. Windows in blocks of 128 tokens: ints, or 0-d integer
+        tensors (flex, sdpa), which a compiled graph takes as inputs instead of specializing on them."""
         c = self.config
         dtype = torch.bfloat16 if inputs.is_cuda else torch.float32
         is_doc_start = inputs == c.bos_id
         doc = torch.cumsum(is_doc_start.to(torch.int32), 0)
         freqs = self.rotary_freqs
         angles = torch.arange(inputs.numel(), device=inputs.device, dtype=torch.float32)[:, None] * freqs[None, :]
-        ctx = {"doc": doc, "doc2": doc.repeat_interleave(2), "cu_seqlens": cu_seqlens,
-               "short_window": short_window * BLOCK, "long_window": long_window * BLOCK,
+        short_tokens, long_tokens = short_window * BLOCK, long_window * BLOCK
+        ctx = {"cu_seqlens": cu_seqlens, "short_window": short_tokens, "long_window": long_tokens,
+               "masks": self.attention_masks(doc, short_tokens, long_tokens),
                "cos": angles.cos(), "sin": angles.sin(),
                "not_doc_start": (~is_doc_start).to(dtype)}
 
@@ -401,6 +438,11 @@ class GPT(nn.Module):
 
     def loss(self, x, targets, mtp_weights, loss_divisor):
         c = self.config
+        if c.fp8 and c.softcap and x.is_cuda:
+            # One op: its backward writes the logits' gradient straight in fp8 (kernels.py says why).
+            return kernels.fp8_softcapped_cross_entropy(
+                x, self.lm_head_t, targets, mtp_weights, c.fp8_x_scale, c.fp8_w_scale,
+                c.fp8_grad_scale / loss_divisor) / loss_divisor
         if c.fp8 and x.is_cuda:
             logits = kernels.fp8_linear(x, self.lm_head_t, c.fp8_x_scale, c.fp8_w_scale, c.fp8_grad_scale / loss_divisor)
         else:

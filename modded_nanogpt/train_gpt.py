@@ -36,7 +36,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from modded_nanogpt.data.loader import DistributedBOSLoader, ShardError, find_shards
+from modded_nanogpt.data.loader import (
+    DistributedBOSLoader,
+    SequentialLoader,
+    ShardError,
+    check_shard_header,
+    find_shards,
+)
 from modded_nanogpt.dist_optim import AdamGroup, BankSpec, SpeedrunOptimizer
 from modded_nanogpt.model import GPT, ModelConfig, select_attention_backend
 from modded_nanogpt.runlog import RunLog, collect_provenance
@@ -113,7 +119,7 @@ class Hyperparameters:
     seed: int = 0
     device: str = "auto"  # auto | cuda | cpu
     compile: bool = True  # torch.compile(fullgraph=True) on CUDA (ignored on CPU)
-    warmup: bool = True  # untimed compile warmup of every shape, then state restored
+    warmup: bool = True  # untimed warmup of every step shape on CUDA (torch.compile, Triton autotuning), then state restored
     save_checkpoints: str = ""  # "" | "every:N" | "100,500,1000": checkpoints kept for studies
     max_train_minutes: float = 0.0  # > 0: checkpoint and stop after this much wall time (job limits)
     log_every: int = 1
@@ -248,6 +254,10 @@ def resolve_data(hp: Hyperparameters) -> tuple[list[Path], list[Path]]:
             hp.vocab_size = -(-int(meta["vocab_size"]) // 128) * 128
         if hp.bos_id == -1:
             hp.bos_id = int(meta["eot_id"] if "eot_id" in meta else meta["end_of_text_id"])
+    available = sum(check_shard_header(f) for f in val)
+    if available < hp.val_tokens + 1:
+        raise ConfigError(f"val_tokens={hp.val_tokens}: the val shards of {data_dir} hold {available:,} tokens "
+                          f"(validation reads val_tokens + 1); lower val_tokens")
     return train, val
 
 
@@ -345,6 +355,15 @@ def build_optimizer(model: GPT, hp: Hyperparameters, rt: Runtime) -> SpeedrunOpt
 # ---- one step, one validation ----------------------------------------------------------------------------
 
 
+def window_inputs(model, short_window: int, long_window: int, device):
+    """The attention windows as the forward takes them: 0-d tensors, which the compiled graph reads as inputs,
+    so the stages that differ only in windows (the last stage, the extension, the final validation) share
+    one graph; FlashAttention 3 takes its window as a Python int (then each window compiles its own)."""
+    if model.attention_backend == "fa3":
+        return short_window, long_window
+    return tuple(torch.tensor(w, dtype=torch.int64, device=device) for w in (short_window, long_window))
+
+
 def train_step(model, step_fn, optimizer, loader, plan, rt: Runtime):
     """Forward/backward over this rank's micro-steps, then the optimizer; returns the step's loss (a tensor)."""
     accumulation = TOTAL_MICRO_STEPS // rt.world_size
@@ -353,11 +372,11 @@ def train_step(model, step_fn, optimizer, loader, plan, rt: Runtime):
     model.set_long_window(plan.long_window)
     # A tensor, so the weights can move every step without a recompile (their count changes per stage).
     mtp = torch.tensor(plan.mtp_weights, dtype=torch.float32, device=rt.device)
+    short, long = window_inputs(model, plan.short_window, plan.long_window, rt.device)
     loss_total = torch.zeros((), device=rt.device)
     for _ in range(accumulation):
         batch = loader.next_batch()
-        loss = step_fn(batch.inputs, batch.targets, plan.short_window, plan.long_window, mtp,
-                       float(plan.batch_tokens), batch.cu_seqlens)
+        loss = step_fn(batch.inputs, batch.targets, short, long, mtp, float(plan.batch_tokens), batch.cu_seqlens)
         loss.backward()
         loss_total += loss.detach()
     optimizer.step(plan.lr_multiplier, plan.adam_step)
@@ -378,8 +397,10 @@ def validate(model, eval_fn, val_files, hp: Hyperparameters, rt: Runtime, plan, 
     forward, number of MTP terms, loss divisor, grad mode) with the extra MTP weights zeroed, so the compiled
     training graph serves validation and the warmup compiles no separate evaluation graphs. Used when
     val_tokens splits into forwards of the step's micro-batch size; else forwards of val_batch_tokens.
-    The forward size decides where the packed val documents are cut (a cut document's rest is dropped),
-    so it is part of the measurement: compare val losses of runs that validate with the same sizes.
+    The val tokens are read as one contiguous stream, as the speedrun validates (no BOS alignment, no clipping
+    to seq_len): every run scores the same first val_tokens, whatever its forward size, and so does the
+    baseline trainer (nanogpt.train), which makes their val losses comparable. The forward size still sets
+    where attention context restarts (a forward's first tokens see no earlier ones).
     """
     micro_tokens = plan.batch_tokens // TOTAL_MICRO_STEPS
     reuse = reuse_train_graph and hp.val_tokens % (micro_tokens * rt.world_size) == 0
@@ -390,14 +411,15 @@ def validate(model, eval_fn, val_files, hp: Hyperparameters, rt: Runtime, plan, 
     weights = torch.zeros(len(plan.mtp_weights) if reuse else 1, device=rt.device)
     weights[0] = 1.0
     divisor = float(plan.batch_tokens) if reuse else 1.0
-    long = plan.long_window if long_window is None else long_window
-    loader = DistributedBOSLoader(val_files, per_forward, hp.seq_len, hp.bos_id, rt.rank, rt.world_size, rt.device)
+    short, long = window_inputs(model, plan.short_window, plan.long_window if long_window is None else long_window,
+                                rt.device)
+    loader = SequentialLoader(val_files, per_forward, hp.val_tokens, hp.bos_id, rt.rank, rt.world_size, rt.device)
     total = torch.zeros((), device=rt.device, dtype=torch.float64)
     try:
         with torch.set_grad_enabled(reuse):
             for _ in range(steps):
                 batch = loader.next_batch()
-                loss = eval_fn(batch.inputs, batch.targets, plan.short_window, long, weights, divisor, batch.cu_seqlens)
+                loss = eval_fn(batch.inputs, batch.targets, short, long, weights, divisor, batch.cu_seqlens)
                 total += loss.detach().double() * divisor
     finally:
         loader.close()
@@ -484,6 +506,11 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
         f"| attention {backend} | compile {compiled} | params {sum(p.numel() for p in model.parameters()):,} | run {hp.run_dir}")
     if saved is not None:
         log(f"resumed from step {start_step}")
+    clipped = loader.clipped_fraction()
+    if clipped > 0.1:
+        log(f"warning: documents are clipped to seq_len={hp.seq_len} tokens: {100 * clipped:.0f}% of the first train "
+            f"shard is never trained on (cut long documents into pieces, e.g. python -m nanogpt.data.text_corpus "
+            f"--doc_chars N, or raise seq_len)")
 
     def save(step: int):
         ckpt = {"step": step, "state": state, "config": config, **snapshot(model, optimizer, loader)}
@@ -492,7 +519,8 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
 
     # --- warmup: compile every shape the schedule meets, untimed, then put everything back ---
     warmup_s = 0.0
-    if compiled and hp.warmup and start_step < total_steps:
+    # On CUDA also without torch.compile: the Triton kernels compile and autotune per shape on first use.
+    if (compiled or rt.device.type == "cuda") and hp.warmup and start_step < total_steps:
         t0 = time.perf_counter()
         saved_state = snapshot(model, optimizer, loader)
         plans = schedule.distinct_shapes()

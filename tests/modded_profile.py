@@ -1,9 +1,12 @@
 """Profile one speedrun step shape on a GPU: compile, time steps, and print the top kernels.
 
-    python -m tests.modded_profile [--stage=2] [--steps=6] [--key=value of Hyperparameters ...]
+    python -m tests.modded_profile [--stage=2] [--steps=6] [--no_profile] [--key=value of Hyperparameters ...]
+    python -m tests.modded_profile --bench_head [--rows=49152]
 
 Synthetic packed batches (random tokens, a BOS every ~800 tokens), the trainer's own model, optimizer and
 step function; prints the median step time, then the profiler's top CUDA kernels for two steps.
+--bench_head times the backward of the FP8 head + softcapped loss at one micro-step's size: the CE backward
+then the quantizer (two kernels) against the fused CE-gradient + e5m2 kernel (both transposes).
 """
 
 import statistics
@@ -40,7 +43,42 @@ class SyntheticLoader:
         return PackedBatch(stream[:-1].int().to(self.device), stream[1:].to(self.device), cu.to(self.device))
 
 
+def bench_head(rows: int):
+    from triton.testing import do_bench
+
+    from modded_nanogpt import kernels
+
+    vocab, g = 50304, torch.Generator(device="cuda").manual_seed(0)
+    logits = (3 * torch.randn(rows, vocab, generator=g, device="cuda")).bfloat16()
+    targets = torch.randint(0, vocab, (rows,), generator=g, device="cuda")
+    weights = torch.tensor([1.0], device="cuda")
+    _, lse = kernels._softcapped_ce_forward(logits, targets, weights, [], 23.0, 5.0, 7.5)
+    grad_rows = torch.full((1,), 1.0 / rows, device="cuda").expand(rows)
+    scale = 2.0**-10 / rows
+
+    def apart():
+        grad = kernels._softcapped_ce_backward_op(grad_rows, logits, targets, weights, [], lse, 23.0, 5.0, 7.5)
+        return kernels._quantize_both_layouts(grad, scale, torch.float8_e5m2)
+
+    def fused():
+        return kernels._softcapped_ce_grad_fp8(grad_rows, logits, targets, weights, [], lse, 23.0, 5.0, 7.5, scale)
+
+    variants = {"CE backward + quantize": apart, "fused CE-gradient + e5m2": fused}
+    want = apart()
+    torch.cuda.synchronize()
+    gbytes = rows * vocab * (2 + 1 + 1) / 1e9
+    for name, fn in variants.items():
+        got = fn()
+        same = [(a.view(torch.uint8) != b.view(torch.uint8)).sum().item() for a, b in zip(got, want, strict=True)]
+        ms = do_bench(fn, warmup=50, rep=300, return_mode="median")
+        print(f"head backward | {name:32s} | {ms:7.3f} ms | {gbytes / ms:6.2f} TB/s at 4 B/elt | codes differing {same}",
+              flush=True)
+
+
 def main(argv):
+    if "--bench_head" in argv:
+        bench_head(int(next((a.split("=")[1] for a in argv if a.startswith("--rows=")), 49152)))
+        return
     stage = int(next((a.split("=")[1] for a in argv if a.startswith("--stage=")), 2))
     steps = int(next((a.split("=")[1] for a in argv if a.startswith("--steps=")), 6))
     hp = parse_hyperparameters([a for a in argv if not a.startswith(("--stage=", "--steps=", "--no_profile"))])

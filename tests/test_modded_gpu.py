@@ -5,7 +5,7 @@ FlexAttention with the block masks built here against SDPA with the explicit mas
 import pytest
 import torch
 
-from modded_nanogpt.model import GPT, ModelConfig, attend
+from modded_nanogpt.model import GPT, ModelConfig, attend, attention_mask
 
 pytestmark = pytest.mark.gpu
 
@@ -31,8 +31,9 @@ def test_flex_block_mask_matches_sdpa_with_explicit_mask(shift, window_blocks):
     q, k, v = (torch.randn(T, H >> shift, D, generator=g).to("cuda", torch.bfloat16) for _ in range(3))
     doc_positions = doc.repeat_interleave(1 << shift)
     window = window_blocks * 128
-    flex = attend(q, k, v, doc_positions, None, window, shift, 0.12, "flex")
-    sdpa = attend(q.float(), k.float(), v.float(), doc_positions, None, window, shift, 0.12, "sdpa")
+    flex_mask, dense = (attention_mask(doc_positions, window, shift, b) for b in ("flex", "sdpa"))
+    flex = attend(q, k, v, flex_mask, None, window, shift, 0.12, "flex")
+    sdpa = attend(q.float(), k.float(), v.float(), dense, None, window, shift, 0.12, "sdpa")
     assert torch.isfinite(flex).all()
     assert rel_err(flex, sdpa) < 1e-2
 

@@ -21,6 +21,7 @@ from modded_nanogpt.kernels import (
     ba_plus_caa_reference,
     fp8_linear,
     fp8_linear_reference,
+    fp8_softcapped_cross_entropy,
     relu2_linear,
     relu2_linear_reference,
     softcapped_cross_entropy,
@@ -201,6 +202,27 @@ def test_fp8_linear_on_cpu_is_the_reference():
     for got, want in zip(*results, strict=True):
         assert torch.equal(got, want)
     assert results[0][0].shape == (3, 4, 24) and results[0][2].dtype == torch.float32
+
+
+@pytest.mark.parametrize("mtp_as_tensor", [False, True])
+def test_fp8_softcapped_ce_on_cpu_is_the_two_references(mtp_as_tensor):
+    """The fused head + loss is, off fp8 GPUs, exactly the loss of the fp8 head's logits."""
+    x = torch.randn(12, 16, generator=gen(30)).bfloat16()
+    weight_t = torch.randn(16, 40, generator=gen(31))
+    targets = torch.randint(0, 40, (12,), generator=gen(32))
+    weights = torch.tensor([1.0, 0.5, 0.25]) if mtp_as_tensor else (1.0, 0.5, 0.25)
+    scales = (4 / E4M3_MAX, 3 / E4M3_MAX, 1e-3 / E5M2_MAX)
+    results = []
+    for fused in (True, False):
+        x_, w_ = x.clone().requires_grad_(), weight_t.clone().requires_grad_()
+        if fused:
+            loss = fp8_softcapped_cross_entropy(x_, w_, targets, weights, *scales)
+        else:
+            loss = softcapped_cross_entropy_reference(fp8_linear_reference(x_, w_, *scales), targets, weights)
+        loss.backward()
+        results.append((loss, x_.grad, w_.grad))
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)
 
 
 def test_fp8_linear_shape_mismatch_names_both_shapes():
@@ -455,6 +477,53 @@ def test_gpu_softcapped_ce_fp32_tensor_weights_other_softcap(reduction):
         lambda z: softcapped_cross_entropy_reference(z, targets, weights, **kwargs), (logits,), None)
     assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
     assert rel_err(grad, ref_grad) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("weights", MTP_WEIGHTS)
+@pytest.mark.parametrize("shape", [(6144, 50304), (37, 1000), (130, 77)])
+def test_gpu_ce_grad_fp8_kernel_matches_the_two_kernels(shape, weights):
+    """The fused CE-gradient + e5m2 kernel gives the codes of the CE backward followed by the quantizer."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("no fp8 tensor cores (needs sm_89 or later)")
+    logits, targets = ce_inputs(*shape, torch.bfloat16, seed=40, device="cuda")
+    weight_tensor = torch.tensor(weights, device="cuda")
+    _, row_lse = kernels._softcapped_ce_forward(logits, targets, weight_tensor, [], 23.0, 5.0, 7.5)
+    grad_rows = torch.full((1,), 1.0 / shape[0], device="cuda").expand(shape[0])  # a sum's gradient, stride 0
+    grad = kernels._softcapped_ce_backward_op(grad_rows, logits, targets, weight_tensor, [], row_lse, 23.0, 5.0, 7.5)
+    scale = grad.float().abs().max().item() / E5M2_MAX
+    want, want_t = kernels._quantize_both_layouts(grad, scale, torch.float8_e5m2)
+    poison_cuda_cache(logits.numel() * 2)
+    q, q_t = kernels._softcapped_ce_grad_fp8(grad_rows, logits, targets, weight_tensor, [], row_lse, 23.0, 5.0, 7.5,
+                                             scale)
+    assert q.shape == shape and q_t.shape == shape[::-1] and q.is_contiguous() and q_t.is_contiguous()
+    assert_finite(q.float(), q_t.float())
+    assert torch.equal(q_t.view(torch.uint8), q.mT.contiguous().view(torch.uint8))
+    codes, want_codes = q.view(torch.uint8).int(), want.view(torch.uint8).int()
+    assert (codes - want_codes).abs().max() <= 1  # a one-ulp difference of the fp32 arithmetic at most
+    assert (codes != want_codes).float().mean() < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("weights", MTP_WEIGHTS)
+@pytest.mark.parametrize("shape", [(6144, 768, 50304), (37, 48, 80)])
+def test_gpu_fp8_softcapped_ce_matches_the_two_ops(shape, weights):
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("no fp8 tensor cores (needs sm_89 or later)")
+    rows, inner, vocab = shape
+    x, weight_t, _, _ = fp8_case(rows, inner, vocab, w_dtype=torch.float32)
+    targets = torch.randint(0, vocab, (rows,), device="cuda")
+    scales = (x.abs().max().item() / E4M3_MAX, weight_t.abs().max().item() / E4M3_MAX, 2.0**-10 / rows)
+    poison_cuda_cache(rows * vocab * 4)
+    fused = autograd_outputs(lambda a, b: fp8_softcapped_cross_entropy(a, b, targets, weights, *scales) / rows,
+                             (x, weight_t), None)
+    assert fused[1].dtype == torch.bfloat16 and fused[2].dtype == torch.float32
+    assert_finite(*fused)
+    apart = autograd_outputs(
+        lambda a, b: softcapped_cross_entropy(fp8_linear(a, b, *scales), targets, weights) / rows, (x, weight_t), None)
+    assert torch.equal(fused[0], apart[0])
+    for got, want in zip(fused[1:], apart[1:], strict=True):
+        assert rel_err(got, want) < 1e-3  # the same fp8 codes but for rare one-step differences
 
 
 @pytest.mark.gpu

@@ -270,3 +270,15 @@ def test_sequential_loader_names_the_shards_when_too_short(tmp_path):
     with pytest.raises(ShardError, match="fineweb_train_000001.bin.*fewer than"):
         SequentialLoader(files, 8, total, bos_id)  # needs total + 1
     SequentialLoader(files, 1, total - 1, bos_id).next_batch()
+
+
+def test_clipped_fraction_counts_what_clipping_leaves_out(tmp_path):
+    bos = 7
+    docs = [[bos] + [1] * 9, [bos] + [2] * 29, [bos] + [3] * 3]  # 10 + 30 + 4 tokens; clipped to 16: 10 + 16 + 4
+    path = write_raw_shard(tmp_path / "fineweb_train_000001.bin", [t for d in docs for t in d])
+    loader = DistributedBOSLoader([path], 8, 16, bos)
+    assert loader.clipped_fraction() == pytest.approx(14 / 44)
+    loader.close()
+    loader = DistributedBOSLoader([path], 8, 64, bos)
+    assert loader.clipped_fraction() == 0.0
+    loader.close()

@@ -12,8 +12,10 @@ from modded_nanogpt.model import (
     GPT,
     ModelConfig,
     attend,
+    attention_mask,
     block_classes,
     dense_mask,
+    flex_block_mask,
     norm,
     rotary_frequencies,
     validate_config,
@@ -122,11 +124,12 @@ def test_attention_respects_documents_and_windows():
     T, H, D = 64, 2, 16
     q, k, v = (torch.randn(T, H, D, generator=g) for _ in range(3))
     doc = torch.tensor([0] * 20 + [1] * 44)
-    out = attend(q, k, v, doc, None, 8, 0, 0.25, "sdpa")
+    mask = attention_mask(doc, 8, 0, "sdpa")
+    out = attend(q, k, v, mask, None, 8, 0, 0.25, "sdpa")
     k2, v2 = k.clone(), v.clone()
     k2[:20], v2[:20] = torch.randn(20, H, D), torch.randn(20, H, D)  # change document 0 only
     k2[21:30], v2[21:30] = torch.randn(9, H, D), torch.randn(9, H, D)  # and keys far behind query 50
-    out2 = attend(q, k2, v2, doc, None, 8, 0, 0.25, "sdpa")
+    out2 = attend(q, k2, v2, mask, None, 8, 0, 0.25, "sdpa")
     assert torch.equal(out[40:], out2[40:])  # queries >= 38 see only keys 31.. of their own document
     assert not torch.allclose(out[20:30], out2[20:30])
     # The reference: softmax over the allowed keys only, one query at a time.
@@ -135,6 +138,68 @@ def test_attention_respects_documents_and_windows():
         scores = torch.einsum("hd,jhd->hj", q[t], k[keys]) * 0.25
         expected = torch.einsum("hj,jhd->hd", scores.softmax(-1), v[keys])
         torch.testing.assert_close(out[t], expected, rtol=1e-5, atol=1e-6)
+
+
+def same_block_lists(a, b) -> bool:
+    """Two BlockMasks list the same blocks (everything but the mask_mod function)."""
+    for x, y in zip(a.as_tuple()[:-1], b.as_tuple()[:-1], strict=True):
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return False
+        if not (torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_masks_built_once_per_forward_equal_the_masks_of_each_layer(backend):
+    """attention_masks builds one mask per kind of layer; each layer's is the one built for its own window
+    and pairing (what building it inside the layer gave), for int and 0-d tensor windows alike."""
+    model = GPT(tiny_config(num_layers=6, attention_skip_layers=[2], long_window_layers=[1, 3, 5],
+                            paired_head_layers=[0, 3], value_embed_layers=[0]))
+    model.attention_backend = backend
+    inputs, _ = packed_tokens(T=512, doc_lengths=(70, 200, 31, 150))
+    doc = torch.cumsum((inputs == BOS).int(), 0)
+    short, long = 1 * BLOCK, 3 * BLOCK
+    masks = model.attention_masks(doc, short, long)
+    tensor_masks = model.attention_masks(doc, torch.tensor(short), torch.tensor(long))
+    assert set(masks) == {(False, True), (True, False), (True, True), (False, False)}
+    for layer in model.attn_layers:
+        long_layer, paired = layer in model.config.long_window_layers, layer in model.config.paired_head_layers
+        layer_doc = doc.repeat_interleave(2) if paired else doc
+        window = long if long_layer else short
+        per_layer = attention_mask(layer_doc, window, int(paired), backend)
+        for built in (masks, tensor_masks):
+            mask = built[long_layer, paired]
+            if backend == "sdpa":
+                assert torch.equal(mask, per_layer) and torch.equal(mask, dense_mask(layer_doc, window, int(paired)))
+            else:
+                assert same_block_lists(mask, per_layer)
+                # the mask_mod agrees with the dense mask on every pair (checks the captured window)
+                pos = torch.arange(layer_doc.numel())
+                assert torch.equal(mask.mask_mod(0, 0, pos[:, None], pos[None, :]),
+                                   dense_mask(layer_doc, window, int(paired)))
+
+
+def test_flex_block_mask_of_a_tensor_window_equals_that_of_an_int():
+    doc = torch.cumsum((packed_tokens(T=1024, doc_lengths=(300, 50, 500))[0] == BOS).int(), 0)
+    for shift in (0, 1):
+        positions_doc = doc.repeat_interleave(1 << shift)
+        a, b = (flex_block_mask(positions_doc, w, shift) for w in (2 * BLOCK, torch.tensor(2 * BLOCK)))
+        assert same_block_lists(a, b)
+
+
+def test_windows_as_tensors_give_the_same_loss_and_gradients():
+    """The trainer passes windows as 0-d tensors (one compiled graph for every window): the same function."""
+    model = randomized(GPT(tiny_config()))
+    inputs, targets = packed_tokens()
+    results = []
+    for short, long in ((1, 2), (torch.tensor(1), torch.tensor(2))):
+        model.zero_grad(set_to_none=True)
+        loss = model(inputs, targets, short, long, torch.tensor([1.0, 0.5]), 1.0)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1], strict=True))
 
 
 def test_rotary_half_truncated_and_yarn():

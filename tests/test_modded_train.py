@@ -3,6 +3,7 @@ and the optimizer step against slow references."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -45,6 +46,8 @@ def test_twenty_cpu_steps_on_the_local_corpus(char_corpus, tmp_path):
     end = metrics[-1]
     assert end["kind"] == "end" and end["final_val_loss"] == val[-1]["val_loss"]
     assert "step:22/22 val_loss:" in proc.stdout and "step_avg:" in proc.stdout
+    # Whole stdlib files against seq_len 256: most of each is clipped away, and the log says so.
+    assert re.search(r"warning: documents are clipped to seq_len=256 tokens: \d+% of the first train shard", proc.stdout)
     config = json.loads((run_dir / "config.json").read_text())
     corpus = json.loads((char_corpus / "corpus.json").read_text())
     assert config["vocab_size"] == -(-corpus["vocab_size"] // 128) * 128 and config["bos_id"] == corpus["eot_id"]
@@ -231,7 +234,7 @@ def test_run_sh(char_corpus, tmp_path):
 def test_validation_through_the_training_graph_gives_the_same_loss(char_corpus):
     """Compiled runs validate with the training step's call (zeroed extra MTP weights, same divisor, grad mode
     on) so no evaluation graph is compiled: the loss must equal the plain next-token validation of the same
-    forward size (the forward size decides where documents are cut, so it is part of the measurement)."""
+    forward size (the forward size decides where attention context restarts, so it is part of the measurement)."""
     from modded_nanogpt.data.loader import find_shards
     from modded_nanogpt.model import GPT
     from modded_nanogpt.schedule import StepPlan
@@ -250,6 +253,45 @@ def test_validation_through_the_training_graph_gives_the_same_loss(char_corpus):
     reused = validate(model, model, val_files, hp, rt, plan, reuse_train_graph=True)
     assert abs(plain - reused) < 1e-5 * plain
     assert all(p.grad is None for p in model.parameters())  # validation never leaves gradients behind
+
+
+def test_validation_scores_the_contiguous_val_stream(char_corpus):
+    """Validation reads the first val_tokens of the val split as they are (the speedrun's val loader): the
+    loss is the mean over forwards of the model's next-token loss on consecutive slices of the stream, the
+    same whatever seq_len (training's document clipping does not apply)."""
+    from modded_nanogpt.data.loader import find_shards, read_shard
+    from modded_nanogpt.model import GPT
+    from modded_nanogpt.schedule import StepPlan
+    from modded_nanogpt.train_gpt import Runtime, model_config, resolve_data, validate
+
+    hp = parse_hyperparameters(["--recipe=tiny_cpu", f"--data_dir={char_corpus}", "--val_tokens=3072",
+                                "--val_batch_tokens=512"])
+    resolve_data(hp)
+    torch.manual_seed(0)
+    model = GPT(model_config(hp))
+    rt = Runtime(0, 0, 1, torch.device("cpu"))
+    plan = StepPlan(step=0, stage=0, batch_tokens=8 * 384, short_window=1, long_window=2, mtp_weights=(1.0,),
+                    lr_multiplier=1.0, adam_step=False, untie_after=False)
+    val_files = find_shards(char_corpus, "val")
+    stream = torch.from_numpy(read_shard(val_files[0])[: 3072 + 1].astype("int64"))
+    with torch.no_grad():
+        reference = sum(model(stream[i : i + 512].int(), stream[i + 1 : i + 513], 1, 2).item()
+                        for i in range(0, 3072, 512)) / 3072
+    got = validate(model, model, val_files, hp, rt, plan)
+    assert abs(got - reference) < 1e-5 * reference
+    hp.seq_len = 64  # documents are not clipped in validation
+    assert validate(model, model, val_files, hp, rt, plan) == got
+
+
+def test_val_tokens_beyond_the_val_split_fail_before_any_write(char_corpus, tmp_path):
+    import json
+
+    available = json.loads((char_corpus / "corpus.json").read_text())["num_tokens"]["val"]
+    too_many = (available // 1024 + 1) * 1024
+    proc = run_module("modded_nanogpt.train_gpt", *tiny(char_corpus, tmp_path / "run", f"--val_tokens={too_many}",
+                                                        "--val_batch_tokens=1024"), check=False)
+    assert proc.returncode == 2 and f"val_tokens={too_many}: the val shards of {char_corpus} hold" in proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_optimizer_flag_moves_the_banks_to_adamw():

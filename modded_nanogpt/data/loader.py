@@ -101,6 +101,7 @@ class _PackedShard:
     tokens: torch.Tensor  # uint16, clipped documents concatenated; pinned on CUDA
     doc_starts: np.ndarray  # int64 offsets of each document's BOS within `tokens`
     source_offsets: np.ndarray  # int64 offsets of the same BOS tokens within the shard file
+    source_tokens: int  # tokens in the shard file (the packed stream drops what clipping cut)
 
     @property
     def num_tokens(self) -> int:
@@ -130,7 +131,7 @@ def _pack_shard(path: Path, file_index: int, bos_id: int, max_seq_len: int, pin:
     packed_tensor = torch.from_numpy(np.ascontiguousarray(packed))
     if pin:
         packed_tensor = packed_tensor.pin_memory()
-    return _PackedShard(file_index, packed_tensor, doc_starts, source_offsets)
+    return _PackedShard(file_index, packed_tensor, doc_starts, source_offsets, int(tokens.size))
 
 
 class PackedBatch(NamedTuple):
@@ -174,6 +175,12 @@ class DistributedBOSLoader:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch")
         self._prefetch: Future | None = None
         self._reset(file_index=0, source_offset=None)
+
+    def clipped_fraction(self) -> float:
+        """Share of the current shard's tokens that clipping to max_seq_len (and text before the first BOS)
+        leaves out of the packed stream: documents much longer than max_seq_len are mostly not trained on."""
+        shard = self._shard(0)
+        return 1.0 - shard.num_tokens / max(shard.source_tokens, 1)
 
     # --- shard window -------------------------------------------------------------------------
 
