@@ -6,8 +6,8 @@ compared in a report (table, HTML, PNG plots).
   python -m slurm.demo --on slurm --gpu-type h100   # the same comparison as Slurm jobs (slurm.submit compare)
 
 On this machine (the default):
-1. the local corpus: this Python's standard library as character-level shards ($DATA_DIR/stdlib_char,
-   reused when there);
+1. the local corpus: this Python's standard library as character-level shards, each file cut into documents
+   of at most 255 characters ($DATA_DIR/stdlib_char_docs, reused when there);
 2. the baseline trainer, recipe `demo` (nanogpt/recipes/demo.toml), once per seed;
 3. the speedrun trainer, recipe `demo` (modded_nanogpt/recipes/demo.toml: every feature on, at toy size),
    once per seed, on the same data and validated on the same first tokens of the val split;
@@ -27,6 +27,7 @@ prints this command.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -39,7 +40,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SEEDS = 2
 # The demo's target: a character-level val loss both demo recipes reach on the standard library (the
 # speedrun's 3.28 is a GPT-2-token loss on FineWeb; it means nothing here).
-DEFAULT_TARGET = 1.9
+DEFAULT_TARGET = 2.7
+# The corpus: characters, each file cut into documents of at most DOC_CHARS characters, so that a document
+# plus its BOS fits the modded demo recipe's seq_len (256): the speedrun's loader keeps only the first seq_len
+# tokens of each document, and whole files would leave it the first 256 characters of every file.
+CORPUS_NAME = "stdlib_char_docs"
+DOC_CHARS = 255
+VAL_TOKENS = 40_960  # both demo recipes validate on the first 40,960 tokens of the val split (20 x 16 x 128)
+QUICK_VAL_TOKENS = 8_192  # --quick: 4 x 16 x 128
 EXIT_USAGE = 2
 
 
@@ -96,8 +104,9 @@ def resolve_device(requested: str) -> str:
 def trainer_commands(data_dir: Path, folder: Path, seeds: list[int], device: str, quick: bool) -> list[tuple]:
     """(name, run_dir, command) of every training run, baseline first."""
     runs = []
-    baseline_extra = ["--max_iters=150", "--lr_decay_iters=150", "--eval_interval=50"] if quick else []
-    modded_extra = ["--num_iterations=40", "--extension_iterations=0", "--val_every=20"] if quick else []
+    baseline_extra = ["--max_iters=150", "--lr_decay_iters=150", "--eval_interval=50", "--eval_iters=4"] if quick else []
+    modded_extra = ["--num_iterations=40", "--extension_iterations=0", "--val_every=20",
+                    f"--val_tokens={QUICK_VAL_TOKENS}"] if quick else []
     if device == "cuda":  # a tiny uncompiled model: SDPA with an explicit mask is the quick path
         modded_extra.append("--attention_backend=sdpa")
     for seed in seeds:
@@ -119,7 +128,19 @@ def report_table(lines: list[str]) -> list[str]:
 
 
 def corpus_dir(args) -> Path:
-    return Path(args.data_dir or Path(os.environ.get("DATA_DIR", REPO_ROOT / "data")) / "stdlib_char").resolve()
+    return Path(args.data_dir or Path(os.environ.get("DATA_DIR", REPO_ROOT / "data")) / CORPUS_NAME).resolve()
+
+
+def prepare_corpus(args, data_dir: Path, log_path: Path | None) -> None:
+    """Prepare (or reuse) the corpus; then check it holds enough val tokens before anything trains."""
+    source = ["--source", str(Path(args.source).resolve())] if args.source else []
+    stream([sys.executable, "-m", "nanogpt.data.text_corpus", "--out", str(data_dir), "--tokenizer", "char",
+            "--doc_chars", str(DOC_CHARS), *source], "  ", log_path)
+    need = (QUICK_VAL_TOKENS if args.quick else VAL_TOKENS) + 1
+    have = json.loads((data_dir / "corpus.json").read_text())["num_tokens"]["val"]
+    if have < need:
+        raise StepFailed(f"{data_dir}: its val split holds {have:,} tokens, fewer than the {need:,} the demo validates "
+                         f"on; give a larger --source (or --quick, which validates on {QUICK_VAL_TOKENS:,})")
 
 
 # ---- Slurm -----------------------------------------------------------------------------------------------
@@ -148,8 +169,7 @@ def run_on_slurm(args, seeds: list[int]) -> int:
     runs_dir = Path(args.runs_dir or os.environ.get("RUNS_DIR", REPO_ROOT / "runs")).resolve()
     data_dir = corpus_dir(args)
     cmd = [sys.executable, "-m", "slurm.submit", "compare", "--cluster", "slurm", "--runs-dir", str(runs_dir),
-           "--data", "text", "--tokenizer", "char", "--data-root", str(data_dir.parent), "--data-name", data_dir.name,
-           "--baseline-recipe", "demo", "--modded-recipe", "demo",
+           "--data-dir", str(data_dir), "--baseline-recipe", "demo", "--modded-recipe", "demo",
            "--seeds", ",".join(map(str, seeds)), "--gpu-type", args.gpu_type, "--num-gpus", "1",
            "--device", args.device, "--modded-set", "attention_backend=sdpa"]
     for flag in ("partition", "cpu_partition", "account", "time", "cpus_per_gpu"):
@@ -158,17 +178,19 @@ def run_on_slurm(args, seeds: list[int]) -> int:
     if args.quick:
         cmd += ["--baseline-set", "max_iters=150", "--baseline-set", "lr_decay_iters=150",
                 "--modded-set", "num_iterations=40", "--modded-set", "extension_iterations=0"]
-    print("[1/3] submitting the comparison (data preparation -> baseline and modded seed arrays -> report)")
+    print(f"[1/4] local corpus (here: the jobs read it from {data_dir}; it must be on a shared filesystem)")
+    prepare_corpus(args, data_dir, None)
+    print("[2/4] submitting the comparison (baseline and modded seed arrays, then the report job)")
     lines = stream(cmd, "  ")
     found = [m.group(1) for line in lines if (m := re.match(r"submission (\S+) \(slurm\): (\S+)", line))]
     if not found:
         raise StepFailed("slurm.submit compare did not print its submission id")
     submission = found[0]
-    print(f"[2/3] waiting for submission {submission} (python -m slurm.submit status {submission})")
+    print(f"[3/4] waiting for submission {submission} (python -m slurm.submit status {submission})")
     stream([sys.executable, "-m", "slurm.submit", "status", submission, "--runs-dir", str(runs_dir), "--wait",
             "--timeout", str(args.wait_minutes * 60)], "  ")
     manifest = runs_dir / "submissions" / submission / "manifest.json"
-    print("[3/3] the report")
+    print("[4/4] the report")
     stream([sys.executable, "-m", "slurm.report", "--manifest", str(manifest), "--target", str(args.target)], "  ")
     return 0
 
@@ -195,9 +217,7 @@ def run_here(args, seeds: list[int]) -> int:
     t0 = time.perf_counter()
     print(f"[1/{total}] local corpus: {args.source or 'the Python standard library'}, characters -> {data_dir}",
           flush=True)
-    source = ["--source", str(Path(args.source).resolve())] if args.source else []
-    stream([sys.executable, "-m", "nanogpt.data.text_corpus", "--out", str(data_dir), "--tokenizer", "char", *source],
-           "  ", folder / "prepare.log")
+    prepare_corpus(args, data_dir, folder / "prepare.log")
     for index, (name, run_dir, cmd) in enumerate(runs, start=2):
         print(f"[{index}/{total}] training: {name} on {device} -> {run_dir}  ({time.perf_counter() - t0:.0f}s so far)",
               flush=True)
@@ -247,7 +267,7 @@ def parse_args(argv):
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="short runs (a smoke test, not a comparison)")
     parser.add_argument("--source", help="folder of text files for the corpus (default: the standard library)")
-    parser.add_argument("--data_dir", help="corpus folder (default $DATA_DIR/stdlib_char)")
+    parser.add_argument("--data_dir", help=f"corpus folder (default $DATA_DIR/{CORPUS_NAME})")
     parser.add_argument("--runs_dir", help="where the demo folder goes (default $RUNS_DIR)")
     parser.add_argument("--name", help="demo folder name (default demo-<time>); must not hold files yet")
     parser.add_argument("--on", default="here", choices=["here", "slurm"], help="this machine, or Slurm jobs")
@@ -265,8 +285,6 @@ def parse_args(argv):
         raise DemoError(f"--target {args.target}: a val loss target must be > 0")
     if args.source and not Path(args.source).is_dir():
         raise DemoError(f"--source {args.source}: not a folder")
-    if args.on == "slurm" and args.source:
-        raise DemoError("--source works with --on here only (--on slurm prepares the standard library)")
     return args
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from nanogpt.data.common import DataError
 from nanogpt.data.shards import find_split, open_tokens, read_shard_header
-from nanogpt.data.text_corpus import default_source, list_candidates, main
+from nanogpt.data.text_corpus import CorpusError, default_source, list_candidates, main, split_text
 from nanogpt.data.tokenizer import load_tokenizer
 from tests.data_gpt2_files import write_gpt2_files
 
@@ -73,6 +73,33 @@ def documents_of(out_dir: Path) -> dict[str, list[str]]:
         starts = np.flatnonzero(tokens == tokenizer.eot_id).tolist() + [tokens.size]
         found[split] = [tokenizer.decode(tokens[a + 1:b].tolist()) for a, b in zip(starts[:-1], starts[1:], strict=True)]
     return found
+
+
+def test_split_text_pieces():
+    assert split_text("ab\ncd\nef\n", 6) == ["ab\ncd\n", "ef\n"]
+    assert split_text("abcdefgh", 3) == ["abc", "def", "gh"]  # no newline: cut at the limit
+    assert split_text("", 5) == [""]
+    text = "".join(f"line {i} " * (i % 7) + "\n" for i in range(300))
+    pieces = split_text(text, 80)
+    assert "".join(pieces) == text and all(0 < len(p) <= 80 for p in pieces)
+    assert all(p.endswith("\n") for p in pieces)  # every line here is shorter than the limit
+
+
+def test_doc_chars_cuts_files_into_documents_and_splits_by_file(source, tmp_path):
+    source_dir, texts = source
+    meta = run(source_dir, tmp_path / "out", "--tokenizer", "char", "--doc_chars", 40)
+    docs = documents_of(tmp_path / "out")
+    assert all(len(d) <= 40 for d in docs["train"] + docs["val"])
+    assert meta["num_documents"] == {"train": len(docs["train"]), "val": len(docs["val"])}
+    assert meta["num_files"]["train"] + meta["num_files"]["val"] == len(texts)
+    assert meta["settings"]["doc_chars"] == 40 and "at most 40 characters" in meta["document_layout"]
+    # The pieces of a file are consecutive and in one split: joined, the val split is whole files.
+    val_text = "".join(docs["val"])
+    whole_val = [t for t in texts.values() if t and t in val_text]
+    assert sum(len(t) for t in whole_val) == len(val_text)
+    # Other settings than the corpus in the folder: refused without --overwrite.
+    with pytest.raises(CorpusError, match="doc_chars"):
+        run(source_dir, tmp_path / "out", "--tokenizer", "char")
 
 
 @pytest.fixture

@@ -90,6 +90,18 @@ def test_a_failing_step_names_the_command_and_its_log(text_source, tmp_path, cap
     assert not (tmp_path / "runs" / "f" / "baseline-seed1").exists()
 
 
+def test_a_corpus_too_small_to_validate_on_stops_before_training(tmp_path, capsys):
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("a.py", "b.py", "c.py"):
+        (source / name).write_text("x = 1\n" * 200)
+    status = demo.main(["--source", str(source), "--data_dir", str(tmp_path / "data"), "--runs_dir",
+                        str(tmp_path / "runs"), "--name", "small"])
+    err = capsys.readouterr().err
+    assert status == 1 and "fewer than the 40,961 the demo validates on; give a larger --source" in err
+    assert sorted(p.name for p in (tmp_path / "runs" / "small").iterdir()) == ["prepare.log"]
+
+
 def test_seed_lists(tmp_path):
     assert demo.parse_seeds("3") == [1, 2, 3]
     assert demo.parse_seeds("4,7") == [4, 7]
@@ -99,16 +111,17 @@ def test_seed_lists(tmp_path):
 def test_demo_on_slurm_runs_the_comparison_as_jobs(slurm_cluster, text_source, tmp_path):
     """--on slurm: compare is submitted to the local cluster (fake typed GPUs, CPU runs), the demo waits while
     saying what it waits for, and prints the report of the submission."""
-    data = tmp_path / "data" / "stdlib_char"
-    run_module("nanogpt.data.text_corpus", "--source", text_source, "--out", data, "--tokenizer", "char")
-    proc = run_module("slurm.demo", "--on", "slurm", "--gpu-type", "a100", "--device", "cpu", "--quick", "--seeds", "1",
+    data = tmp_path / "data" / "demo_corpus"
+    proc = run_module("slurm.demo", "--on", "slurm", "--source", text_source, "--gpu-type", "a100", "--device", "cpu", "--quick", "--seeds", "1",
                       "--data_dir", data, "--runs_dir", tmp_path / "runs", "--cpus-per-gpu", "1", "--wait-minutes", "12",
                       timeout=1000, env={"ENV_PATH": os.environ.get("VIRTUAL_ENV", "")} if os.environ.get("VIRTUAL_ENV") else None)
     out = proc.stdout
     assert "waiting for" in out
     manifest_path = next((tmp_path / "runs" / "submissions").glob("*/manifest.json"))
     manifest = json.loads(manifest_path.read_text())
-    assert [job["name"] for job in manifest["jobs"]] == ["baseline", "modded", "report"]  # data was ready: no prep
+    # The demo prepared the corpus before submitting (so no prep job); the jobs trained on it.
+    assert [job["name"] for job in manifest["jobs"]] == ["baseline", "modded", "report"]
+    assert json.loads((data / "corpus.json").read_text())["settings"]["doc_chars"] == demo.DOC_CHARS
     for name in ("baseline", "modded"):
         (task,) = next(job for job in manifest["jobs"] if job["name"] == name)["tasks"]
         assert read_metrics(Path(task["run_dir"]))[-1]["kind"] == "end"

@@ -229,14 +229,36 @@ def batches_by_bytes(documents: list[Document], limit: int) -> Iterator[list[Doc
         yield batch
 
 
-def encode_split(tokenizer: Tokenizer, documents: list[Document], writer: ShardWriter, split: str):
-    """Each document -> [eot] + its tokens, appended to the writer; one progress bar per split."""
+def split_text(text: str, max_chars: int) -> list[str]:
+    """Consecutive pieces of at most max_chars characters, cut after a newline where one falls in the
+    piece (else at max_chars); joined, they give the text back."""
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        cut = text.rfind("\n", start, start + max_chars)
+        end = cut + 1 if cut >= start else start + max_chars
+        pieces.append(text[start:end])
+        start = end
+    if start < len(text) or not pieces:
+        pieces.append(text[start:])
+    return pieces
+
+
+def encode_split(tokenizer: Tokenizer, documents: list[Document], writer: ShardWriter, split: str,
+                 doc_chars: int | None = None) -> int:
+    """Each document -> [eot] + its tokens, appended to the writer; with doc_chars, each piece of at most
+    doc_chars characters of a file is its own document. One progress bar per split; returns the count."""
     eot = np.array([tokenizer.eot_id], dtype=np.int64)
+    count = 0
     with tqdm(total=sum(d.num_bytes for d in documents), desc=f"encode {split}", unit="B", unit_scale=True) as bar:
         for batch in batches_by_bytes(documents, ENCODE_BATCH_BYTES):
-            for tokens in tokenizer.encode_documents(list(read_texts(batch))):
+            texts = list(read_texts(batch))
+            if doc_chars:
+                texts = [piece for text in texts for piece in split_text(text, doc_chars)]
+            for tokens in tokenizer.encode_documents(texts):
                 writer.add(np.concatenate([eot, tokens]))
+            count += len(texts)
             bar.update(sum(d.num_bytes for d in batch))
+    return count
 
 
 # -- the output folder ------------------------------------------------------------------------------
@@ -324,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated folder names not to descend into (hidden folders are always skipped)")
     parser.add_argument("--max_files", type=positive_int, default=None, help="use at most this many documents")
     parser.add_argument("--max_bytes", type=positive_int, default=None, help="use at most this many bytes of text")
+    parser.add_argument("--doc_chars", type=positive_int, default=None,
+                        help="cut files into documents of at most this many characters (at line ends; the split "
+                             "into train and val stays by file). Default: a document is a file")
     parser.add_argument("--overwrite", action="store_true", help="replace a different corpus already in --out")
     return parser
 
@@ -358,6 +383,7 @@ def check_args(args) -> dict:
         "val_fraction": args.val_fraction, "shard_tokens": args.shard_tokens, "seed": args.seed,
         "extensions": list(extensions) if extensions is not None else "*", "exclude_dirs": list(exclude_dirs),
         "max_files": args.max_files, "max_bytes": args.max_bytes,
+        **({"doc_chars": args.doc_chars} if args.doc_chars else {}),  # absent by default: older corpora still match
     }
 
 
@@ -393,7 +419,8 @@ def main(argv=None) -> dict:
     meta = write_corpus(args, settings, tokenizer, documents, scan_summary, own_files)
     num_tokens, num_bytes = meta["num_tokens"], meta["num_bytes"]
     print(
-        f"{args.out}: {len(documents)} documents ({num_bytes['train'] + num_bytes['val']:,} bytes) -> "
+        f"{args.out}: {len(documents)} files, {sum(meta['num_documents'].values())} documents "
+        f"({num_bytes['train'] + num_bytes['val']:,} bytes) -> "
         f"{num_tokens['train'] + num_tokens['val']:,} {meta['tokenizer']} tokens (vocab {meta['vocab_size']}; "
         f"train {num_tokens['train']:,}, val {num_tokens['val']:,}) in "
         f"{len(meta['shards']['train']) + len(meta['shards']['val'])} shard(s), {time.time() - started:.1f} s"
@@ -426,10 +453,10 @@ def write_corpus(args, settings: dict, tokenizer: Tokenizer | None, documents: l
     try:
         tokenizer, tokenizer_file = make_tokenizer(args, tokenizer, documents, train_docs, staging)
         val_writer = ShardWriter(staging, "val", 0, args.shard_tokens)
-        encode_split(tokenizer, val_docs, val_writer, "val")
+        val_count = encode_split(tokenizer, val_docs, val_writer, "val", args.doc_chars)
         val_names = val_writer.close()
         train_writer = ShardWriter(staging, "train", len(val_names), args.shard_tokens)
-        encode_split(tokenizer, train_docs, train_writer, "train")
+        train_count = encode_split(tokenizer, train_docs, train_writer, "train", args.doc_chars)
         train_names = train_writer.close()
         meta = {
             "vocab_size": tokenizer.vocab_size,
@@ -437,12 +464,15 @@ def write_corpus(args, settings: dict, tokenizer: Tokenizer | None, documents: l
             "tokenizer": tokenizer.name,
             "tokenizer_file": tokenizer_file,
             "num_tokens": {"train": train_writer.num_tokens, "val": val_writer.num_tokens},
-            "num_documents": {"train": len(train_docs), "val": len(val_docs)},
+            "num_documents": {"train": train_count, "val": val_count},
+            "num_files": {"train": len(train_docs), "val": len(val_docs)},
             "num_bytes": {"train": sum(d.num_bytes for d in train_docs), "val": sum(d.num_bytes for d in val_docs)},
             "shards": {"train": train_names, "val": val_names},
             "source": str(args.source),
             **scan_summary,
-            "document_layout": "each document is eot_id followed by its tokens",
+            "document_layout": "each document is eot_id followed by its tokens" + (
+                f"; a document is a piece of at most {args.doc_chars} characters of a file" if args.doc_chars else
+                "; a document is a file"),
             "settings": settings,
             "created_by": "nanogpt.data.text_corpus",
         }
