@@ -48,6 +48,9 @@ CORPUS_NAME = "stdlib_char_docs"
 DOC_CHARS = 255
 VAL_TOKENS = 40_960  # both demo recipes validate on the first 40,960 tokens of the val split (20 x 16 x 128)
 QUICK_VAL_TOKENS = 8_192  # --quick: 4 x 16 x 128
+# --quick: short runs (a smoke test of the whole path, not a comparison)
+QUICK_BASELINE = ["max_iters=150", "lr_decay_iters=150", "eval_interval=50", "eval_iters=4"]
+QUICK_MODDED = ["num_iterations=40", "extension_iterations=0", "val_every=20", f"val_tokens={QUICK_VAL_TOKENS}"]
 EXIT_USAGE = 2
 
 
@@ -104,9 +107,8 @@ def resolve_device(requested: str) -> str:
 def trainer_commands(data_dir: Path, folder: Path, seeds: list[int], device: str, quick: bool) -> list[tuple]:
     """(name, run_dir, command) of every training run, baseline first."""
     runs = []
-    baseline_extra = ["--max_iters=150", "--lr_decay_iters=150", "--eval_interval=50", "--eval_iters=4"] if quick else []
-    modded_extra = ["--num_iterations=40", "--extension_iterations=0", "--val_every=20",
-                    f"--val_tokens={QUICK_VAL_TOKENS}"] if quick else []
+    baseline_extra = [f"--{kv}" for kv in QUICK_BASELINE] if quick else []
+    modded_extra = [f"--{kv}" for kv in QUICK_MODDED] if quick else []
     if device == "cuda":  # a tiny uncompiled model: SDPA with an explicit mask is the quick path
         modded_extra.append("--attention_backend=sdpa")
     for seed in seeds:
@@ -176,8 +178,8 @@ def run_on_slurm(args, seeds: list[int]) -> int:
         if getattr(args, flag):
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     if args.quick:
-        cmd += ["--baseline-set", "max_iters=150", "--baseline-set", "lr_decay_iters=150",
-                "--modded-set", "num_iterations=40", "--modded-set", "extension_iterations=0"]
+        cmd += [arg for kv in QUICK_BASELINE for arg in ("--baseline-set", kv)]
+        cmd += [arg for kv in QUICK_MODDED for arg in ("--modded-set", kv)]
     print(f"[1/4] local corpus (here: the jobs read it from {data_dir}; it must be on a shared filesystem)")
     prepare_corpus(args, data_dir, None)
     print("[2/4] submitting the comparison (baseline and modded seed arrays, then the report job)")
