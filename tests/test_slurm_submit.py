@@ -20,7 +20,6 @@ from tests.test_sbatch_scripts import (
     TINY_MODDED,
     curve,
     pip_target_env,
-    requires_modded,
     wait_for_step,
     write_fake_flash_attention,
 )
@@ -211,7 +210,6 @@ def test_build_flash_attn_through_the_launcher(slurm_cluster, tmp_path):
     assert "built: import fake_flash_attn_interface works (version 0.1" in log
 
 
-@requires_modded
 def test_ablation_array_and_comparison_produce_the_expected_runs(slurm_cluster, tmp_path, char_corpus, text_source):
     runs = tmp_path / "runs"
     modded_sets = [arg for pair in TINY_MODDED.split() for arg in ("--set", pair.removeprefix("--"))]
