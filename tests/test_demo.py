@@ -129,3 +129,17 @@ def test_demo_on_slurm_runs_the_comparison_as_jobs(slurm_cluster, text_source, t
     assert re.search(r"^  baseline\s+1\s", out, flags=re.M) and re.search(r"^  modded\s+1\s", out, flags=re.M)
     assert (manifest_path.parent / "report" / "report.html").is_file()
     shutil.rmtree(tmp_path / "runs", ignore_errors=True)
+
+
+@pytest.mark.slurm
+def test_with_a_cluster_answering_the_local_demo_offers_the_cluster_version(slurm_cluster):
+    """What the local demo prints first and last where sinfo answers: the GPU types, and the command."""
+    offer = demo.slurm_offer()
+    assert offer is not None and "A Slurm cluster answers here" in offer
+    assert "a100 (1 node)" in offer and "h100 (2 nodes)" in offer
+    assert "python -m slurm.demo --on slurm --gpu-type a100" in offer
+
+
+def test_without_slurm_commands_there_is_no_offer(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert demo.slurm_offer() is None
