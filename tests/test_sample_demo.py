@@ -1,4 +1,4 @@
-"""Sampling from runs and checkpoints, its errors, and the README's first command (nanogpt.demo)."""
+"""Sampling from runs and checkpoints, its errors, and the baseline trainer's own demo (nanogpt.demo)."""
 
 import pytest
 
