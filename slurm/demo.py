@@ -92,35 +92,27 @@ def stream(cmd: list[str], prefix: str, log_path: Path | None = None) -> list[st
 
 
 def resolve_device(requested: str) -> str:
-    if requested in ("cpu", "cuda"):
-        if requested == "cuda":
-            import torch
-
-            if not torch.cuda.is_available():
-                raise DemoError("--device cuda: no CUDA GPU is visible here (use --device auto or cpu)")
-        return requested
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise DemoError("--device cuda: no CUDA GPU is visible here (use --device auto or cpu)")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
 
 
 def trainer_commands(data_dir: Path, folder: Path, seeds: list[int], device: str, quick: bool) -> list[tuple]:
     """(name, run_dir, command) of every training run, baseline first."""
+    trainers = (("baseline", ["nanogpt.train", "demo"], QUICK_BASELINE),
+                ("modded", ["modded_nanogpt.train_gpt", "--recipe=demo"], QUICK_MODDED))
     runs = []
-    baseline_extra = [f"--{kv}" for kv in QUICK_BASELINE] if quick else []
-    modded_extra = [f"--{kv}" for kv in QUICK_MODDED] if quick else []
-    if device == "cuda":  # a tiny uncompiled model: SDPA with an explicit mask is the quick path
-        modded_extra.append("--attention_backend=sdpa")
-    for seed in seeds:
-        run_dir = folder / f"baseline-seed{seed}"
-        runs.append((f"baseline seed {seed}", run_dir,
-                     [sys.executable, "-m", "nanogpt.train", "demo", f"--data_dir={data_dir}", f"--run_dir={run_dir}",
-                      f"--device={device}", f"--seed={seed}", *baseline_extra]))
-    for seed in seeds:
-        run_dir = folder / f"modded-seed{seed}"
-        runs.append((f"modded seed {seed}", run_dir,
-                     [sys.executable, "-m", "modded_nanogpt.train_gpt", "--recipe=demo", f"--data_dir={data_dir}",
-                      f"--run_dir={run_dir}", f"--device={device}", f"--seed={seed}", *modded_extra]))
+    for name, module_and_recipe, quick_settings in trainers:
+        extra = [f"--{kv}" for kv in quick_settings] if quick else []
+        for seed in seeds:
+            run_dir = folder / f"{name}-seed{seed}"
+            runs.append((f"{name} seed {seed}", run_dir,
+                         [sys.executable, "-m", *module_and_recipe, f"--data_dir={data_dir}", f"--run_dir={run_dir}",
+                          f"--device={device}", f"--seed={seed}", *extra]))
     return runs
 
 
@@ -173,7 +165,7 @@ def run_on_slurm(args, seeds: list[int]) -> int:
     cmd = [sys.executable, "-m", "slurm.submit", "compare", "--cluster", "slurm", "--runs-dir", str(runs_dir),
            "--data-dir", str(data_dir), "--baseline-recipe", "demo", "--modded-recipe", "demo",
            "--seeds", ",".join(map(str, seeds)), "--gpu-type", args.gpu_type, "--num-gpus", "1",
-           "--device", args.device, "--modded-set", "attention_backend=sdpa"]
+           "--device", args.device]
     for flag in ("partition", "cpu_partition", "account", "time", "cpus_per_gpu"):
         if getattr(args, flag):
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
