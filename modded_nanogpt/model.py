@@ -140,25 +140,46 @@ def block_classes(doc: torch.Tensor, window_tokens: int, shift: int):
     return any_pair & ~full, full
 
 
-def _kv_lists(blocks: torch.Tensor):
-    counts = blocks.sum(dim=-1, dtype=torch.int32)
-    order = torch.argsort(blocks.to(torch.int32), dim=-1, descending=True, stable=True).to(torch.int32)
+@torch.library.custom_op("modded_nanogpt::ordered_lists", mutates_args=())
+def _ordered_lists_op(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    ones = blocks.to(torch.int32, memory_format=torch.contiguous_format)  # outputs as the fake's: contiguous
+    return ones.sum(dim=-1, dtype=torch.int32), torch.argsort(ones, dim=-1, descending=True, stable=True).int()
+
+
+@_ordered_lists_op.register_fake
+def _(blocks):
+    return blocks.new_empty(blocks.shape[:-1], dtype=torch.int32), blocks.new_empty(blocks.shape, dtype=torch.int32)
+
+
+def ordered_lists(blocks: torch.Tensor):
+    """Row by row of a boolean (n, n) matrix: how many True, and the column order with the True columns
+    first, then the others, each ascending (a stable descending argsort), shaped (1, 1, n) and
+    (1, 1, n, n) as BlockMask takes them. An opaque op, so a compiled graph calls PyTorch's own sort:
+    traced, the sort became Triton sorting networks whose compile time grows steeply with n (at the
+    speedrun's 128-768 blocks per row they took ~2 minutes of the first compile)."""
+    counts, order = _ordered_lists_op(blocks)
     return counts[None, None].contiguous(), order[None, None].contiguous()
 
 
 def flex_block_mask(doc: torch.Tensor, window_tokens, shift: int):
     """A FlexAttention BlockMask built directly from block classes (no dense mask is materialized).
-    window_tokens: an int or a 0-d tensor (a tensor lets a compiled graph serve every window)."""
+    window_tokens: an int or a 0-d tensor (a tensor lets a compiled graph serve every window). The
+    backward's per-key-block lists come from the transposed classes, so no sort is traced."""
     from torch.nn.attention.flex_attention import BlockMask
 
     partial, full = block_classes(doc, window_tokens, shift)
-    num, idx = _kv_lists(partial)
-    full_num, full_idx = _kv_lists(full)
+    num, idx = ordered_lists(partial)
+    full_num, full_idx = ordered_lists(full)
+    q_num, q_idx = ordered_lists(partial.transpose(0, 1))
+    full_q_num, full_q_idx = ordered_lists(full.transpose(0, 1))
 
     def mask_mod(b, h, q_idx, kv_idx):
         return allowed(q_idx, kv_idx, doc, window_tokens, shift)
 
-    return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=BLOCK, mask_mod=mask_mod)
+    length = doc.numel()
+    return BlockMask(seq_lengths=(length, length), kv_num_blocks=num, kv_indices=idx, full_kv_num_blocks=full_num,
+                     full_kv_indices=full_idx, q_num_blocks=q_num, q_indices=q_idx, full_q_num_blocks=full_q_num,
+                     full_q_indices=full_q_idx, BLOCK_SIZE=(BLOCK, BLOCK), mask_mod=mask_mod)
 
 
 def attention_mask(doc: torch.Tensor, window_tokens, shift: int, backend: str):

@@ -11,12 +11,14 @@ from modded_nanogpt.model import (
     BLOCK,
     GPT,
     ModelConfig,
+    _ordered_lists_op,
     attend,
     attention_mask,
     block_classes,
     dense_mask,
     flex_block_mask,
     norm,
+    ordered_lists,
     rotary_frequencies,
     validate_config,
     yarn_rescale,
@@ -178,6 +180,36 @@ def test_masks_built_once_per_forward_equal_the_masks_of_each_layer(backend):
                 pos = torch.arange(layer_doc.numel())
                 assert torch.equal(mask.mask_mod(0, 0, pos[:, None], pos[None, :]),
                                    dense_mask(layer_doc, window, int(paired)))
+
+
+@pytest.mark.parametrize("n", [1, 3, 128, 257])
+def test_ordered_lists_equal_a_stable_descending_argsort(n):
+    g = torch.Generator().manual_seed(n)
+    blocks = torch.rand(n, n, generator=g) < torch.rand(n, 1, generator=g)  # rows from empty to full
+    blocks[0] = True
+    blocks[-1] = False
+    counts, order = ordered_lists(blocks)
+    want = torch.argsort(blocks.int(), dim=-1, descending=True, stable=True).int()
+    assert counts.dtype == order.dtype == torch.int32
+    assert torch.equal(counts[0, 0], blocks.sum(-1).int())
+    assert torch.equal(order[0, 0], want)
+    # a compiled graph sees the op through its fake: same shapes and strides, also for a transposed input
+    torch.library.opcheck(_ordered_lists_op, (blocks,))
+    torch.library.opcheck(_ordered_lists_op, (blocks.transpose(0, 1),))
+
+
+def test_flex_block_mask_lists_equal_those_flex_derives_itself():
+    """The per-key-block lists built here from the transposed classes equal FlexAttention's own
+    transposition of the per-query-block lists (which sorts)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    doc = torch.cumsum((packed_tokens(T=1024, doc_lengths=(300, 50, 500))[0] == BOS).int(), 0)
+    for shift, window in ((0, 2 * BLOCK), (1, 3 * BLOCK), (0, 1)):
+        positions_doc = doc.repeat_interleave(1 << shift)
+        ours = flex_block_mask(positions_doc, window, shift)
+        theirs = BlockMask.from_kv_blocks(ours.kv_num_blocks, ours.kv_indices, ours.full_kv_num_blocks,
+                                          ours.full_kv_indices, BLOCK_SIZE=BLOCK, mask_mod=ours.mask_mod)
+        assert same_block_lists(ours, theirs)
 
 
 def test_flex_block_mask_of_a_tensor_window_equals_that_of_an_int():
