@@ -1,6 +1,7 @@
 """Fused GPU ops of the speedrun trainer, each beside the plain PyTorch reference it must match.
 
     relu2_linear(x, weight)                         relu(x @ weight.T) ** 2, the MLP up projection
+    relu2_mlp(x, up, down)                          relu(x @ up.T) ** 2 @ down, the whole MLP (fused backward)
     fp8_linear(x, weight_t, x_scale, w_scale, grad_scale)
                                                     x @ weight_t through fp8 tensor cores (lm_head)
     softcapped_cross_entropy(logits, targets, mtp_weights, cap, shift, div, reduction)
@@ -75,12 +76,34 @@ def _relu2_linear_op(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tenso
     cols = weight.shape[0]
     pre = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
     post = torch.empty_like(pre)
+    if _tma_ready(x, weight, pre):
+        _relu2_tma(x, weight, pre, pre, post, backward=False)
+        return post, pre
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)
     _relu2_matmul_kernel[grid](
         x, weight, pre, post, rows, cols, inner,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), pre.stride(0), pre.stride(1),
     )
     return post, pre
+
+
+def _tma_ready(*tensors) -> bool:
+    """Whether the TMA kernel can take these 2-D tensors: rows 16-byte aligned, last dim contiguous."""
+    return all(t.ndim == 2 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+               and t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _relu2_tma(a, b, pre, out, post, backward: bool):
+    """Launch the persistent TMA kernel: a (M, K) @ b (N, K)^T with the squared ReLU's epilogue."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    M, K = a.shape
+    N = b.shape[0]
+    # Block shapes are placeholders here; each autotuned config's pre_hook sets its own.
+    descs = [TensorDescriptor.from_tensor(t, [16, 16]) for t in (a, b, pre, out, post)]
+    sms = torch.cuda.get_device_properties(a.device).multi_processor_count
+    grid = lambda meta: (min(sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+    _relu2_tma_persistent_kernel[grid](*descs, M, N, K, BACKWARD=backward, NUM_SMS=sms)
 
 
 @_relu2_linear_op.register_fake
@@ -116,6 +139,73 @@ def _relu2_linear_backward(ctx, grad_post, _grad_pre):
 
 
 _relu2_linear_op.register_autograd(_relu2_linear_backward, setup_context=_relu2_linear_setup_context)
+
+
+def relu2_mlp_reference(x, up, down):
+    """relu(x @ up.T) ** 2 @ down in plain PyTorch: the MLP of a block. up and down are (hidden, dim)."""
+    return relu2_linear_reference(x, up) @ down
+
+
+def relu2_mlp(x, up, down):
+    """relu(x @ up.T) ** 2 @ down for x (..., dim), up and down (hidden, dim); differentiable in all three.
+
+    Weights are cast to x's dtype. On the fused path the up projection is the Triton kernel of
+    relu2_linear, the down projection cuBLAS, and the backward's gradient through the squared ReLU
+    is the epilogue of the matmul that makes it (grad_y @ down^T, then times 2 relu(pre) before the
+    store): the (rows, hidden) gradient of the activation never goes through memory.
+    """
+    if x.ndim < 1 or up.ndim != 2 or up.shape != down.shape or x.shape[-1] != up.shape[1]:
+        raise ValueError(f"relu2_mlp needs x (..., dim) and up, down (hidden, dim), got x shape {tuple(x.shape)}, "
+                         f"up {tuple(up.shape)}, down {tuple(down.shape)}")
+    up, down = up.to(x.dtype), down.to(x.dtype)
+    if not (use_triton(x) and x.dtype in _TRITON_MATMUL_DTYPES):
+        return relu2_mlp_reference(x, up, down)
+    y = torch.ops.modded_nanogpt.relu2_mlp(x.reshape(-1, x.shape[-1]), up, down)[0]
+    return y.reshape(x.shape)
+
+
+@torch.library.custom_op("modded_nanogpt::relu2_mlp", mutates_args=())
+def _relu2_mlp_op(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor]:
+    """(y, post, pre); post and pre are kept for the backward pass."""
+    post, pre = torch.ops.modded_nanogpt.relu2_linear(x, up)
+    return post @ down, post, pre
+
+
+@_relu2_mlp_op.register_fake
+def _(x, up, down):
+    hidden = x.new_empty((x.shape[0], up.shape[0]))
+    return x.new_empty(x.shape), hidden, torch.empty_like(hidden)
+
+
+@torch.library.custom_op("modded_nanogpt::relu2_mlp_grad_pre", mutates_args=())
+def _relu2_mlp_grad_pre_op(grad_y: torch.Tensor, down: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """(grad_y @ down^T) * 2 relu(pre): the gradient of the up projection's output, in one kernel."""
+    grad_y, down, pre = grad_y.contiguous(), down.contiguous(), pre.contiguous()
+    if _tma_ready(grad_y, down, pre):
+        grad_pre = torch.empty_like(pre)
+        _relu2_tma(grad_y, down, pre, grad_pre, grad_pre, backward=True)
+        return grad_pre
+    return torch.ops.modded_nanogpt.relu2_grad(grad_y @ down.T, pre)
+
+
+@_relu2_mlp_grad_pre_op.register_fake
+def _(grad_y, down, pre):
+    return torch.empty_like(pre)
+
+
+def _relu2_mlp_setup_context(ctx, inputs, output):
+    x, up, down = inputs
+    ctx.save_for_backward(x, up, down, output[1], output[2])
+
+
+def _relu2_mlp_backward(ctx, grad_y, _grad_post, _grad_pre):
+    x, up, down, post, pre = ctx.saved_tensors
+    grad_pre = torch.ops.modded_nanogpt.relu2_mlp_grad_pre(grad_y, down, pre)
+    return grad_pre @ up, grad_pre.mT @ x, post.mT @ grad_y
+
+
+_relu2_mlp_op.register_autograd(_relu2_mlp_backward, setup_context=_relu2_mlp_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -678,6 +768,65 @@ if triton is not None:
         relu = tl.maximum(acc, 0.0)
         tl.store(pre_ptr + out_offsets, acc.to(pre_ptr.dtype.element_ty), mask=out_mask)
         tl.store(post_ptr + out_offsets, (relu * relu).to(post_ptr.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
+    def _relu2_epilogue(acc, pre_desc, out_desc, post_desc, off_m, off_n, BACKWARD: tl.constexpr):
+        dtype = out_desc.dtype
+        if BACKWARD:
+            pre = pre_desc.load([off_m, off_n]).to(tl.float32)
+            out_desc.store([off_m, off_n], (acc * 2.0 * tl.maximum(pre, 0.0)).to(dtype))
+        else:
+            out_desc.store([off_m, off_n], acc.to(dtype))
+            relu = tl.maximum(acc, 0.0)
+            post_desc.store([off_m, off_n], (relu * relu).to(dtype))
+
+    def _relu2_tma_configs():
+        def config(bm, bn, bk, warps, stages, subtile):
+            def set_block_shapes(nargs):
+                nargs["a_desc"].block_shape = [bm, bk]
+                nargs["b_desc"].block_shape = [bn, bk]
+                for name in ("pre_desc", "out_desc", "post_desc"):
+                    nargs[name].block_shape = [bm, bn // 2 if subtile else bn]
+            return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SUBTILE": subtile,
+                                  "WARP_SPECIALIZE": False}, num_warps=warps, num_stages=stages,
+                                 pre_hook=set_block_shapes)
+        # Measured on an H200 at 49,152 x 768 -> 3072 (tests/modded_bench_mlp.py): forward 410 us with
+        # (128, 256, 64, 8 warps, 4 stages, subtiled stores) against 586 us for the pointer kernel below and
+        # 474 us for cuBLAS + Inductor's relu^2; backward 453 us with 3 stages (4 do not fit in shared
+        # memory there) against 538 us for cuBLAS + the elementwise gradient kernel.
+        return [config(128, 256, 64, 8, 4, True), config(128, 256, 64, 8, 3, True), config(128, 128, 64, 8, 4, False)]
+
+    @triton.autotune(configs=_relu2_tma_configs(), key=["M", "N", "K", "BACKWARD"])
+    @triton.jit
+    def _relu2_tma_persistent_kernel(a_desc, b_desc, pre_desc, out_desc, post_desc, M, N, K,
+                                     BACKWARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
+                                     SUBTILE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+        """acc = a @ b^T (a (M, K), b (N, K), through TMA tiles), then the squared ReLU's epilogue.
+        Forward (BACKWARD=0): out = pre = acc, post = relu(acc)^2. Backward: a is the gradient of the
+        down projection's output, b the down weight, so acc is the gradient of post; out = acc * 2 relu(pre).
+        One program per SM walks the tiles, so the loads of a tile overlap the epilogue of the one before;
+        SUBTILE stores the epilogue in two column halves (less shared memory for the stores)."""
+        tiles_m = tl.cdiv(M, BLOCK_M)
+        tiles_n = tl.cdiv(N, BLOCK_N)
+        k_tiles = tl.cdiv(K, BLOCK_K)
+        programs_per_group = GROUP_M * tiles_n
+        for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_SMS, flatten=True,
+                             warp_specialize=WARP_SPECIALIZE):
+            first_tile_m = (tile // programs_per_group) * GROUP_M
+            group_rows = tl.minimum(tiles_m - first_tile_m, GROUP_M)
+            off_m = (first_tile_m + (tile % programs_per_group) % group_rows) * BLOCK_M
+            off_n = ((tile % programs_per_group) // group_rows) * BLOCK_N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for ki in range(k_tiles):
+                k = ki * BLOCK_K
+                acc = tl.dot(a_desc.load([off_m, k]), b_desc.load([off_n, k]).T, acc)
+            if SUBTILE:
+                left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+                _relu2_epilogue(left, pre_desc, out_desc, post_desc, off_m, off_n, BACKWARD)
+                _relu2_epilogue(right, pre_desc, out_desc, post_desc, off_m, off_n + BLOCK_N // 2, BACKWARD)
+            else:
+                _relu2_epilogue(acc, pre_desc, out_desc, post_desc, off_m, off_n, BACKWARD)
 
     @triton.jit
     def _relu2_grad_kernel(grad_post_ptr, pre_ptr, grad_pre_ptr, numel, BLOCK: tl.constexpr):

@@ -385,8 +385,8 @@ class GPT(nn.Module):
     def mlp(self, x, layer):
         up, down = self.mlp_bank[layer].to(x.dtype).unbind(0)
         if self.config.mlp_activation == "relu2" and self.config.mlp_kernel == "triton":
-            h = kernels.relu2_linear(x, up)
-        elif self.config.mlp_activation == "relu2":
+            return kernels.relu2_mlp(x, up, down)
+        if self.config.mlp_activation == "relu2":
             h = F.relu(x @ up.T).square()
         else:
             h = F.gelu(x @ up.T, approximate="tanh")

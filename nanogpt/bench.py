@@ -8,6 +8,7 @@ optimizer, autocast and compile exactly as the trainer does, runs `bench_warmup`
     python -m nanogpt.bench --batch_size=32 --total_batch_size=524288
   the same under a recipe, on real data:        python -m nanogpt.bench train_gpt2_fineweb --synthetic=False --data_dir=...
   another attention backend:                    python -m nanogpt.bench --attention=cudnn
+  Inductor's loss instead of the fused op:      python -m nanogpt.bench --fused_loss=False
   several GPUs:                                 torchrun --standalone --nproc_per_node=8 -m nanogpt.bench ...
   tiny, on CPU:                                 python -m nanogpt.bench tiny_cpu --bench_steps=3
 """
@@ -28,6 +29,7 @@ from nanogpt.data.shards import ShardError, find_split
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.train import (
     TrainConfig,
+    apply_run_time_options,
     compile_enabled,
     configure_backends,
     data_vocab,
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     configure_backends(cfg, rt)
     torch.manual_seed(cfg.seed)
 
-    model = GPT(GPTConfig(**scratch_model_args(cfg, vocab_size))).to(rt.device)
+    model = apply_run_time_options(GPT(GPTConfig(**scratch_model_args(cfg, vocab_size))), cfg).to(rt.device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type)
     dtype, autocast, scaler = mixed_precision(cfg, rt)
     raw_model = model
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
         "loss": loss, "device_name": rt.device_name, "world_size": rt.world_size, "torch": torch.__version__,
         "config": {k: v for k, v in asdict(cfg).items() if k in ("batch_size", "block_size", "n_layer", "n_embd",
                                                                  "attention", "compile", "compile_mode", "dtype", "inductor_tuning", "bias",
-                                                                 "total_batch_size")},
+                                                                 "total_batch_size", "fused_loss")},
     }
     if cfg.profile and rt.master:
         from torch.profiler import ProfilerActivity, profile

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanogpt.fused_loss import linear_cross_entropy
+
 
 class LayerNorm(nn.Module):
     """LayerNorm whose bias can be switched off (PyTorch's could not, before 2.1)."""
@@ -86,6 +88,8 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2 had
+    # How, not what: not part of the model's shape, so not in checkpoints' model_args.
+    fused_loss: bool = True  # training loss on CUDA through one fused lm_head + cross-entropy op (fused_loss.py)
 
 
 # The published GPT-2 family (layers, heads, width); all use 1024 positions and 50257 tokens.
@@ -182,7 +186,8 @@ class GPT(nn.Module):
         """Logits (or only the last position's, without targets) and the loss when targets are given.
 
         Training passes return_logits=False: the full (B, T, vocab) logits then need not leave the
-        compiled graph, which saves memory traffic.
+        compiled graph, which saves memory traffic. On CUDA with config.fused_loss the lm_head and the
+        loss then run as one op that makes the logits' gradient in the forward (nanogpt/fused_loss.py).
         """
         batch, seq = idx.shape
         if seq > self.config.block_size:
@@ -194,11 +199,21 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is None:  # inference: only the last position's logits are needed
             return self.lm_head(x[:, [-1], :]), None
+        if self.config.fused_loss and not return_logits and x.is_cuda:
+            return None, self._fused_lm_head_loss(x, targets)
         logits = self.lm_head(x)
         flat = logits.view(-1, logits.size(-1))
         flat = flat.to(torch.promote_types(flat.dtype, torch.float32))  # the softmax in at least fp32
         loss = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-1)
         return (logits if return_logits else None), loss
+
+    def _fused_lm_head_loss(self, x, targets):
+        """The lm_head and the mean cross-entropy in one op; the logits never leave it."""
+        weight = self.lm_head.weight
+        if torch.is_autocast_enabled(x.device.type):  # the casts autocast would make for the lm_head matmul
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
+        return linear_cross_entropy(x.reshape(-1, x.size(-1)), weight, targets.reshape(-1), ignore_index=-1)
 
     def crop_block_size(self, block_size: int):
         """Shorten the context (e.g. to fine-tune GPT-2 weights at 256 tokens)."""

@@ -60,6 +60,7 @@ class TrainConfig:
     vocab_size: int = 0  # 0 = from the data (corpus.json / meta.pkl), else GPT-2's 50304 (padded)
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2 had
+    fused_loss: bool = True  # CUDA training: lm_head + cross-entropy as one op, logits' gradient in the forward (Triton)
     # --- batch ------------------------------------------------------------------------------
     batch_size: int = 12  # sequences per micro-batch per process
     total_batch_size: int = 0  # tokens per optimizer step over all processes; 0 = one micro-batch each
@@ -292,6 +293,17 @@ def scratch_model_args(cfg: TrainConfig, vocab_size: int) -> dict:
                 vocab_size=vocab_size, dropout=cfg.dropout, bias=cfg.bias)
 
 
+# Settings of GPTConfig that choose how the model computes, not what: taken from the run's config
+# and left out of model_args, so a checkpoint resumes under either value.
+RUN_TIME_MODEL_OPTIONS = ("fused_loss",)
+
+
+def apply_run_time_options(model: GPT, cfg: TrainConfig) -> GPT:
+    for key in RUN_TIME_MODEL_OPTIONS:
+        setattr(model.config, key, getattr(cfg, key))
+    return model
+
+
 def build_model(cfg: TrainConfig, vocab_size: int, print_fn, data_vocab_size: int | None = None) -> tuple[GPT, dict]:
     if cfg.init_from in ("scratch", "resume"):
         model_args = scratch_model_args(cfg, vocab_size)
@@ -307,7 +319,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, print_fn, data_vocab_size: in
         raise ConfigError(f"block_size={cfg.block_size} exceeds the {model.config.block_size} positions of {cfg.init_from}")
     if cfg.block_size < model.config.block_size:
         model.crop_block_size(cfg.block_size)
-    return model, dataclasses.asdict(model.config)
+    return model, {k: v for k, v in dataclasses.asdict(model.config).items() if k not in RUN_TIME_MODEL_OPTIONS}
 
 
 class StopSignal:
@@ -471,6 +483,7 @@ def _train(cfg, recipe, rt: Runtime, run_dir: Path, train_files, val_files, voca
         model.load_state_dict(resume_state["model"])
     else:
         model, model_args = build_model(cfg, vocab_size, log, data_meta.get("vocab_size"))
+    apply_run_time_options(model, cfg)
     model.to(device)
     dtype, autocast, scaler = mixed_precision(cfg, rt)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type)
@@ -493,7 +506,8 @@ def _train(cfg, recipe, rt: Runtime, run_dir: Path, train_files, val_files, voca
         log("compiled the model (torch.compile); the first step includes compilation and is not timed")
 
     log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters (without position embeddings), vocab {vocab_size}, "
-        f"device {rt.device_name} x{rt.world_size}, dtype {str(dtype).removeprefix('torch.')}, attention {cfg.attention}")
+        f"device {rt.device_name} x{rt.world_size}, dtype {str(dtype).removeprefix('torch.')}, attention {cfg.attention}, "
+        f"fused_loss {cfg.fused_loss}")
     log(f"batch: {tokens_per_step:,} tokens/step = {cfg.batch_size} seq x {cfg.block_size} tok x {rt.world_size} proc "
         f"x {accumulation} accumulation; data order {order}; {train_loader.num_tokens:,} train tokens")
 

@@ -24,6 +24,8 @@ from modded_nanogpt.kernels import (
     fp8_softcapped_cross_entropy,
     relu2_linear,
     relu2_linear_reference,
+    relu2_mlp,
+    relu2_mlp_reference,
     softcapped_cross_entropy,
     softcapped_cross_entropy_reference,
     use_triton,
@@ -147,6 +149,21 @@ def test_relu2_linear_gradient_matches_float64():
 def test_relu2_linear_shape_mismatch_names_both_shapes():
     with pytest.raises(ValueError, match=r"x shape \(4, 8\) and weight shape \(16, 9\)"):
         relu2_linear(torch.zeros(4, 8), torch.zeros(16, 9))
+
+
+def test_relu2_mlp_reference_and_cpu_path_match_float64():
+    x = torch.randn(7, 12, generator=gen(30), dtype=torch.float64, requires_grad=True)
+    up = torch.randn(20, 12, generator=gen(31), dtype=torch.float64, requires_grad=True)
+    down = torch.randn(20, 12, generator=gen(32), dtype=torch.float64, requires_grad=True)
+    expected = (torch.relu(x @ up.T) ** 2) @ down
+    assert torch.equal(relu2_mlp_reference(x, up, down), expected)
+    assert torch.equal(relu2_mlp(x, up, down), expected)
+    assert torch.autograd.gradcheck(relu2_mlp, (x, up, down))
+
+
+def test_relu2_mlp_shape_mismatch_names_the_shapes():
+    with pytest.raises(ValueError, match=r"x shape \(4, 8\), up \(16, 8\), down \(16, 9\)"):
+        relu2_mlp(torch.zeros(4, 8), torch.zeros(16, 8), torch.zeros(16, 9))
 
 
 def test_fp8_reference_quantization_within_e4m3_bound():
@@ -388,6 +405,38 @@ def test_gpu_relu2_linear_matches_reference(shape):
     ref = autograd_outputs(relu2_linear_reference, (x.float(), weight.float()), grad.float())
     for got, want in zip((out, grad_x, grad_w), ref, strict=True):
         assert rel_err(got, want) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(6144, 768, 3072), (2048 + 64, 768, 3072), (37, 45, 53), (1, 72, 136)])
+def test_gpu_relu2_mlp_matches_reference(shape):
+    """The whole MLP, fused backward included: the TMA kernels at the trainer's shapes (and at a row count
+    that is no multiple of the tiles), the pointer kernel and the cuBLAS fallback at odd ones."""
+    rows, dim, hidden = shape
+    x = cuda_randn(rows, dim, seed=40)
+    up = cuda_randn(hidden, dim, seed=41, scale=dim**-0.5)
+    down = cuda_randn(hidden, dim, seed=42, scale=hidden**-0.5)
+    grad = cuda_randn(rows, dim, seed=43)
+    poison_cuda_cache(rows * hidden * 2 * 3)
+    got = autograd_outputs(relu2_mlp, (x, up, down), grad)
+    assert all(t.dtype == torch.bfloat16 for t in got)
+    assert_finite(*got)
+    want = autograd_outputs(relu2_mlp_reference, (x.double(), up.double(), down.double()), grad.double())
+    for name, g, w in zip(("y", "grad_x", "grad_up", "grad_down"), got, want, strict=True):
+        assert rel_err(g, w) < 1e-2, name
+
+
+@pytest.mark.gpu
+def test_gpu_relu2_mlp_under_torch_compile_fullgraph():
+    x = cuda_randn(4096, 768, seed=44)
+    up = cuda_randn(3072, 768, seed=45, scale=768**-0.5, dtype=torch.float32)
+    down = cuda_randn(3072, 768, seed=46, scale=3072**-0.5, dtype=torch.float32)
+    grad = cuda_randn(4096, 768, seed=47)
+    eager = autograd_outputs(relu2_mlp, (x, up, down), grad)
+    compiled = autograd_outputs(torch.compile(relu2_mlp, fullgraph=True), (x, up, down), grad)
+    assert eager[2].dtype == torch.float32  # fp32 master weights get fp32 gradients
+    for got, want in zip(compiled, eager, strict=True):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.gpu

@@ -1,0 +1,56 @@
+"""The speedrun MLP's squared-ReLU matmuls at one stage-3 micro-step (49,152 x 768 -> 3072) on a GPU:
+cuBLAS (+ an elementwise pass) against the Triton kernels, forward and backward.
+
+    python -m tests.modded_bench_mlp [--rows=49152]
+"""
+
+import sys
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from modded_nanogpt import kernels
+
+
+def main(argv):
+    rows = int(next((a.split("=")[1] for a in argv if a.startswith("--rows=")), 49152))
+    dim, hidden = 768, 3072
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(rows, dim, device="cuda", generator=g).bfloat16()
+    up = (torch.randn(hidden, dim, device="cuda", generator=g) * dim**-0.5).bfloat16()
+    down = (torch.randn(hidden, dim, device="cuda", generator=g) * hidden**-0.5).bfloat16()
+    grad_y = torch.randn(rows, dim, device="cuda", generator=g).bfloat16()
+    flop = 2 * rows * dim * hidden
+
+    def report(name, fn, got=None, want=None):
+        ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
+        err = "" if got is None else f"  max rel err {((got - want).abs().max() / want.abs().max()).item():.1e}"
+        print(f"{name:44s} {ms * 1000:7.1f} us  {flop / ms / 1e9:6.1f} TFLOP/s{err}", flush=True)
+
+    pre = x.float() @ up.float().T
+    post_want = torch.relu(pre).square()
+    grad_pre_want = 2 * (grad_y.float() @ down.float().T) * torch.relu(pre.bfloat16().float())
+    pre = pre.bfloat16()
+    relu2 = torch.compile(lambda p: torch.relu(p).square())
+
+    def pointer_kernel():
+        out = torch.empty_like(pre), torch.empty_like(pre)
+        grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(hidden, meta["BLOCK_N"]),)
+        kernels._relu2_matmul_kernel[grid](x, up, out[1], out[0], rows, hidden, dim, x.stride(0), x.stride(1),
+                                           up.stride(0), up.stride(1), hidden, 1)
+        return out
+
+    report("fwd cuBLAS mm alone", lambda: x @ up.T)
+    report("fwd cuBLAS mm + compiled relu^2", lambda: relu2(x @ up.T), relu2(x @ up.T).float(), post_want)
+    report("fwd Triton pointer kernel", pointer_kernel, pointer_kernel()[0].float(), post_want)
+    fused = lambda: torch.ops.modded_nanogpt.relu2_linear(x, up)
+    report("fwd Triton TMA kernel (relu2_linear)", fused, fused()[0].float(), post_want)
+    apart = lambda: torch.ops.modded_nanogpt.relu2_grad(grad_y @ down.T, pre)
+    report("bwd cuBLAS mm + relu2_grad kernel", apart, apart().float(), grad_pre_want)
+    fused = lambda: torch.ops.modded_nanogpt.relu2_mlp_grad_pre(grad_y, down, pre)
+    report("bwd fused (relu2_mlp_grad_pre)", fused, fused().float(), grad_pre_want)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
