@@ -142,8 +142,14 @@ def block_classes(doc: torch.Tensor, window_tokens: int, shift: int):
 
 @torch.library.custom_op("modded_nanogpt::ordered_lists", mutates_args=())
 def _ordered_lists_op(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # The stable descending argsort of a 0/1 row, from prefix sums: a True column's place is the number
+    # of True columns before it; a False column's, the row's count plus the False columns before it. One
+    # scatter puts each column at its place (a few elementwise kernels, cheaper than a segmented sort).
     ones = blocks.to(torch.int32, memory_format=torch.contiguous_format)  # outputs as the fake's: contiguous
-    return ones.sum(dim=-1, dtype=torch.int32), torch.argsort(ones, dim=-1, descending=True, stable=True).int()
+    counts = ones.sum(dim=-1, dtype=torch.int32)
+    place = torch.where(blocks, torch.cumsum(ones, dim=-1) - 1, counts[..., None] + torch.cumsum(1 - ones, dim=-1) - 1)
+    columns = torch.arange(ones.shape[-1], device=ones.device, dtype=torch.int32).expand_as(ones)
+    return counts, torch.empty_like(ones).scatter_(-1, place.long(), columns)
 
 
 @_ordered_lists_op.register_fake
@@ -153,10 +159,11 @@ def _(blocks):
 
 def ordered_lists(blocks: torch.Tensor):
     """Row by row of a boolean (n, n) matrix: how many True, and the column order with the True columns
-    first, then the others, each ascending (a stable descending argsort), shaped (1, 1, n) and
-    (1, 1, n, n) as BlockMask takes them. An opaque op, so a compiled graph calls PyTorch's own sort:
-    traced, the sort became Triton sorting networks whose compile time grows steeply with n (at the
-    speedrun's 128-768 blocks per row they took ~2 minutes of the first compile)."""
+    first, then the others, each ascending (what a stable descending argsort gives), shaped (1, 1, n) and
+    (1, 1, n, n) as BlockMask takes them. An opaque op that runs eagerly inside a compiled graph: traced,
+    an argsort became Triton sorting networks whose compile time grows steeply with n (at the speedrun's
+    128-768 blocks per row they took ~2 minutes of the first compile), and a traced scatter hit an
+    Inductor code-generation error (torch 2.11)."""
     counts, order = _ordered_lists_op(blocks)
     return counts[None, None].contiguous(), order[None, None].contiguous()
 

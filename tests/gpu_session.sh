@@ -16,7 +16,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 "$PYTHON" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
 if [ "$TESTS" = 1 ]; then
   if "$PYTHON" -c 'import pytest' 2>/dev/null; then
-    "$PYTHON" -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
+    "$PYTHON" -m pytest -q -m gpu tests/test_gpu.py tests/test_fused_loss.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
   else
     echo "pytest is not installed here: gpu tests skipped (carry its wheel to run them)"
   fi
