@@ -61,7 +61,7 @@ class ModelConfig:
     softcap: bool = True
     qk_norm: bool = True
     mlp_activation: str = "relu2"
-    mlp_kernel: str = "triton"  # relu2 up-projection: triton (fused kernel) | torch (matmul; Inductor fuses relu^2)
+    mlp_kernel: str = "triton"  # relu2 MLP: triton (kernels.relu2_mlp: TMA kernel, fused backward) | torch (Inductor)
     fp8: bool = True
     attn_scale: float = 0.12
     rope_min_wavelength_ratio: float = 1024.0  # lowest rotating frequency is 1/1024 rad per token

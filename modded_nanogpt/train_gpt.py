@@ -83,7 +83,7 @@ class Hyperparameters:
     softcap: bool = True  # logits -> 23 * sigmoid((logits + 5) / 7.5)
     qk_norm: bool = True
     mlp_activation: str = "relu2"  # relu2 | gelu
-    mlp_kernel: str = "triton"  # relu2 up-projection: triton (fused kernel) | torch (cuBLAS matmul, relu^2 fused by Inductor)
+    mlp_kernel: str = "triton"  # relu2 MLP: triton (kernels.relu2_mlp, activation and its gradient in matmul epilogues) | torch (cuBLAS + Inductor)
     optimizer: str = "normuon"  # normuon (banks) + Adam (rest) | adamw (everything)
     attention_backend: str = "auto"  # auto | fa3 | flex | sdpa
     attention_skip_layers: list[int] = field(default_factory=lambda: [6])
