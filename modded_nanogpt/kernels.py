@@ -88,9 +88,11 @@ def _relu2_linear_op(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tenso
 
 
 def _tma_ready(*tensors) -> bool:
-    """Whether the TMA kernel can take these 2-D tensors: rows 16-byte aligned, last dim contiguous."""
-    return all(t.ndim == 2 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
-               and t.data_ptr() % 16 == 0 for t in tensors)
+    """Whether the TMA kernel can take these 2-D tensors: a GPU with TMA (Hopper or later; A100s take the
+    pointer kernel), rows 16-byte aligned, last dim contiguous."""
+    return (torch.cuda.get_device_capability(tensors[0].device)[0] >= 9
+            and all(t.ndim == 2 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+                    and t.data_ptr() % 16 == 0 for t in tensors))
 
 
 def _relu2_tma(a, b, pre, out, post, backward: bool):
