@@ -72,19 +72,24 @@ def relu2_linear(x, weight):
 @torch.library.custom_op("modded_nanogpt::relu2_linear", mutates_args=())
 def _relu2_linear_op(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(post, pre) for 2-D x and weight; pre is kept only for the backward pass."""
-    rows, inner = x.shape
-    cols = weight.shape[0]
-    pre = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
+    pre = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
     post = torch.empty_like(pre)
     if _tma_ready(x, weight, pre):
         _relu2_tma(x, weight, pre, pre, post, backward=False)
-        return post, pre
+    else:
+        _relu2_pointer(x, weight, pre, post)
+    return post, pre
+
+
+def _relu2_pointer(x, weight, pre, post):
+    """Launch the pointer-based kernel (any strides, any GPU): pre = x @ weight^T, post = relu(pre)^2."""
+    rows, inner = x.shape
+    cols = weight.shape[0]
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)
     _relu2_matmul_kernel[grid](
         x, weight, pre, post, rows, cols, inner,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), pre.stride(0), pre.stride(1),
     )
-    return post, pre
 
 
 def _tma_ready(*tensors) -> bool:
@@ -608,17 +613,18 @@ def _(grad_rows, logits, targets, weights, weight_values, row_lse, x_fp8_t, w_fp
 
 
 def _softcapped_ce_grad_fp8(grad_rows, logits, targets, weights, weight_values, row_lse, cap, shift, div,
-                            grad_scale):
-    """The loss's gradient w.r.t. the logits as e5m2 codes of grad / grad_scale, (N, V) and (V, N)."""
+                            grad_scale, block_r=64, block_c=64, num_warps=4):
+    """The loss's gradient w.r.t. the logits as e5m2 codes of grad / grad_scale, (N, V) and (V, N).
+    The tile: 64 x 64 with 4 warps was the fastest of nine shapes on an H100 (modded_nanogpt/PERF_NOTES.md)."""
     rows, vocab = logits.shape
     weights = _mtp_weight_tensor(weights, weight_values, logits.device)
     q = torch.empty((rows, vocab), dtype=_FLOAT8_E5M2, device=logits.device)
     q_t = torch.empty((vocab, rows), dtype=_FLOAT8_E5M2, device=logits.device)
-    grid = (triton.cdiv(rows, 64), triton.cdiv(vocab, 64))
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(vocab, block_c))
     _softcapped_ce_grad_fp8_kernel[grid](
         grad_rows, grad_rows.stride(0), logits, logits.stride(0), logits.stride(1), q, q_t, targets.contiguous(),
         weights, weights.numel(), row_lse, rows, vocab, cap, shift, 1.0 / div, grad_scale,
-        torch.finfo(_FLOAT8_E5M2).max, BLOCK_R=64, BLOCK_C=64, num_warps=4)
+        torch.finfo(_FLOAT8_E5M2).max, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
     return q, q_t
 
 

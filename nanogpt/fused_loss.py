@@ -205,10 +205,11 @@ def _launch(logits, targets, row_losses, ignore_index: int, write_grad: bool, bl
     )
 
 
-def _candidates(vocab: int) -> list[tuple[int, int, bool]]:
-    """Configs whose block is not far wider than the row (all of them at vocab 50304)."""
+def _candidates(vocab: int, write_grad: bool) -> list[tuple[int, int, bool]]:
+    """Configs whose block is not far wider than the row (all of them at vocab 50304); without the
+    gradient pass the L2 hints change nothing, so only the configs without them."""
     widest = max(_CONFIGS[0][0], triton.next_power_of_2(vocab))
-    return [c for c in _CONFIGS if c[0] <= widest]
+    return [c for c in _CONFIGS if c[0] <= widest and (write_grad or not c[2])]
 
 
 def tune(vocab: int, dtype: torch.dtype, device, write_grad: bool = True, rows: int = _TUNE_ROWS) -> dict:
@@ -222,7 +223,7 @@ def tune(vocab: int, dtype: torch.dtype, device, write_grad: bool = True, rows: 
     # The kernel overwrites the scratch rows with gradients on its first run; its cost does not
     # depend on the values, so the later runs time the same work.
     return {config: do_bench(lambda config=config: _launch(scratch, targets, row_losses, -1, write_grad, *config))
-            for config in _candidates(vocab)}
+            for config in _candidates(vocab, write_grad)}
 
 
 def _row_losses_triton_(logits, targets, ignore_index: int, compute_grad: bool):
