@@ -9,6 +9,7 @@ optimizer, autocast and compile exactly as the trainer does, runs `bench_warmup`
   the same under a recipe, on real data:        python -m nanogpt.bench train_gpt2_fineweb --synthetic=False --data_dir=...
   another attention backend:                    python -m nanogpt.bench --attention=cudnn
   Inductor's loss instead of the fused op:      python -m nanogpt.bench --fused_loss=False
+  Inductor's GELU between cuBLAS matmuls:       python -m nanogpt.bench --fused_mlp=False
   several GPUs:                                 torchrun --standalone --nproc_per_node=8 -m nanogpt.bench ...
   tiny, on CPU:                                 python -m nanogpt.bench tiny_cpu --bench_steps=3
 """
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
         "loss": loss, "device_name": rt.device_name, "world_size": rt.world_size, "torch": torch.__version__,
         "config": {k: v for k, v in asdict(cfg).items() if k in ("batch_size", "block_size", "n_layer", "n_embd",
                                                                  "attention", "compile", "compile_mode", "dtype", "inductor_tuning", "bias",
-                                                                 "total_batch_size", "fused_loss")},
+                                                                 "total_batch_size", "fused_loss", "fused_mlp")},
     }
     if cfg.profile and rt.master:
         from torch.profiler import ProfilerActivity, profile

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanogpt.fused_loss import linear_cross_entropy
+from nanogpt.fused_mlp import gelu_mlp
 
 
 class LayerNorm(nn.Module):
@@ -60,10 +61,21 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.config = config  # shared with the model: fused_mlp is read at each forward
 
     def forward(self, x):
         # GPT-2 used the tanh approximation of GELU; keeping it makes converted weights exact.
+        if self.config.fused_mlp and x.is_cuda:
+            return self.dropout(self._fused(x))
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+    def _fused(self, x):
+        """The same MLP as one op with the GELU in its matmuls' epilogues (nanogpt/fused_mlp.py)."""
+        tensors = (x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias)
+        if torch.is_autocast_enabled(x.device.type):  # the casts autocast would make for the two Linears
+            dtype = torch.get_autocast_dtype(x.device.type)
+            tensors = tuple(None if t is None else t.to(dtype) for t in tensors)
+        return gelu_mlp(*tensors)
 
 
 class Block(nn.Module):
@@ -90,6 +102,7 @@ class GPTConfig:
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2 had
     # How, not what: not part of the model's shape, so not in checkpoints' model_args.
     fused_loss: bool = True  # training loss on CUDA through one fused lm_head + cross-entropy op (fused_loss.py)
+    fused_mlp: bool = True  # on CUDA, the MLP as one op with the GELU in Triton matmul epilogues (fused_mlp.py)
 
 
 # The published GPT-2 family (layers, heads, width); all use 1024 positions and 50257 tokens.

@@ -61,6 +61,7 @@ class TrainConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2 had
     fused_loss: bool = True  # CUDA training: lm_head + cross-entropy as one op, logits' gradient in the forward (Triton)
+    fused_mlp: bool = True  # CUDA on Hopper+: the MLP as one op, GELU in Triton matmul epilogues (others: unfused)
     # --- batch ------------------------------------------------------------------------------
     batch_size: int = 12  # sequences per micro-batch per process
     total_batch_size: int = 0  # tokens per optimizer step over all processes; 0 = one micro-batch each
@@ -295,7 +296,7 @@ def scratch_model_args(cfg: TrainConfig, vocab_size: int) -> dict:
 
 # Settings of GPTConfig that choose how the model computes, not what: taken from the run's config
 # and left out of model_args, so a checkpoint resumes under either value.
-RUN_TIME_MODEL_OPTIONS = ("fused_loss",)
+RUN_TIME_MODEL_OPTIONS = ("fused_loss", "fused_mlp")
 
 
 def apply_run_time_options(model: GPT, cfg: TrainConfig) -> GPT:
@@ -507,7 +508,7 @@ def _train(cfg, recipe, rt: Runtime, run_dir: Path, train_files, val_files, voca
 
     log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters (without position embeddings), vocab {vocab_size}, "
         f"device {rt.device_name} x{rt.world_size}, dtype {str(dtype).removeprefix('torch.')}, attention {cfg.attention}, "
-        f"fused_loss {cfg.fused_loss}")
+        f"fused_loss {cfg.fused_loss}, fused_mlp {cfg.fused_mlp}")
     log(f"batch: {tokens_per_step:,} tokens/step = {cfg.batch_size} seq x {cfg.block_size} tok x {rt.world_size} proc "
         f"x {accumulation} accumulation; data order {order}; {train_loader.num_tokens:,} train tokens")
 

@@ -4,6 +4,7 @@
 # ending with a short table. Results go to $OUT (or ./gpu_out) as JSON and logs.
 #   bash tests/gpu_session.sh                 # everything
 #   SWEEP="32:auto 32:cudnn" TESTS=0 bash tests/gpu_session.sh
+#   SWEEP="128:auto" BENCH_ARGS="--fused_mlp=False" TESTS=0 bash tests/gpu_session.sh   # the table has a column per switch
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 SWEEP=${SWEEP-"32:auto 64:auto"}    # micro-batch:attention backend; SWEEP="" runs the tests only
@@ -16,7 +17,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 "$PYTHON" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
 if [ "$TESTS" = 1 ]; then
   if "$PYTHON" -c 'import pytest' 2>/dev/null; then
-    "$PYTHON" -m pytest -q -m gpu tests/test_gpu.py tests/test_fused_loss.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
+    "$PYTHON" -m pytest -q -m gpu tests/test_gpu.py tests/test_fused_loss.py tests/test_fused_mlp.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
   else
     echo "pytest is not installed here: gpu tests skipped (carry its wheel to run them)"
   fi
@@ -33,9 +34,9 @@ done
 "$PYTHON" - "$OUT" <<'PY'
 import json, sys, pathlib
 rows = [json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[1]).glob("bench_*.json"))]
-print(f"{'micro':>5} {'attention':>9} {'tuning':>6} {'bias':>5} {'ms/step':>8} {'tok/s':>10} {'MFU':>6} {'mem GiB':>7}  device")
+print(f"{'micro':>5} {'attention':>9} {'tuning':>6} {'bias':>5} {'loss':>5} {'mlp':>5} {'ms/step':>8} {'tok/s':>10} {'MFU':>6} {'mem GiB':>7}  device")
 for r in rows:
     c = r["config"]
-    print(f"{c['batch_size']:>5} {c['attention']:>9} {str(c.get('inductor_tuning')):>6} {str(c.get('bias')):>5} {r['ms_per_step']:>8.1f} {r['tokens_per_s']:>10,.0f} "
+    print(f"{c['batch_size']:>5} {c['attention']:>9} {str(c.get('inductor_tuning')):>6} {str(c.get('bias')):>5} {str(c.get('fused_loss')):>5} {str(c.get('fused_mlp')):>5} {r['ms_per_step']:>8.1f} {r['tokens_per_s']:>10,.0f} "
           f"{100 * r['mfu']:>5.1f}% {r['peak_memory_gib']:>7.1f}  {r['device_name']}")
 PY
