@@ -131,8 +131,11 @@ def main(argv: list[str] | None = None) -> dict:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             steps(1).item()
             sync()
-        table = prof.key_averages().table(sort_by="cuda_time_total" if rt.device_type == "cuda" else "cpu_time_total",
-                                          row_limit=40, max_name_column_width=90)
+        averages = prof.key_averages()
+        table = averages.table(sort_by="cuda_time_total" if rt.device_type == "cuda" else "cpu_time_total",
+                               row_limit=40, max_name_column_width=90)
+        if rt.device_type == "cuda":  # and the kernels themselves, by their own time
+            table += "\n" + averages.table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=90)
         Path(cfg.profile).write_text(table)
     mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
     say(f"bench | {ms_per_step:.1f} ms/step | {tokens_per_s:,.0f} tok/s | {tokens_per_s / rt.world_size:,.0f} tok/s/gpu "
