@@ -396,6 +396,16 @@ _fp8_linear_op.register_autograd(_fp8_linear_backward, setup_context=_fp8_linear
 # softcapped_cross_entropy: multi-token-prediction CE on sigmoid-capped logits
 # ---------------------------------------------------------------------------------------------
 
+# The softcap's sigmoid in the CE kernels: for 16-bit logits the GPU's one-instruction tanh (its error, at most
+# cap * 2^-11.99 ~ 5.6e-3 on a capped logit, is under half a bf16 step of logits above 2), for float32 logits
+# and with MODDED_EXACT_SIGMOID=1 the exact formula. The kernels are bound by such instructions (PERF_NOTES.md).
+FAST_SIGMOID = os.environ.get("MODDED_EXACT_SIGMOID", "") in ("", "0")
+
+
+def _fast_sigmoid(logits) -> bool:
+    return FAST_SIGMOID and logits.dtype != torch.float32
+
+
 def _check_ce_args(logits, targets, mtp_weights, cap, reduction):
     if logits.ndim != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"softcapped_cross_entropy needs logits (N, V) and targets (N,), "
@@ -495,7 +505,7 @@ def _softcapped_ce_forward(logits, targets, weights, weight_values, cap, shift, 
     row_lse = torch.empty_like(row_losses)
     _softcapped_ce_forward_kernel[(rows,)](
         logits, logits.stride(0), targets.contiguous(), weights, row_losses, row_lse,
-        rows, vocab, cap, shift, 1.0 / div, N_MTP=weights.numel(),
+        rows, vocab, cap, shift, 1.0 / div, N_MTP=weights.numel(), FAST=_fast_sigmoid(logits),
     )
     return row_losses, row_lse
 
@@ -519,6 +529,7 @@ def _softcapped_ce_backward_op(grad_rows: torch.Tensor, logits: torch.Tensor, ta
     _softcapped_ce_backward_kernel[(rows,)](
         grad_rows, grad_rows.stride(0), logits, logits.stride(0), grad_logits, grad_logits.stride(0),
         targets.contiguous(), weights, row_lse, rows, vocab, cap, shift, 1.0 / div, N_MTP=weights.numel(),
+        FAST=_fast_sigmoid(logits),
     )
     return grad_logits
 
@@ -624,7 +635,8 @@ def _softcapped_ce_grad_fp8(grad_rows, logits, targets, weights, weight_values, 
     _softcapped_ce_grad_fp8_kernel[grid](
         grad_rows, grad_rows.stride(0), logits, logits.stride(0), logits.stride(1), q, q_t, targets.contiguous(),
         weights, weights.numel(), row_lse, rows, vocab, cap, shift, 1.0 / div, grad_scale,
-        torch.finfo(_FLOAT8_E5M2).max, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+        torch.finfo(_FLOAT8_E5M2).max, BLOCK_R=block_r, BLOCK_C=block_c, FAST=_fast_sigmoid(logits),
+        num_warps=num_warps)
     return q, q_t
 
 
@@ -877,6 +889,16 @@ if triton is not None:
         clamped = tl.minimum(tl.maximum(scaled, -bound), bound)
         return clamped.to(fp8_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
 
+    @triton.jit
+    def _sigmoid(x, FAST: tl.constexpr):
+        """sigmoid(x): with FAST, 0.5 + 0.5 tanh(x / 2) through tanh.approx.f32 (one special-function
+        instruction, relative error <= 2^-10.99); else tl.sigmoid (an exp and an IEEE division)."""
+        if FAST:
+            t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [0.5 * x], dtype=tl.float32,
+                                          is_pure=True, pack=1)
+            return 0.5 + 0.5 * t
+        return tl.sigmoid(x)
+
     _ROW_CONFIGS = [triton.Config({"BLOCK_V": 1024}, num_warps=4), triton.Config({"BLOCK_V": 2048}, num_warps=8),
                     triton.Config({"BLOCK_V": 4096}, num_warps=8), triton.Config({"BLOCK_V": 4096}, num_warps=16)]
 
@@ -885,7 +907,7 @@ if triton is not None:
     @triton.autotune(configs=_ROW_CONFIGS, key=["V", "N_MTP"])
     @triton.jit(do_not_specialize=["N_MTP"])
     def _softcapped_ce_forward_kernel(logits_ptr, stride_row, targets_ptr, weights_ptr, row_loss_ptr, row_lse_ptr,
-                                      N, V, cap, shift, inv_div, N_MTP, BLOCK_V: tl.constexpr):
+                                      N, V, cap, shift, inv_div, N_MTP, BLOCK_V: tl.constexpr, FAST: tl.constexpr):
         """One program per row: log-sum-exp of the softcapped row, then its weighted target terms."""
         row = tl.program_id(0)
         row_ptr = logits_ptr + row.to(tl.int64) * stride_row
@@ -896,7 +918,7 @@ if triton is not None:
             cols = start + tl.arange(0, BLOCK_V)
             in_row = cols < V
             z = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
-            capped = tl.where(in_row, cap * tl.sigmoid((z + shift) * inv_div), 0.0)
+            capped = tl.where(in_row, cap * _sigmoid((z + shift) * inv_div, FAST), 0.0)
             new_max = tl.maximum(row_max, tl.max(capped, axis=0))
             block_sum = tl.sum(tl.where(in_row, tl.exp(capped - new_max), 0.0), axis=0)
             sum_exp = sum_exp * tl.exp(row_max - new_max) + block_sum
@@ -908,7 +930,7 @@ if triton is not None:
             valid = row + k < N
             target = tl.load(targets_ptr + row + k, mask=valid, other=0)
             z_target = tl.load(row_ptr + target).to(tl.float32)
-            capped_target = cap * tl.sigmoid((z_target + shift) * inv_div)
+            capped_target = cap * _sigmoid((z_target + shift) * inv_div, FAST)
             loss += tl.where(valid, tl.load(weights_ptr + k) * (lse - capped_target), 0.0)
         tl.store(row_loss_ptr + row, loss)
         tl.store(row_lse_ptr + row, lse)
@@ -917,7 +939,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["N_MTP"])
     def _softcapped_ce_backward_kernel(grad_rows_ptr, grad_rows_stride, logits_ptr, stride_row, grad_ptr,
                                        grad_stride_row, targets_ptr, weights_ptr, row_lse_ptr, N, V, cap, shift,
-                                       inv_div, N_MTP, BLOCK_V: tl.constexpr):
+                                       inv_div, N_MTP, BLOCK_V: tl.constexpr, FAST: tl.constexpr):
         """grad = g_t * (W_t softmax(s) - sum_k w_k onehot(y_{t+k})) * ds/dz, with W_t the valid weights' sum."""
         row = tl.program_id(0)
         row_ptr = logits_ptr + row.to(tl.int64) * stride_row
@@ -931,7 +953,7 @@ if triton is not None:
             cols = start + tl.arange(0, BLOCK_V)
             in_row = cols < V
             z = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
-            sig = tl.sigmoid((z + shift) * inv_div)
+            sig = _sigmoid((z + shift) * inv_div, FAST)
             dloss_dcapped = weight_total * tl.exp(cap * sig - lse)
             for k in range(N_MTP):
                 valid = row + k < N
@@ -942,7 +964,7 @@ if triton is not None:
 
     @triton.jit
     def _ce_grad_tile(z, rows, cols, grad_rows_ptr, grad_rows_stride, targets_ptr, weights_ptr, n_mtp, row_lse_ptr,
-                      N, cap, shift, inv_div):
+                      N, cap, shift, inv_div, FAST: tl.constexpr):
         """The softcapped CE's gradient for a tile of logits z; rows and cols broadcast to z's shape. The
         same arithmetic, in the same order, as _softcapped_ce_backward_kernel."""
         in_rows = rows < N
@@ -951,7 +973,7 @@ if triton is not None:
         weight_total = tl.zeros(rows.shape, dtype=tl.float32)
         for k in range(n_mtp):
             weight_total += tl.where(rows + k < N, tl.load(weights_ptr + k), 0.0)
-        sig = tl.sigmoid((z + shift) * inv_div)
+        sig = _sigmoid((z + shift) * inv_div, FAST)
         dloss_dcapped = weight_total * tl.exp(cap * sig - lse)
         for k in range(n_mtp):
             target = tl.load(targets_ptr + rows + k, mask=rows + k < N, other=-1)  # -1 matches no column
@@ -961,7 +983,8 @@ if triton is not None:
     @triton.jit(do_not_specialize=["N_MTP"])
     def _softcapped_ce_grad_fp8_kernel(grad_rows_ptr, grad_rows_stride, logits_ptr, stride_r, stride_c, q_ptr,
                                        q_t_ptr, targets_ptr, weights_ptr, N_MTP, row_lse_ptr, N, V, cap, shift,
-                                       inv_div, scale, bound, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                                       inv_div, scale, bound, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                                       FAST: tl.constexpr):
         """q = e5m2(bf16(grad) / scale) of a (BLOCK_R, BLOCK_C) tile of the CE gradient, (N, V) row-major,
         and q_t = q^T, (V, N) row-major. bf16 first: the codes of the CE backward followed by the quantizer.
         On H100 at 49,152 x 50,304: 5.6 ms against 7.4 ms for the CE backward + quantizer (8.0 ms with tl.div_rn
@@ -972,7 +995,7 @@ if triton is not None:
         mask_t = (cols[:, None] < V) & (rows[None, :] < N)
         z = tl.load(logits_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
         grad = _ce_grad_tile(z.to(tl.float32), rows[:, None], cols[None, :], grad_rows_ptr, grad_rows_stride,
-                             targets_ptr, weights_ptr, N_MTP, row_lse_ptr, N, cap, shift, inv_div)
+                             targets_ptr, weights_ptr, N_MTP, row_lse_ptr, N, cap, shift, inv_div, FAST)
         codes = _to_fp8(grad.to(tl.bfloat16), scale, bound, q_ptr)
         tl.store(q_ptr + rows[:, None] * V + cols[None, :], codes, mask=mask)
         tl.store(q_t_ptr + cols[:, None] * N + rows[None, :], tl.trans(codes), mask=mask_t)

@@ -9,6 +9,7 @@ against float64 computed from the same 16-bit inputs at the trainer's shape and 
 compiled, and a small model trained a few steps with and without it.
 """
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,12 @@ def test_import_needs_no_triton_and_touches_no_cuda():
             "import torch, nanogpt.model, nanogpt.fused_mlp as f\n"
             "assert f.triton is None and not torch.cuda.is_initialized()\n")
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
+
+
+@pytest.mark.parametrize("value, approx", [("", True), ("0", True), ("1", False)])
+def test_exact_gelu_switch_is_read_from_the_environment(value, approx):
+    code = f"import nanogpt.fused_mlp as f; assert f.APPROX_TANH is {approx}"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, env={**os.environ, "NANOGPT_GELU_EXACT": value})
 
 
 def test_gelu_formulas_match_torch_tanh_gelu_and_its_derivative():
