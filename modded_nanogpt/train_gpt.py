@@ -42,6 +42,7 @@ from modded_nanogpt.data.loader import (
     ShardError,
     check_shard_header,
     find_shards,
+    to_device_async,
 )
 from modded_nanogpt.dist_optim import AdamGroup, BankSpec, SpeedrunOptimizer
 from modded_nanogpt.model import GPT, ModelConfig, select_attention_backend
@@ -361,7 +362,7 @@ def window_inputs(model, short_window: int, long_window: int, device):
     one graph; FlashAttention 3 takes its window as a Python int (then each window compiles its own)."""
     if model.attention_backend == "fa3":
         return short_window, long_window
-    return tuple(torch.tensor(w, dtype=torch.int64, device=device) for w in (short_window, long_window))
+    return tuple(to_device_async(torch.tensor(w, dtype=torch.int64), device) for w in (short_window, long_window))
 
 
 def train_step(model, step_fn, optimizer, loader, plan, rt: Runtime):
@@ -371,7 +372,7 @@ def train_step(model, step_fn, optimizer, loader, plan, rt: Runtime):
     loader.tokens_per_rank = micro_tokens
     model.set_long_window(plan.long_window)
     # A tensor, so the weights can move every step without a recompile (their count changes per stage).
-    mtp = torch.tensor(plan.mtp_weights, dtype=torch.float32, device=rt.device)
+    mtp = to_device_async(torch.tensor(plan.mtp_weights, dtype=torch.float32), rt.device)
     short, long = window_inputs(model, plan.short_window, plan.long_window, rt.device)
     loss_total = torch.zeros((), device=rt.device)
     for _ in range(accumulation):

@@ -16,7 +16,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from modded_nanogpt.data.loader import PackedBatch
+from modded_nanogpt.data.loader import PackedBatch, to_device_async
 from modded_nanogpt.model import GPT, select_attention_backend
 from modded_nanogpt.schedule import Schedule
 from modded_nanogpt.train_gpt import (
@@ -32,6 +32,7 @@ from modded_nanogpt.train_gpt import (
 class SyntheticLoader:
     def __init__(self, bos_id, vocab, device):
         self.tokens_per_rank, self.bos_id, self.vocab, self.device = 0, bos_id, vocab, device
+        self.blocking = "--blocking_loader" in sys.argv
         self.generator = torch.Generator().manual_seed(0)
 
     def next_batch(self):
@@ -40,7 +41,10 @@ class SyntheticLoader:
         stream[::800] = self.bos_id
         starts = torch.arange(0, n, 800, dtype=torch.int32)
         cu = torch.cat([starts, torch.tensor([n], dtype=torch.int32)])
-        return PackedBatch(stream[:-1].int().to(self.device), stream[1:].to(self.device), cu.to(self.device))
+        if self.blocking:  # the old loaders' copies from pageable memory: each waits for the GPU to drain
+            return PackedBatch(stream[:-1].int().to(self.device), stream[1:].to(self.device), cu.to(self.device))
+        inputs, targets, cu = (to_device_async(t, self.device) for t in (stream[:-1].int(), stream[1:], cu))
+        return PackedBatch(inputs, targets, cu)
 
 
 def bench_head(rows: int):
@@ -104,7 +108,8 @@ def main(argv):
         return
     stage = int(next((a.split("=")[1] for a in argv if a.startswith("--stage=")), 2))
     steps = int(next((a.split("=")[1] for a in argv if a.startswith("--steps=")), 6))
-    hp = parse_hyperparameters([a for a in argv if not a.startswith(("--stage=", "--steps=", "--no_profile"))])
+    hp = parse_hyperparameters([a for a in argv if not a.startswith(("--stage=", "--steps=", "--no_profile",
+                                                                    "--blocking_loader"))])
 
     rt = Runtime(0, 0, 1, torch.device("cuda"))
     model = GPT(model_config(hp)).cuda()

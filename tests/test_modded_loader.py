@@ -287,3 +287,22 @@ def test_clipped_fraction_counts_what_clipping_leaves_out(tmp_path):
     loader = DistributedBOSLoader([path], 8, 64, bos)
     assert loader.clipped_fraction() == 0.0
     loader.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_loaders_give_the_cpu_batches(tmp_path):
+    """On CUDA the batches are assembled in pinned host memory and copied asynchronously (to_device_async):
+    the same tokens, dtypes and document starts as on the CPU, batch after batch across shards."""
+    rng = np.random.default_rng()
+    files, bos_id, _ = make_corpus(tmp_path, rng, [30, 0, 12])
+    pairs = [(DistributedBOSLoader(files, 200, MAX_SEQ_LEN, bos_id),
+              DistributedBOSLoader(files, 200, MAX_SEQ_LEN, bos_id, device="cuda")),
+             (SequentialLoader(files, 64, 64 * 6, bos_id), SequentialLoader(files, 64, 64 * 6, bos_id, device="cuda"))]
+    for cpu, gpu in pairs:
+        for _ in range(6):
+            want, got = cpu.next_batch(), gpu.next_batch()
+            for a, b in zip(want, got, strict=True):
+                assert b.is_cuda and a.dtype == b.dtype and torch.equal(a, b.cpu())
+    for loader in pairs[0]:  # the shard loaders' background threads
+        loader.close()
