@@ -3,8 +3,10 @@
     python -m tests.modded_profile [--stage=2] [--steps=6] [--no_profile] [--key=value of Hyperparameters ...]
     python -m tests.modded_profile --bench_head [--rows=49152]
 
-Synthetic packed batches (random tokens, a BOS every ~800 tokens), the trainer's own model, optimizer and
-step function; prints the median step time, then the profiler's top CUDA kernels for two steps.
+Synthetic packed batches (random tokens, a BOS every ~800 tokens; --blocking_loader copies them from pageable
+memory, as the loaders did before session 5) or, with --data_dir=DIR, the trainer's loader on real shards; the
+trainer's own model, optimizer and step function. Prints the median step time, then the profiler's top CUDA
+kernels for two steps and the GPU's busy time against the wall time (the difference: the GPU waiting).
 --bench_head times the backward of the FP8 head + softcapped loss at one micro-step's size: the CE backward
 then the quantizer (two kernels) against the fused CE-gradient + e5m2 kernel (both transposes).
 """
@@ -16,7 +18,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from modded_nanogpt.data.loader import PackedBatch, to_device_async
+from modded_nanogpt.data.loader import DistributedBOSLoader, PackedBatch, to_device_async
 from modded_nanogpt.model import GPT, select_attention_backend
 from modded_nanogpt.schedule import Schedule
 from modded_nanogpt.train_gpt import (
@@ -25,6 +27,7 @@ from modded_nanogpt.train_gpt import (
     build_optimizer,
     model_config,
     parse_hyperparameters,
+    resolve_data,
     train_step,
 )
 
@@ -112,6 +115,7 @@ def main(argv):
                                                                     "--blocking_loader"))])
 
     rt = Runtime(0, 0, 1, torch.device("cuda"))
+    train_files = resolve_data(hp)[0] if hp.data_dir else None  # real shards (vocab/bos from corpus.json)
     model = GPT(model_config(hp)).cuda()
     model.attention_backend = select_attention_backend(hp.attention_backend, rt.device)
     schedule = Schedule(hp.num_iterations, hp.extension_iterations, hp.seq_len, TOTAL_MICRO_STEPS, hp.batch_schedule,
@@ -122,7 +126,12 @@ def main(argv):
         model.untie()
     step_fn = torch.compile(model, fullgraph=True, dynamic=False)
     optimizer = build_optimizer(model, hp, rt)
-    loader = SyntheticLoader(hp.bos_id, 50257, rt.device)
+    if train_files:
+        torch._dynamo.config.cache_size_limit = 64  # as the trainer
+        loader = DistributedBOSLoader(train_files, plan.batch_tokens // TOTAL_MICRO_STEPS, hp.seq_len, hp.bos_id,
+                                      device=rt.device)
+    else:
+        loader = SyntheticLoader(hp.bos_id, 50257, rt.device)
     t0 = time.perf_counter()
     train_step(model, step_fn, optimizer, loader, plan, rt).item()
     print(f"stage {stage}: {plan.batch_tokens} tokens/step, windows {plan.short_window},{plan.long_window}; "
@@ -139,7 +148,12 @@ def main(argv):
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(2):
             train_step(model, step_fn, optimizer, loader, plan, rt).item()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
+    kernels_only = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_ms = sum(e.self_device_time_total for e in kernels_only) / 1000 / 2
+    print(f"GPU busy {busy_ms:.1f} ms per step (sum of kernel times) against {statistics.median(times):.1f} ms per step "
+          "wall: the rest is the GPU waiting for the host", flush=True)
 
 
 if __name__ == "__main__":
