@@ -115,6 +115,8 @@ def main(argv):
                                                                     "--blocking_loader"))])
 
     rt = Runtime(0, 0, 1, torch.device("cuda"))
+    if hp.data_dir and not any(a.startswith("--val_tokens=") for a in argv):
+        hp.val_tokens = 0  # the profile never validates: a small corpus's val shard need not hold the default
     train_files = resolve_data(hp)[0] if hp.data_dir else None  # real shards (vocab/bos from corpus.json)
     model = GPT(model_config(hp)).cuda()
     model.attention_backend = select_attention_backend(hp.attention_backend, rt.device)
