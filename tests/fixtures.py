@@ -1,4 +1,5 @@
-"""Fixtures shared by the CPU tests: a small local text corpus prepared by the real preparer."""
+"""Helpers shared by the tests: a small local text corpus prepared by the real preparer, running modules as a
+user would, and a few training steps of a small baseline model (for comparing its fused paths to the plain one)."""
 
 from __future__ import annotations
 
@@ -51,3 +52,35 @@ def char_corpus(tmp_path_factory, text_source) -> Path:
     out = tmp_path_factory.mktemp("corpus_char")
     run_module("nanogpt.data.text_corpus", "--source", text_source, "--out", out, "--tokenizer", "char")
     return out
+
+
+def small_gpt_losses(device: str, steps: int = 8, compile_model: bool = False, ignore_prefix: int = 0,
+                     **config) -> list[float]:
+    """Losses of `steps` AdamW steps of a 2-layer baseline GPT under bf16 autocast (on CUDA) on learnable data
+    (100 of 50,304 tokens), from seed 0; `config` sets GPTConfig switches (fused_loss, fused_mlp, ...), and the
+    first `ignore_prefix` targets of each row are ignored (-1). For comparing a model's fused paths to its plain
+    one: the same seeds, data and steps."""
+    import contextlib
+
+    import torch
+
+    from nanogpt.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=128, block_size=128, vocab_size=50304, **config)).to(device)
+    optimizer = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), torch.device(device).type)
+    step_fn = torch.compile(model) if compile_model else model
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda"
+                else contextlib.nullcontext())
+    g = torch.Generator(device=device).manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        x, y = torch.randint(0, 100, (2, 8, 128), device=device, generator=g)
+        y[:, :ignore_prefix] = -1
+        with autocast:
+            _, loss = step_fn(x, y, return_logits=False)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses

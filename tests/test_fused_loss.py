@@ -20,6 +20,7 @@ from nanogpt.config import ConfigError, parse_config
 from nanogpt.fused_loss import linear_cross_entropy, linear_cross_entropy_reference
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.train import TrainConfig, apply_run_time_options, build_model
+from tests.fixtures import small_gpt_losses
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -234,24 +235,8 @@ def test_gpu_compiled_equals_eager_and_no_grad_skips_the_gradient():
 @pytest.mark.gpu
 def test_gpu_model_trains_the_same_with_and_without_the_fused_loss():
     """A few AdamW steps under bf16 autocast: fused (eager and compiled) against --fused_loss=False."""
-    def train(fused, compile_model, steps=8):
-        torch.manual_seed(0)
-        model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=128, block_size=128, vocab_size=50304,
-                              fused_loss=fused)).cuda()
-        optimizer = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), "cuda")
-        step_fn = torch.compile(model) if compile_model else model
-        g = torch.Generator(device="cuda").manual_seed(1)
-        losses = []
-        for _ in range(steps):
-            x, y = torch.randint(0, 100, (2, 8, 128), device="cuda", generator=g)  # learnable: 100 of 50304 tokens
-            y[:, :3] = -1
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                _, loss = step_fn(x, y, return_logits=False)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        return losses
+    def train(fused, compile_model):
+        return small_gpt_losses("cuda", compile_model=compile_model, ignore_prefix=3, fused_loss=fused)
 
     plain = train(False, False)
     assert plain[-1] < plain[0] - 0.5, plain
