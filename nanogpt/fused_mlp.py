@@ -60,11 +60,19 @@ def gelu_mlp_reference(x, w_fc, b_fc, w_proj, b_proj):
     return F.linear(F.gelu(F.linear(x, w_fc, b_fc), approximate="tanh"), w_proj, b_proj)
 
 
-def fused_path(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
-    """True where gelu_mlp runs the Triton kernels: CUDA with TMA (capability 9+), 16-bit floats, triton."""
+def fused_path(x: torch.Tensor, w_fc: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """True where gelu_mlp runs the Triton kernels: CUDA with TMA (capability 9+), 16-bit floats, triton,
+    and widths the TMA descriptors take."""
     return (triton is not None and x.is_cuda and x.dtype in _FUSED_DTYPES
-            and all(w is None or w.dtype == x.dtype for w in weights)
+            and all(w is None or w.dtype == x.dtype for w in (w_fc, *others))
+            and tma_widths(x.shape[-1], w_fc.shape[0], x.element_size())
             and _has_tma(x.device.index))
+
+
+def tma_widths(width: int, hidden: int, element_size: int) -> bool:
+    """Whether rows of `width` and `hidden` elements are 16-byte multiples, as TMA descriptors need (with
+    2-byte floats: widths divisible by 8). Other widths take the reference path."""
+    return (width * element_size) % 16 == 0 and (hidden * element_size) % 16 == 0
 
 
 @functools.cache
@@ -200,7 +208,7 @@ def _launch(a, b, bias, pre, out, h, partial, backward: bool):
 
     M, K = a.shape
     N = b.shape[0]
-    if (K * a.element_size()) % 16 or (N * a.element_size()) % 16:
+    if not tma_widths(K, N, a.element_size()):  # gelu_mlp's fused_path sends other widths to the reference
         raise ValueError(f"gelu_mlp's kernels need rows of 16-byte multiples: K={K}, N={N} in {a.dtype}")
     # Block shapes are placeholders here; each autotuned config's pre_hook sets its own.
     descs = [TensorDescriptor.from_tensor(t, [16, 16]) for t in (a, b, pre, out, h)]

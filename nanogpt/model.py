@@ -20,6 +20,16 @@ from nanogpt.fused_loss import linear_cross_entropy
 from nanogpt.fused_mlp import gelu_mlp
 
 
+def autocast_casts(*tensors):
+    """The tensors (None stays None) cast as autocast casts a matmul's operands, when autocast is on where the
+    first one lives; the fused ops take 16-bit operands directly, as nn.Linear would under autocast."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm whose bias can be switched off (PyTorch's could not, before 2.1)."""
 
@@ -71,11 +81,7 @@ class MLP(nn.Module):
 
     def _fused(self, x):
         """The same MLP as one op with the GELU in its matmuls' epilogues (nanogpt/fused_mlp.py)."""
-        tensors = (x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias)
-        if torch.is_autocast_enabled(x.device.type):  # the casts autocast would make for the two Linears
-            dtype = torch.get_autocast_dtype(x.device.type)
-            tensors = tuple(None if t is None else t.to(dtype) for t in tensors)
-        return gelu_mlp(*tensors)
+        return gelu_mlp(*autocast_casts(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias))
 
 
 class Block(nn.Module):
@@ -222,10 +228,7 @@ class GPT(nn.Module):
 
     def _fused_lm_head_loss(self, x, targets):
         """The lm_head and the mean cross-entropy in one op; the logits never leave it."""
-        weight = self.lm_head.weight
-        if torch.is_autocast_enabled(x.device.type):  # the casts autocast would make for the lm_head matmul
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, weight = x.to(dtype), weight.to(dtype)
+        x, weight = autocast_casts(x, self.lm_head.weight)
         return linear_cross_entropy(x.reshape(-1, x.size(-1)), weight, targets.reshape(-1), ignore_index=-1)
 
     def crop_block_size(self, block_size: int):

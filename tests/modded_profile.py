@@ -33,9 +33,9 @@ from modded_nanogpt.train_gpt import (
 
 
 class SyntheticLoader:
-    def __init__(self, bos_id, vocab, device):
+    def __init__(self, bos_id, vocab, device, blocking=False):
         self.tokens_per_rank, self.bos_id, self.vocab, self.device = 0, bos_id, vocab, device
-        self.blocking = "--blocking_loader" in sys.argv
+        self.blocking = blocking
         self.generator = torch.Generator().manual_seed(0)
 
     def next_batch(self):
@@ -133,7 +133,7 @@ def main(argv):
         loader = DistributedBOSLoader(train_files, plan.batch_tokens // TOTAL_MICRO_STEPS, hp.seq_len, hp.bos_id,
                                       device=rt.device)
     else:
-        loader = SyntheticLoader(hp.bos_id, 50257, rt.device)
+        loader = SyntheticLoader(hp.bos_id, 50257, rt.device, blocking="--blocking_loader" in argv)
     t0 = time.perf_counter()
     train_step(model, step_fn, optimizer, loader, plan, rt).item()
     print(f"stage {stage}: {plan.batch_tokens} tokens/step, windows {plan.short_window},{plan.long_window}; "

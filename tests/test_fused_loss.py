@@ -3,7 +3,7 @@
 CPU tier: the reference and the op's own CPU path against an independent float64 formula (loss
 and both gradients, with ignored rows and an upstream gradient other than 1), the op's fake
 function and autograd under torch.compile (aot_eager), the model's loss and gradients identical
-under either setting, and the flag's parsing. GPU tier (`gpu` mark): the Triton kernel against
+under either setting (the flag's parsing: tests/test_train.py). GPU tier (`gpu` mark): the Triton kernel against
 float64 computed from the same 16-bit inputs at the trainer's shape and at odd ones, eager and
 compiled, and a small model trained a few steps with and without it.
 """
@@ -16,10 +16,8 @@ import pytest
 import torch
 
 from nanogpt import fused_loss
-from nanogpt.config import ConfigError, parse_config
 from nanogpt.fused_loss import linear_cross_entropy, linear_cross_entropy_reference
 from nanogpt.model import GPT, GPTConfig
-from nanogpt.train import TrainConfig, apply_run_time_options, build_model
 from tests.fixtures import small_gpt_losses
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -148,18 +146,6 @@ def test_model_loss_and_gradients_do_not_depend_on_the_flag_on_cpu():
     assert torch.equal(loss_fused, loss_plain)
     assert grads_fused.keys() == grads_plain.keys()
     assert all(torch.equal(grads_fused[k], grads_plain[k]) for k in grads_plain)
-
-
-def test_flag_parses_and_stays_out_of_model_args():
-    assert TrainConfig().fused_loss is True and GPTConfig().fused_loss is True
-    cfg, _ = parse_config(TrainConfig, ["--fused_loss=False", "--n_layer=1", "--n_head=1", "--n_embd=8",
-                                        "--block_size=8"])
-    assert cfg.fused_loss is False
-    model, model_args = build_model(cfg, 11, print)
-    assert "fused_loss" not in model_args  # a checkpoint resumes under either setting
-    assert apply_run_time_options(model, cfg).config.fused_loss is False
-    with pytest.raises(ConfigError, match="fused_loss"):
-        parse_config(TrainConfig, ["--fused_loss=sometimes"])
 
 
 # ---------------------------------------------------------------------------------------------

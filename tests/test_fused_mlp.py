@@ -4,7 +4,7 @@ CPU tier: the GELU formulas of the epilogues against torch's tanh GELU and its a
 float64; the op's own CPU path (the kernels' formulas in PyTorch) against the plain reference, forward
 and all five gradients, with and without biases; opcheck (fake function, autograd registration);
 tracing under torch.compile (aot_eager); shape errors; the model's outputs and gradients identical
-under either setting on CPU; the flag's parsing. GPU tier (`gpu` mark, Hopper): the Triton kernels
+under either setting on CPU; which widths the kernels take (the flag's parsing: tests/test_train.py). GPU tier (`gpu` mark, Hopper): the Triton kernels
 against float64 computed from the same 16-bit inputs at the trainer's shape and at odd ones, eager and
 compiled, and a small model trained a few steps with and without it.
 """
@@ -19,10 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from nanogpt import fused_mlp
-from nanogpt.config import ConfigError, parse_config
 from nanogpt.fused_mlp import gelu_and_slope, gelu_mlp, gelu_mlp_reference
 from nanogpt.model import GPT, GPTConfig
-from nanogpt.train import TrainConfig, apply_run_time_options, build_model
 from tests.fixtures import small_gpt_losses
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -142,6 +140,15 @@ def test_shape_errors_name_the_shapes(bad):
         gelu_mlp(x, w_fc, b_fc, w_proj, b_proj)
 
 
+def test_widths_the_tma_kernels_cannot_take_go_to_the_reference():
+    """Rows must be 16-byte multiples for TMA: GPT-2's widths pass, a width of 36 (72-byte rows) or a hidden
+    width of 100 does not, and fused_path then sends the MLP to the reference instead of failing."""
+    assert fused_mlp.tma_widths(768, 3072, 2) and fused_mlp.tma_widths(64, 328, 2)
+    assert not fused_mlp.tma_widths(36, 144, 2)
+    assert not fused_mlp.tma_widths(64, 100, 2)
+    assert fused_mlp.tma_widths(36, 144, 4)  # (fp32 never takes the kernels: fused_path checks the dtype too)
+
+
 def test_fused_path_is_off_on_cpu_and_for_float32():
     x, w_fc, b_fc, w_proj, b_proj = mlp_inputs(4, 8, torch.bfloat16)
     assert not fused_mlp.fused_path(x, w_fc, b_fc, w_proj, b_proj)
@@ -162,20 +169,6 @@ def test_model_outputs_and_gradients_do_not_depend_on_the_flag_on_cpu():
     on, off = run(True), run(False)
     assert torch.equal(on[0], off[0])
     assert all(torch.equal(a, b) for a, b in zip(on[1], off[1], strict=True))
-
-
-def test_flag_parses_and_stays_out_of_model_args():
-    assert TrainConfig().fused_mlp is True and GPTConfig().fused_mlp is True
-    cfg, _ = parse_config(TrainConfig, ["--fused_mlp=False", "--n_layer=1", "--n_head=1", "--n_embd=8",
-                                        "--block_size=8"])
-    assert cfg.fused_mlp is False
-    model, model_args = build_model(cfg, 50, print)
-    assert "fused_mlp" not in model_args  # a checkpoint resumes under either setting
-    model.config.fused_mlp = True
-    assert apply_run_time_options(model, cfg).config.fused_mlp is False
-    assert model.transformer.h[0].mlp.config.fused_mlp is False  # the blocks read the model's config
-    with pytest.raises(ConfigError, match="fused_mlp"):
-        parse_config(TrainConfig, ["--fused_mlp=maybe"])
 
 
 # ---------------------------------------------------------------------------------------------

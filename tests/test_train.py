@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from nanogpt import checkpoint as ckpt
-from nanogpt.config import ConfigError
+from nanogpt.config import ConfigError, parse_config
 from nanogpt.data.shards import ShardError, write_shard
-from nanogpt.train import main
+from nanogpt.model import GPTConfig
+from nanogpt.train import RUN_TIME_MODEL_OPTIONS, TrainConfig, apply_run_time_options, build_model, main
 from tests.fixtures import REPO_ROOT, read_metrics, run_module
 
 # The issue's command line, nanoGPT's names for its settings.
@@ -338,3 +339,20 @@ def test_run_started_from_pretrained_weights_resumes_without_them(char_corpus, t
     shutil.rmtree(hf_dir)  # the weights are gone (e.g. no hub access on the compute node): resume must not need them
     summary = main([*args, "--max_iters=10"])
     assert summary["step"] == 10
+
+
+@pytest.mark.parametrize("option", RUN_TIME_MODEL_OPTIONS)
+def test_run_time_model_option_parses_and_stays_out_of_model_args(option):
+    """--fused_loss / --fused_mlp: on by default, parsed strictly, applied to the built model (and so to its
+    blocks, which share its config), and left out of checkpoints' model_args (a run resumes under either)."""
+    assert option in ("fused_loss", "fused_mlp")
+    assert getattr(TrainConfig(), option) is True and getattr(GPTConfig(), option) is True
+    cfg, _ = parse_config(TrainConfig, [f"--{option}=False", "--n_layer=1", "--n_head=1", "--n_embd=8", "--block_size=8"])
+    assert getattr(cfg, option) is False
+    model, model_args = build_model(cfg, 50, print)
+    assert option not in model_args
+    setattr(model.config, option, True)
+    assert getattr(apply_run_time_options(model, cfg).config, option) is False
+    assert getattr(model.transformer.h[0].mlp.config, option) is False
+    with pytest.raises(ConfigError, match=option):
+        parse_config(TrainConfig, [f"--{option}=sometimes"])
