@@ -151,7 +151,22 @@ class SpeedrunOptimizer:
         names = {id(p): f"{g.name}.{i}" for g in self.adam_groups for i, p in enumerate(g.params)}
         adam = {names[key]: {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in st.items()}
                 for key, st in self.adam_state.items() if key in names}
-        return {"muon": muon, "adam": adam}
+        return {"muon": muon, "adam": adam, "pending_grads": self._pending_grads()}
+
+    def _pending_grads(self) -> dict:
+        """The gradients Adam parameters have accumulated since the last Adam step (between Adam steps they
+        are not applied yet), summed over the ranks, as the next Adam step would sum them: a checkpoint taken
+        between the two steps must carry them, or the resumed run drops one step's Adam gradient."""
+        pending = {}
+        for g in self.adam_groups:
+            for i, p in enumerate(g.params):
+                if g.every_step or p.grad is None:
+                    continue
+                grad = p.grad.detach().clone()
+                if self.distributed:
+                    dist.all_reduce(grad)
+                pending[f"{g.name}.{i}"] = grad.cpu()
+        return pending
 
     def _gather(self, shard: torch.Tensor) -> torch.Tensor:
         if not self.distributed:
@@ -172,11 +187,16 @@ class SpeedrunOptimizer:
                 k: v[self.rank * per_rank : (self.rank + 1) * per_rank].to(device).clone() for k, v in saved.items()
             }
         self.adam_state = {}
+        pending = state.get("pending_grads", {})
         for g in self.adam_groups:
             for i, p in enumerate(g.params):
                 saved = state["adam"].get(f"{g.name}.{i}")
                 if saved is not None:
                     self.adam_state[id(p)] = {k: (v.to(p.device).clone() if torch.is_tensor(v) else v) for k, v in saved.items()}
+                # Rank 0 holds the summed pending gradient; the next Adam step's all-reduce adds the others'
+                # new ones. Gradients left over from before the load (the warmup's) are dropped.
+                grad = pending.get(f"{g.name}.{i}")
+                p.grad = grad.to(device=p.device, dtype=p.dtype).clone() if grad is not None and self.rank == 0 else None
 
     def copy_adam_state(self, src: torch.nn.Parameter, dst: torch.nn.Parameter, transform=lambda t: t) -> None:
         """Carry src's Adam moments over to dst (the untie step: head -> embedding, transposed)."""
