@@ -1,7 +1,7 @@
 """The speedrun MLP's squared-ReLU matmuls at one stage-3 micro-step (49,152 x 768 -> 3072) on a GPU:
 cuBLAS (+ an elementwise pass) against the Triton kernels, forward and backward.
 
-    python -m tests.modded_bench_mlp [--rows=49152]
+    python -m tests.modded_bench_mlp [--rows=49152] [--sweep]
 """
 
 import sys
@@ -45,8 +45,48 @@ def main(argv):
     report("fwd Triton TMA kernel (relu2_linear)", fused, fused()[0].float(), post_want)
     apart = lambda: torch.ops.modded_nanogpt.relu2_grad(grad_y @ down.T, pre)
     report("bwd cuBLAS mm + relu2_grad kernel", apart, apart().float(), grad_pre_want)
-    fused = lambda: torch.ops.modded_nanogpt.relu2_mlp_grad_pre(grad_y, down, pre)
+    fused = lambda: torch.ops.modded_nanogpt.relu2_mlp_grad_pre(grad_y, down, post_want.bfloat16())
     report("bwd fused (relu2_mlp_grad_pre)", fused, fused().float(), grad_pre_want)
+    if "--sweep" in argv:
+        sweep(x, up, down, grad_y, pre, post_want, grad_pre_want, report)
+
+
+def sweep(x, up, down, grad_y, pre, post_want, grad_pre_want, report):
+    """The TMA kernel's tilings, programs per SM, automatic warp specialization, and the post-only variant
+    (forward stores no pre; backward takes relu(pre) = sqrt(post)), each run without autotuning."""
+    config = kernels._relu2_tma_config
+    variants = [  # (name, config)
+        ("128x256 w8 s4 sub (default fwd)", config(128, 256, 64, 8, 4, True)),
+        ("128x256 w8 s3 sub (default bwd)", config(128, 256, 64, 8, 3, True)),
+        ("128x128 w4 s3 sub 2/SM", config(128, 128, 64, 4, 3, True, ctas=2)),
+        ("128x128 w4 s2 2/SM", config(128, 128, 64, 4, 2, False, ctas=2)),
+        ("128x128 w8 s3 sub 2/SM", config(128, 128, 64, 8, 3, True, ctas=2)),
+        ("128x128 w4 s4 sub 1/SM", config(128, 128, 64, 4, 4, True)),
+        ("64x256 w4 s3 sub 2/SM", config(64, 256, 64, 4, 3, True, ctas=2)),
+        ("128x256 w8 s3 sub WS", config(128, 256, 64, 8, 3, True, warp_specialize=True)),
+        ("128x128 w4 s3 sub WS", config(128, 128, 64, 4, 3, True, warp_specialize=True)),
+        ("128x256 w4 s3 sub WS", config(128, 256, 64, 4, 3, True, warp_specialize=True)),
+    ]
+    post_bf16 = post_want.bfloat16()
+
+    def run_variant(name, cfg, post_only):
+        p, q, g = torch.empty_like(pre), torch.empty_like(pre), torch.empty_like(pre)
+        saved = post_bf16 if post_only else pre
+        fwd = lambda: kernels._relu2_tma(x, up, p, p, q, backward=False, post_only=post_only, config=cfg)
+        bwd = lambda: kernels._relu2_tma(grad_y, down, saved, g, g, backward=True, post_only=post_only, config=cfg)
+        compiled = fwd()
+        regs = f" ({getattr(compiled, 'n_regs', '?')} regs, {compiled.metadata.shared // 1024} KiB smem)"
+        report(f"fwd {name}{regs}", fwd, q.float(), post_want)
+        bwd()
+        report(f"bwd {name}", bwd, g.float(), grad_pre_want)
+
+    for name, cfg in variants:
+        for post_only in (False, True):
+            tag = f"{name}{' post-only' if post_only else ''}"
+            try:
+                run_variant(tag, cfg, post_only)
+            except Exception as e:  # a config that does not compile or fit: say so, go on
+                print(f"{tag}: {type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}", flush=True)
 
 
 if __name__ == "__main__":
