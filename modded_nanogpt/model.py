@@ -289,6 +289,7 @@ class GPT(nn.Module):
         self.register_buffer("yarn_window", torch.zeros((), dtype=torch.int64))  # long window the freqs fit
         self.register_buffer("tied", torch.ones((), dtype=torch.bool))
         self.attention_backend = "sdpa"
+        self.embedding_grads = "dense"  # the trainer's --embedding_grads: "scatter" passes gather_rows' rows
         self.reset_parameters()
         self._mirror_buffers()
 
@@ -350,6 +351,49 @@ class GPT(nn.Module):
         prev = torch.cat([cur.new_zeros(1), cur[:-1]])
         h = torch.bitwise_xor(cur * 1000003, prev * 69069) % buckets
         return torch.where(inputs == self.config.bos_id, torch.full_like(h, buckets), h)
+
+    # --- embedding rows gathered outside the compiled graph (sparse gradients) ------------------------
+
+    @torch.no_grad()
+    def gather_rows(self, inputs: torch.Tensor) -> tuple[dict, list]:
+        """The embedding-table rows one forward reads, gathered here as leaf tensors that require grad,
+        for `forward(..., rows=...)`; then `add_row_grads(scatter)` after the backward.
+
+        Why: a table's autograd gradient is dense. With accumulation each micro-step wrote the whole
+        (vocab or buckets, dim) gradient of every table (425M floats for the token, value and bigram
+        tables: zero-fill, scatter, then an add into .grad) though a forward reads only its tokens' rows.
+        Here the compiled graph's gradient is per row, and index_add_ puts it into .grad.
+        Returns (rows, scatter): rows {"token", "value", "bigram"} -> leaf (None when off, and the token
+        rows while tied); scatter [(table, dim, index, leaf)] for add_row_grads.
+        """
+        c = self.config
+        idx = inputs.to(torch.int64)
+        rows, scatter = {"token": None, "value": None, "bigram": None}, []
+        if not self.is_tied:  # tied, the rows come from the head, whose gradient is dense anyway
+            rows["token"] = self.embed[idx]
+            scatter.append((self.embed, 0, idx, "token"))
+        if c.value_embeds:
+            rows["value"] = self.value_embeds[:, idx]
+            scatter.append((self.value_embeds, 1, idx, "value"))
+        if c.bigram_embeds:
+            bigram_idx = self.bigram_index(inputs)
+            rows["bigram"] = self.bigram_embed[bigram_idx]
+            scatter.append((self.bigram_embed, 0, bigram_idx, "bigram"))
+        for leaf in rows.values():
+            if leaf is not None:
+                leaf.requires_grad_()
+        return rows, [(table, dim, index, rows[name]) for table, dim, index, name in scatter]
+
+    @torch.no_grad()
+    def add_row_grads(self, scatter: list) -> None:
+        """After the backward of a forward given gather_rows' rows: add each row's gradient to its table's
+        .grad (created as zeros when absent), as autograd's dense gradient would have."""
+        for table, dim, index, leaf in scatter:
+            if leaf.grad is None:
+                continue
+            if table.grad is None:
+                table.grad = torch.zeros_like(table)
+            table.grad.index_add_(dim, index, leaf.grad)
 
     def attention(self, x, layer, ve, ctx):
         c = self.config
@@ -413,10 +457,11 @@ class GPT(nn.Module):
         return masks
 
     def forward(self, inputs, targets, short_window, long_window, mtp_weights=(1.0,),
-                loss_divisor: float = 1.0, cu_seqlens=None):
+                loss_divisor: float = 1.0, cu_seqlens=None, rows=None):
         """Loss of one packed sequence: sum over positions t and k of mtp_weights[k] * CE(logits_t,
         targets[t + k]), divided by loss_divisor. Windows in blocks of 128 tokens: ints, or 0-d integer
-        tensors (flex, sdpa), which a compiled graph takes as inputs instead of specializing on them."""
+        tensors (flex, sdpa), which a compiled graph takes as inputs instead of specializing on them.
+        rows: the embedding rows of these inputs from gather_rows (else the tables are read here)."""
         c = self.config
         dtype = torch.bfloat16 if inputs.is_cuda else torch.float32
         is_doc_start = inputs == c.bos_id
@@ -429,15 +474,20 @@ class GPT(nn.Module):
                "cos": angles.cos(), "sin": angles.sin(),
                "not_doc_start": (~is_doc_start).to(dtype)}
 
-        embed_weight = self.lm_head_t.T if self.is_tied else self.embed
-        x = F.embedding(inputs.to(torch.int64), embed_weight).to(dtype)
+        if rows is None or rows["token"] is None:
+            embed_weight = self.lm_head_t.T if self.is_tied else self.embed
+            x = F.embedding(inputs.to(torch.int64), embed_weight).to(dtype)
+        else:
+            x = rows["token"].to(dtype)
         if c.smear:
             # Smear: a gated share of the previous token's embedding, within the document.
             gate = self.scalars[self.scalar_index["smear"]] * torch.sigmoid(x[:, :GATE_INPUTS] @ self.smear_gate.to(dtype).T)
             previous = torch.cat([x[:1] * 0, x[:-1]]) * ctx["not_doc_start"][:, None]
             x = x + gate * previous
         x = x0 = norm(x)
-        bigram = self.bigram_embed[self.bigram_index(inputs)].to(dtype) if c.bigram_embeds else None
+        bigram = None
+        if c.bigram_embeds:
+            bigram = (self.bigram_embed[self.bigram_index(inputs)] if rows is None else rows["bigram"]).to(dtype)
         s = self.scalars.to(dtype)
         residual, mix_x0, mix_bigram = (s[self.scalar_index[k]] for k in ("residual", "x0", "bigram"))
 
@@ -451,7 +501,10 @@ class GPT(nn.Module):
             if layer in self.attn_slot:
                 ve = None
                 if layer in self.ve_slot:
-                    ve = F.embedding(inputs.to(torch.int64), self.value_embeds[self.ve_slot[layer]]).to(dtype)
+                    if rows is None:
+                        ve = F.embedding(inputs.to(torch.int64), self.value_embeds[self.ve_slot[layer]]).to(dtype)
+                    else:
+                        ve = rows["value"][self.ve_slot[layer]].to(dtype)
                 x = x + self.attention(norm(x), layer, ve, ctx)
             x = x + self.mlp(norm(x), layer)
             if layer == c.skip_from:

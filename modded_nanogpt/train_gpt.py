@@ -85,6 +85,7 @@ class Hyperparameters:
     qk_norm: bool = True
     mlp_activation: str = "relu2"  # relu2 | gelu
     mlp_kernel: str = "triton"  # relu2 MLP: triton (kernels.relu2_mlp, activation and its gradient in matmul epilogues) | torch (cuBLAS + Inductor)
+    embedding_grads: str = "scatter"  # scatter (rows gathered outside the graph, their gradients index_add'ed) | dense (autograd's)
     optimizer: str = "normuon"  # normuon (banks) + Adam (rest) | adamw (everything)
     attention_backend: str = "auto"  # auto | fa3 | flex | sdpa
     attention_skip_layers: list[int] = field(default_factory=lambda: [6])
@@ -206,6 +207,7 @@ def parse_hyperparameters(argv: list[str]) -> Hyperparameters:
 
 def check_choices(hp: Hyperparameters) -> None:
     choices = {"mlp_activation": ("relu2", "gelu"), "mlp_kernel": ("triton", "torch"), "optimizer": ("normuon", "adamw"),
+               "embedding_grads": ("scatter", "dense"),
                "attention_backend": ("auto", "fa3", "flex", "sdpa"), "device": ("auto", "cuda", "cpu")}
     for key, allowed in choices.items():
         if getattr(hp, key) not in allowed:
@@ -320,12 +322,43 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def any_rank(flag: bool, rt: Runtime) -> bool:
-    if rt.world_size == 1:
-        return flag
-    t = torch.tensor(float(flag), device=rt.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+class StepReadings:
+    """A step's loss and its all-ranks stop flag, read one step late so the host never waits for the GPU
+    between steps (a per-step `.item()` made the GPU idle while the host launched the next step's first
+    kernels).
+
+    `queue(loss, stop)` is called right after a step is queued: it reduces the stop flag over the ranks
+    (MAX, queued on the stream like everything else), copies loss and flag to pinned host memory without
+    waiting, and records an event. `wait(record)` blocks on that event only, typically while the GPU is
+    already running the next step, and returns (time it finished, loss, any rank asked to stop). Every rank
+    reads the same reduced flag for the same step, so all ranks stop at the same step. On CPU everything
+    has already happened.
+    """
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+
+    def queue(self, loss: torch.Tensor, stop: bool) -> dict:
+        values = loss.detach().float().reshape(1)
+        if self.rt.world_size > 1:
+            flag = to_device_async(torch.tensor([float(stop)]), self.rt.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            values = torch.cat([values, flag])
+        if self.rt.device.type != "cuda":
+            return {"values": values, "stop": stop, "event": None}
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        host.copy_(values, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return {"values": host, "stop": stop, "event": event}
+
+    @staticmethod
+    def wait(record: dict) -> tuple[float, float, bool]:
+        if record["event"] is not None:
+            record["event"].synchronize()
+        now = time.perf_counter()
+        values = record["values"].tolist()
+        return now, values[0], values[1] > 0 if len(values) > 1 else record["stop"]
 
 
 # ---- optimizer -----------------------------------------------------------------------------------------
@@ -365,6 +398,14 @@ def window_inputs(model, short_window: int, long_window: int, device):
     return tuple(to_device_async(torch.tensor(w, dtype=torch.int64), device) for w in (short_window, long_window))
 
 
+def embedding_rows(model, inputs) -> tuple[dict | None, list]:
+    """The forward's `rows` argument and what add_row_grads needs after the backward: gathered embedding rows
+    with --embedding_grads=scatter (GPT.gather_rows says why), else (None, []): the graph reads the tables."""
+    if model.embedding_grads == "scatter":
+        return model.gather_rows(inputs)
+    return None, []
+
+
 def train_step(model, step_fn, optimizer, loader, plan, rt: Runtime):
     """Forward/backward over this rank's micro-steps, then the optimizer; returns the step's loss (a tensor)."""
     accumulation = TOTAL_MICRO_STEPS // rt.world_size
@@ -377,8 +418,10 @@ def train_step(model, step_fn, optimizer, loader, plan, rt: Runtime):
     loss_total = torch.zeros((), device=rt.device)
     for _ in range(accumulation):
         batch = loader.next_batch()
-        loss = step_fn(batch.inputs, batch.targets, short, long, mtp, float(plan.batch_tokens), batch.cu_seqlens)
+        rows, scatter = embedding_rows(model, batch.inputs)
+        loss = step_fn(batch.inputs, batch.targets, short, long, mtp, float(plan.batch_tokens), batch.cu_seqlens, rows)
         loss.backward()
+        model.add_row_grads(scatter)
         loss_total += loss.detach()
     optimizer.step(plan.lr_multiplier, plan.adam_step)
     if plan.untie_after:
@@ -420,7 +463,8 @@ def validate(model, eval_fn, val_files, hp: Hyperparameters, rt: Runtime, plan, 
         with torch.set_grad_enabled(reuse):
             for _ in range(steps):
                 batch = loader.next_batch()
-                loss = eval_fn(batch.inputs, batch.targets, short, long, weights, divisor, batch.cu_seqlens)
+                rows = embedding_rows(model, batch.inputs)[0]
+                loss = eval_fn(batch.inputs, batch.targets, short, long, weights, divisor, batch.cu_seqlens, rows)
                 total += loss.detach().double() * divisor
     finally:
         loader.close()
@@ -480,6 +524,7 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     model.attention_backend = backend
+    model.embedding_grads = hp.embedding_grads
     compiled = hp.compile and rt.device.type == "cuda"
     if compiled:
         torch._dynamo.config.cache_size_limit = 64
@@ -549,33 +594,51 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
             torch.cuda.synchronize()
 
     deadline = time.time() + 60 * hp.max_train_minutes if hp.max_train_minutes > 0 else None
+    readings = StepReadings(rt)
+
+    def take(entry) -> bool:
+        """Wait for a queued step to finish on the GPU, add its time to the clock, log it; return whether any
+        rank asked to stop by then."""
+        nonlocal clock
+        done_step, done_plan, tokens, record = entry
+        now, loss_value, stop = readings.wait(record)
+        state["train_time_ms"] += 1000 * (now - clock)
+        clock = now
+        if done_step % hp.log_every == 0 or done_step == total_steps:
+            step_avg = state["train_time_ms"] / done_step
+            log(f"step:{done_step}/{total_steps} train_loss:{loss_value:.4f} train_time:{state['train_time_ms']:.0f}ms "
+                f"step_avg:{step_avg:.2f}ms")
+            log_run.metric("train", step=done_step, tokens=tokens, train_time_ms=state["train_time_ms"],
+                           loss=loss_value, lr_multiplier=done_plan.lr_multiplier, stage=done_plan.stage,
+                           batch_tokens=done_plan.batch_tokens, windows=[done_plan.short_window, done_plan.long_window],
+                           mtp_weights=list(done_plan.mtp_weights), step_avg_ms=step_avg)
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss is {loss_value} at step {done_step}")
+        return stop
+
     with StopSignal() as stop_signal:
         sync()
         clock = time.perf_counter()
         step = start_step
+        queued = None  # the last step whose loss has not been read: read after the next step is queued
         while step < total_steps:
             plan = schedule.at(step)
             loss = train_step(model, step_fn, optimizer, loader, plan, rt)
             step += 1
             state["tokens"] += plan.batch_tokens
             last = step == total_steps
-            if step % hp.log_every == 0 or last:
-                loss_value = loss.item() / 1.0  # synchronizes
-                now = time.perf_counter()
-                state["train_time_ms"] += 1000 * (now - clock)
-                clock = now
-                step_avg = state["train_time_ms"] / step
-                log(f"step:{step}/{total_steps} train_loss:{loss_value:.4f} train_time:{state['train_time_ms']:.0f}ms "
-                    f"step_avg:{step_avg:.2f}ms")
-                log_run.metric("train", step=step, tokens=state["tokens"], train_time_ms=state["train_time_ms"],
-                               loss=loss_value, lr_multiplier=plan.lr_multiplier, stage=plan.stage,
-                               batch_tokens=plan.batch_tokens, windows=[plan.short_window, plan.long_window],
-                               mtp_weights=list(plan.mtp_weights), step_avg_ms=step_avg)
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"loss is {loss_value} at step {step}")
-            if last or (hp.val_every and step % hp.val_every == 0):
-                sync()
-                state["train_time_ms"] += 1000 * (time.perf_counter() - clock)
+            asked = stop_signal.received is not None or (deadline is not None and time.time() >= deadline)
+            current = (step, plan, state["tokens"], readings.queue(loss, asked))
+            # The previous step's readings: the GPU already holds this step's work, so waiting costs nothing.
+            stop = take(queued) if queued is not None else False
+            # One rank knows its own flag now; several agree on the reduced flags, a step late.
+            stop = stop or (rt.world_size == 1 and asked)
+            queued = current
+            validating = last or (hp.val_every and step % hp.val_every == 0)
+            if validating or stop or step in keep_steps:
+                stop = take(queued) or stop
+                queued = None
+            if validating:
                 long = None
                 if last:
                     long = schedule.final_long_window
@@ -594,11 +657,10 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
             if step in keep_steps and not last:
                 save(step)
                 clock = time.perf_counter()
-            out_of_time = deadline is not None and time.time() >= deadline
-            if not last and any_rank(stop_signal.received is not None or out_of_time, rt):
-                sync()
-                state["train_time_ms"] += 1000 * (time.perf_counter() - clock)
-                reason = f"signal {stop_signal.received}" if stop_signal.received else "max_train_minutes"
+            if stop and not last:
+                out_of_time = deadline is not None and time.time() >= deadline
+                reason = (f"signal {stop_signal.received}" if stop_signal.received
+                          else "max_train_minutes" if out_of_time else "another rank asked to stop")
                 save(step)
                 log(f"stopping at step {step}: {reason}; run the same command again to resume")
                 log_run.metric("stop", step=step, reason=reason, train_time_ms=state["train_time_ms"])

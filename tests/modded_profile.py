@@ -105,6 +105,28 @@ def bench_head(rows: int):
               flush=True)
 
 
+KERNEL_GROUPS = [  # (group, substrings of the kernel name), first match wins
+    ("flex attention", ("flex_attention", "flex_decoding")),
+    ("relu2 TMA", ("_relu2",)),
+    ("softcapped CE (+ e5m2 grad)", ("softcapped_ce",)),
+    ("fp8 quantize", ("quantize_fp8",)),
+    ("fp8 matmul", ("f8f8", "e4m3", "e5m2", "fp8")),
+    ("cuBLAS bf16", ("gemm", "sm90_xmma", "nvjet", "cutlass", "ampere_bf16", "cublas")),
+    ("Polar Express symmetric", ("symmetric_matmul",)),
+    ("Inductor reduction", ("triton_red_", "triton_per_")),
+    ("Inductor pointwise", ("triton_poi_",)),
+    ("copies / fills", ("memcpy", "memset", "copy_", "fill_", "elementwise_kernel", "vectorized_")),
+]
+
+
+def kernel_group(name: str) -> str:
+    lowered = name.lower()
+    for group, keys in KERNEL_GROUPS:
+        if any(k in lowered for k in keys):
+            return group
+    return "other: " + name[:40]
+
+
 def main(argv):
     if "--bench_head" in argv:
         bench_head(int(next((a.split("=")[1] for a in argv if a.startswith("--rows=")), 49152)))
@@ -120,6 +142,7 @@ def main(argv):
     train_files = resolve_data(hp)[0] if hp.data_dir else None  # real shards (vocab/bos from corpus.json)
     model = GPT(model_config(hp)).cuda()
     model.attention_backend = select_attention_backend(hp.attention_backend, rt.device)
+    model.embedding_grads = hp.embedding_grads
     schedule = Schedule(hp.num_iterations, hp.extension_iterations, hp.seq_len, TOTAL_MICRO_STEPS, hp.batch_schedule,
                         hp.window_schedule, hp.mtp_schedule, hp.lr_schedule, hp.final_long_window, hp.cooldown_frac,
                         hp.final_lr_frac, hp.mtp, hp.tie_embeddings)
@@ -145,14 +168,28 @@ def main(argv):
         train_step(model, step_fn, optimizer, loader, plan, rt).item()
         times.append(1000 * (time.perf_counter() - t))
     print(f"median step {statistics.median(times):.1f} ms over {steps} steps: {[round(t) for t in times]}", flush=True)
+    # As the trainer runs: no wait between steps (it reads each step's loss one step late).
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        train_step(model, step_fn, optimizer, loader, plan, rt)
+    torch.cuda.synchronize()
+    print(f"pipelined: {1000 * (time.perf_counter() - t) / steps:.1f} ms per step over {steps} steps without a "
+          "wait between them", flush=True)
     if "--no_profile" in sys.argv:
         return
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(2):
             train_step(model, step_fn, optimizer, loader, plan, rt).item()
     averages = prof.key_averages()
-    print(averages.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
+    print(averages.table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=110))
     kernels_only = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
+    groups = {}
+    for e in kernels_only:
+        groups.setdefault(kernel_group(e.key), []).append(e.self_device_time_total / 1000 / 2)
+    print("kernel group | ms per step | kernels")
+    for name, ms in sorted(groups.items(), key=lambda kv: -sum(kv[1])):
+        print(f"{name:28s} | {sum(ms):7.1f} | {len(ms)}")
     busy_ms = sum(e.self_device_time_total for e in kernels_only) / 1000 / 2
     print(f"GPU busy {busy_ms:.1f} ms per step (sum of kernel times) against {statistics.median(times):.1f} ms per step "
           "wall: the rest is the GPU waiting for the host", flush=True)

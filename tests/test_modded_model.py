@@ -234,6 +234,43 @@ def test_windows_as_tensors_give_the_same_loss_and_gradients():
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1], strict=True))
 
 
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("changes", [{}, {"value_embeds": False, "bigram_embeds": False}])
+def test_gathered_rows_give_the_dense_gradients(tied, changes):
+    """--embedding_grads=scatter: rows gathered outside the graph, their gradients index_add'ed into the tables'
+    .grad after each backward, accumulated over micro-steps, equal autograd's dense table gradients (every
+    parameter, also rows no token read: zero); the losses are identical. While tied the token rows stay in
+    the graph (the head's gradient is dense anyway)."""
+    model = randomized(GPT(tiny_config(**changes)))
+    if not tied:
+        model.untie()
+    batches = [packed_tokens(seed=s) for s in (0, 1)]  # two micro-steps: the second adds to the first's grads
+    results = []
+    for scatter in (False, True):
+        model.zero_grad(set_to_none=True)
+        losses = []
+        for inputs, targets in batches:
+            rows, todo = model.gather_rows(inputs) if scatter else (None, [])
+            loss = model(inputs, targets, 1, 2, torch.tensor([1.0, 0.5]), 1.0, None, rows)
+            loss.backward()
+            model.add_row_grads(todo)
+            losses.append(loss.detach())
+        results.append((losses, {n: p.grad for n, p in model.named_parameters()}))
+        if scatter:
+            assert (rows["token"] is None) == tied
+            assert (rows["value"] is None) == (changes.get("value_embeds") is False)
+    (dense_losses, dense), (scatter_losses, scattered) = results
+    assert all(torch.equal(a, b) for a, b in zip(dense_losses, scatter_losses, strict=True))
+    assert dense.keys() == scattered.keys()
+    for name, want in dense.items():
+        if want is None:
+            assert scattered[name] is None, name
+        else:
+            torch.testing.assert_close(scattered[name], want, rtol=1e-5, atol=1e-5, msg=name)  # summation order
+    if not changes:
+        assert (scattered["bigram_embed"] == 0).all(dim=1).any()  # rows no bigram hashed to stay zero
+
+
 def test_rotary_half_truncated_and_yarn():
     freqs = rotary_frequencies(128, 1024.0)
     assert freqs.shape == (64,) and (freqs[32:] == 0).all()

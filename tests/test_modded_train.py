@@ -124,6 +124,19 @@ def test_resume_between_an_accumulating_step_and_the_adam_step(char_corpus, tmp_
     assert [k for k in whole if not torch.equal(whole[k], resumed[k])] == []
 
 
+def test_embedding_grads_scatter_and_dense_train_alike(char_corpus, tmp_path):
+    """The trainer with --embedding_grads=scatter (the default) and dense: the same losses up to summation order,
+    through the untie (step 3 here) and the Adam steps."""
+    args = ["--num_iterations=6", "--extension_iterations=0", "--batch_schedule=1;1;1", "--window_schedule=1,1;1,2;2,3",
+            "--mtp_schedule=1,0.5>0;1;1", "--lr_schedule=1;1.2;1.3", "--val_every=0"]
+    losses = {}
+    for mode in ("scatter", "dense"):
+        main(tiny(char_corpus, tmp_path / mode, f"--embedding_grads={mode}", *args))
+        losses[mode] = [m["loss"] for m in read_metrics(tmp_path / mode) if m["kind"] == "train"]
+    assert len(losses["dense"]) == 6
+    assert losses["scatter"] == pytest.approx(losses["dense"], rel=1e-4)
+
+
 def test_save_checkpoints_every_n(char_corpus, tmp_path):
     run_dir = tmp_path / "run"
     main(tiny(char_corpus, run_dir, "--num_iterations=6", "--extension_iterations=0", "--batch_schedule=1;1;1",
@@ -138,6 +151,7 @@ def test_save_checkpoints_every_n(char_corpus, tmp_path):
     (["--num_layer=3"], {}, "unknown setting --num_layer; did you mean num_layers"),
     (["--num_layers=three"], {}, "--num_layers: cannot read 'three' as int"),
     (["--optimizer=sgd"], {}, "--optimizer: 'sgd' is not one of normuon, adamw"),
+    (["--embedding_grads=sparse"], {}, "--embedding_grads: 'sparse' is not one of scatter, dense"),
     (["--paired_head_layers=0,7"], {}, "paired_head_layers: layer indices [7] are outside 0..3"),
     (["--val_tokens=1000"], {}, "val_tokens (1000) must be a multiple of val_batch_tokens"),
     (["--window_schedule=1,3"], {}, "window_schedule has 1 stages but batch_schedule has 4"),
