@@ -13,7 +13,13 @@ import time
 import pytest
 import torch
 
-from modded_nanogpt.dist_optim import AdamGroup, BankSpec, SpeedrunOptimizer, adam_update
+from modded_nanogpt.dist_optim import (
+    AdamGroup,
+    BankSpec,
+    SpeedrunOptimizer,
+    adam_update,
+    adam_update_reference,
+)
 from modded_nanogpt.optim import normuon_update
 from modded_nanogpt.train_gpt import ConfigError, main, parse_hyperparameters
 from tests.fixtures import REPO_ROOT, read_metrics, run_module
@@ -191,18 +197,37 @@ def test_disable_fp8_env_and_list_flags(monkeypatch):
 
 # ---- the optimizer step against slow references --------------------------------------------------------------
 
-def test_adam_update_matches_torch_adamw():
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_adam_update_matches_torch_adamw_and_the_reference(dtype, tol):
+    """The fused update against torch's (unfused) AdamW and against adam_update_reference, 4 steps from fresh
+    random gradients, with weight decay."""
     g = torch.Generator().manual_seed(0)
-    p = torch.randn(7, 5, generator=g, dtype=torch.float64)
-    ref = p.clone().requires_grad_()
-    torch_adam = torch.optim.AdamW([ref], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.005)
-    state = {}
+    p = torch.randn(7, 5, generator=g, dtype=dtype)
+    ref, slow = p.clone().requires_grad_(), p.clone()
+    torch_adam = torch.optim.AdamW([ref], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.005, foreach=False)
+    state, slow_state = {}, {}
     for _ in range(4):
-        grad = torch.randn(7, 5, generator=g, dtype=torch.float64)
+        grad = torch.randn(7, 5, generator=g, dtype=dtype)
         ref.grad = grad.clone()
         torch_adam.step()
         adam_update(p, grad, state, 0.01, 0.8, 0.95, 1e-10, 0.005)
-    torch.testing.assert_close(p, ref.detach(), rtol=1e-12, atol=1e-12)
+        adam_update_reference(slow, grad, slow_state, 0.01, 0.8, 0.95, 1e-10, 0.005)
+    torch.testing.assert_close(p, ref.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(p, slow, rtol=tol, atol=tol)
+    assert state["step"] == 4 and torch.allclose(state["exp_avg_sq"], slow_state["exp_avg_sq"], rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+def test_gpu_adam_update_matches_the_reference():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    p = torch.randn(1000, 77, generator=g, device="cuda")
+    slow = p.clone()
+    state, slow_state = {}, {}
+    for lr in (0.01, 0.02, 0.005):
+        grad = torch.randn(1000, 77, generator=g, device="cuda")
+        adam_update(p, grad, state, lr, 0.8, 0.95, 1e-10, 0.005)
+        adam_update_reference(slow, grad, slow_state, lr, 0.8, 0.95, 1e-10, 0.005)
+    torch.testing.assert_close(p, slow, rtol=1e-5, atol=1e-6)
 
 
 def test_normuon_update_of_a_slice_equals_the_update_of_the_whole_bank():
