@@ -11,6 +11,7 @@ kernels for two steps and the GPU's busy time against the wall time (the differe
 then the quantizer (two kernels) against the fused CE-gradient + e5m2 kernel (both transposes).
 """
 
+import dataclasses
 import statistics
 import sys
 import time
@@ -157,30 +158,32 @@ def main(argv):
                                       device=rt.device)
     else:
         loader = SyntheticLoader(hp.bos_id, 50257, rt.device, blocking="--blocking_loader" in argv)
+    # The trainer's steps alternate: Adam updates on odd steps only (NorMuon every step). Profiled steps do too.
+    plans = [dataclasses.replace(plan, untie_after=False, adam_step=odd) for odd in (False, True)]
     t0 = time.perf_counter()
-    train_step(model, step_fn, optimizer, loader, plan, rt).item()
+    train_step(model, step_fn, optimizer, loader, plans[1], rt).item()
     print(f"stage {stage}: {plan.batch_tokens} tokens/step, windows {plan.short_window},{plan.long_window}; "
           f"compile + first step {time.perf_counter() - t0:.1f}s", flush=True)
     times = []
-    for _ in range(steps):
+    for i in range(steps):
         torch.cuda.synchronize()
         t = time.perf_counter()
-        train_step(model, step_fn, optimizer, loader, plan, rt).item()
+        train_step(model, step_fn, optimizer, loader, plans[i % 2], rt).item()
         times.append(1000 * (time.perf_counter() - t))
     print(f"median step {statistics.median(times):.1f} ms over {steps} steps: {[round(t) for t in times]}", flush=True)
     # As the trainer runs: no wait between steps (it reads each step's loss one step late).
     torch.cuda.synchronize()
     t = time.perf_counter()
-    for _ in range(steps):
-        train_step(model, step_fn, optimizer, loader, plan, rt)
+    for i in range(steps):
+        train_step(model, step_fn, optimizer, loader, plans[i % 2], rt)
     torch.cuda.synchronize()
     print(f"pipelined: {1000 * (time.perf_counter() - t) / steps:.1f} ms per step over {steps} steps without a "
           "wait between them", flush=True)
     if "--no_profile" in sys.argv:
         return
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        for _ in range(2):
-            train_step(model, step_fn, optimizer, loader, plan, rt).item()
+        for i in range(2):
+            train_step(model, step_fn, optimizer, loader, plans[i % 2], rt).item()
     averages = prof.key_averages()
     print(averages.table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=110))
     kernels_only = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
