@@ -64,14 +64,20 @@ def test_twenty_cpu_steps_on_the_local_corpus(char_corpus, tmp_path):
     assert [m["stage"] for m in train][:8] == [0] * 7 + [1]  # 20 steps in 3 stages: 0, 7, 13, then extension 20
 
 
-def test_world_sizes_one_and_two_give_the_same_parameters(char_corpus, tmp_path):
-    """gloo on CPU: 2 ranks x 4 micro-steps == 1 rank x 8 micro-steps, through the stage switches and the untie."""
-    run_module("modded_nanogpt.train_gpt", *tiny(char_corpus, tmp_path / "one", *THREE_STEPS))
+def run_two_ranks(*args):
+    """The trainer on 2 gloo ranks (CPU) through torchrun; fails the test with its output if it fails."""
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "modded_nanogpt.train_gpt", *tiny(char_corpus, tmp_path / "two", *THREE_STEPS)],
+                           "-m", "modded_nanogpt.train_gpt", *args],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_world_sizes_one_and_two_give_the_same_parameters(char_corpus, tmp_path):
+    """gloo on CPU: 2 ranks x 4 micro-steps == 1 rank x 8 micro-steps, through the stage switches and the untie."""
+    run_module("modded_nanogpt.train_gpt", *tiny(char_corpus, tmp_path / "one", *THREE_STEPS))
+    run_two_ranks(*tiny(char_corpus, tmp_path / "two", *THREE_STEPS))
     one, two = final_params(tmp_path / "one"), final_params(tmp_path / "two")
     assert one["step"] == two["step"] == 3
     assert not one["model"]["tied"]  # untied after step 1
@@ -83,6 +89,29 @@ def test_world_sizes_one_and_two_give_the_same_parameters(char_corpus, tmp_path)
         for key, value in state.items():
             torch.testing.assert_close(two["optimizer"]["muon"][bank][key], value, rtol=1e-4, atol=1e-6)
     assert json.loads((tmp_path / "two" / "provenance.json").read_text())["world_size"] == 2
+
+
+def test_two_ranks_stop_together_and_resume_with_the_pending_adam_gradients(char_corpus, tmp_path):
+    """gloo, 2 ranks. max_train_minutes: every rank reads the reduced stop flag of step 1 after queuing step 2,
+    so both stop after step 2, with one checkpoint and a stop record. And a checkpoint after step 1 (the even
+    step: Adam gradients pending on both ranks, saved summed) resumes on 2 ranks to the uninterrupted run."""
+    stopped = tmp_path / "stopped"
+    run_two_ranks(*tiny(char_corpus, stopped, *THREE_STEPS, "--max_train_minutes=0.0001"))
+    stop = read_metrics(stopped)[-1]
+    assert stop["kind"] == "stop" and stop["step"] == 2 and stop["reason"] == "max_train_minutes", stop
+    assert sorted(p.name for p in (stopped / "ckpt").iterdir()) == ["step_0000002.pt"]
+
+    run_two_ranks(*tiny(char_corpus, tmp_path / "whole", *THREE_STEPS, "--save_checkpoints=1"))
+    saved = tmp_path / "whole" / "ckpt" / "step_0000001.pt"
+    assert torch.load(saved, weights_only=False)["optimizer"]["pending_grads"]
+    cut = tmp_path / "cut"
+    (cut / "ckpt").mkdir(parents=True)
+    shutil.copy(saved, cut / "ckpt")
+    run_two_ranks(*tiny(char_corpus, cut, *THREE_STEPS))
+    whole, resumed = final_params(tmp_path / "whole"), final_params(cut)
+    assert resumed["step"] == whole["step"] == 3
+    for name, tensor in whole["model"].items():  # rank 0 adds the pending sum first: rounding differs
+        torch.testing.assert_close(resumed["model"][name], tensor, rtol=1e-4, atol=1e-4, msg=name)
 
 
 def test_signal_checkpoints_and_the_resumed_run_matches(char_corpus, tmp_path):
