@@ -129,11 +129,15 @@ def _(x, weight):
 @torch.library.custom_op("modded_nanogpt::relu2_grad", mutates_args=())
 def _relu2_grad_op(grad_post: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
     """grad_post * 2 relu(pre): the gradient through the squared ReLU, in one pass."""
-    grad_post, pre = grad_post.contiguous(), pre.contiguous()
-    grad_pre = torch.empty_like(pre)
-    numel = pre.numel()
-    _relu2_grad_kernel[(triton.cdiv(numel, 4096),)](grad_post, pre, grad_pre, numel, FROM_POST=False, BLOCK=4096,
-                                                      num_warps=8)
+    return _relu2_grad(grad_post.contiguous(), pre.contiguous(), torch.empty_like(pre), from_post=False)
+
+
+def _relu2_grad(grad_post, saved, grad_pre, from_post: bool):
+    """Launch the elementwise kernel: grad_pre = grad_post * 2 relu(pre), saved being pre or (from_post)
+    post = relu(pre)^2; all three contiguous and of one shape."""
+    numel = saved.numel()
+    _relu2_grad_kernel[(triton.cdiv(numel, 4096),)](grad_post, saved, grad_pre, numel, FROM_POST=from_post,
+                                                      BLOCK=4096, num_warps=8)
     return grad_pre
 
 
@@ -191,7 +195,7 @@ def _relu2_mlp_op(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> tupl
     if _tma_ready(x, up):
         post = torch.empty((x.shape[0], up.shape[0]), dtype=x.dtype, device=x.device)
         _relu2_tma(x, up, post, post, post, backward=False, post_only=True)
-    else:
+    else:  # GPUs without TMA: the pointer kernel, which also writes pre (unused here)
         post = torch.ops.modded_nanogpt.relu2_linear(x, up)[0]
     return post @ down, post
 
@@ -209,9 +213,7 @@ def _relu2_mlp_grad_pre_op(grad_y: torch.Tensor, down: torch.Tensor, post: torch
     if _tma_ready(grad_y, down, post):
         _relu2_tma(grad_y, down, post, grad_pre, grad_pre, backward=True, post_only=True)
     else:
-        numel = post.numel()
-        _relu2_grad_kernel[(triton.cdiv(numel, 4096),)](grad_y @ down.T, post, grad_pre, numel, FROM_POST=True,
-                                                          BLOCK=4096, num_warps=8)
+        _relu2_grad(grad_y @ down.T, post, grad_pre, from_post=True)
     return grad_pre
 
 
