@@ -219,7 +219,10 @@ class SpeedrunOptimizer:
                 p.grad = grad.to(device=p.device, dtype=p.dtype).clone() if grad is not None and self.rank == 0 else None
 
     def copy_adam_state(self, src: torch.nn.Parameter, dst: torch.nn.Parameter, transform=lambda t: t) -> None:
-        """Carry src's Adam moments over to dst (the untie step: head -> embedding, transposed)."""
+        """Carry src's Adam moments over to dst (the untie step: head -> embedding, transposed). The moments are
+        laid out as dst is: CUDA's fused AdamW refuses moments whose strides differ from the parameter's (a
+        transposed view's clone keeps the transposed strides; CPU's accepts them)."""
         state = self.adam_state.get(id(src))
         if state:
-            self.adam_state[id(dst)] = {k: (transform(v).clone() if torch.is_tensor(v) else v) for k, v in state.items()}
+            self.adam_state[id(dst)] = {k: (transform(v).clone(memory_format=torch.contiguous_format)
+                                            if torch.is_tensor(v) else v) for k, v in state.items()}

@@ -306,6 +306,42 @@ def test_speedrun_optimizer_single_rank_updates_banks_and_accumulates_adam():
     assert opt2.adam_state[id(head)]["step"] == 1
 
 
+def untied_pair(device):
+    g = torch.Generator().manual_seed(3)
+    head = torch.nn.Parameter(torch.randn(4, 6, generator=g).to(device))
+    embed = torch.nn.Parameter(head.detach().T.contiguous())  # as the model's own (V, D) table
+    opt = SpeedrunOptimizer([], [AdamGroup("head", [head], 0.01, (0.8, 0.95), 0.0),
+                                 AdamGroup("embeddings", [embed], 0.01, (0.8, 0.95), 0.0)], 0.02, 0.95, 0.95, 0.0, 1e-10)
+    head.grad = torch.randn(4, 6, generator=g).to(device)
+    opt.step(lr_multiplier=1.0, adam_step=True)
+    opt.copy_adam_state(head, embed, transform=lambda t: t.T if t.ndim == 2 else t)
+    return head, embed, opt
+
+
+def test_untie_carries_the_adam_moments_laid_out_as_the_embedding():
+    """The untie step copies the head's moments, transposed, to the embedding: same values, the embedding's own
+    (contiguous) strides, and the step count. A transposed clone kept the head's strides, which CUDA's fused
+    AdamW refuses at the embedding's first Adam step."""
+    head, embed, opt = untied_pair("cpu")
+    carried, source = opt.adam_state[id(embed)], opt.adam_state[id(head)]
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(carried[key], source[key].T)
+        assert carried[key].stride() == embed.stride()
+    assert carried["step"] == 1
+
+
+@pytest.mark.gpu
+def test_gpu_adam_step_after_the_untie():
+    """The embedding's first Adam step with the carried moments runs in the fused kernel and matches the reference."""
+    head, embed, opt = untied_pair("cuda")
+    expected, state = embed.detach().clone(), {k: (v.clone() if torch.is_tensor(v) else v)
+                                              for k, v in opt.adam_state[id(embed)].items()}
+    embed.grad = torch.randn_like(embed)
+    adam_update_reference(expected, embed.grad.clone(), state, 0.01, 0.8, 0.95, 1e-10, 0.0)
+    opt.step(lr_multiplier=1.0, adam_step=True)
+    torch.testing.assert_close(embed.detach(), expected, rtol=1e-6, atol=1e-7)
+
+
 def test_run_sh(char_corpus, tmp_path):
     """run.sh: torchrun --standalone over NUM_GPUS processes; other counts are refused before torchrun starts."""
     bad = subprocess.run(["bash", "modded_nanogpt/run.sh"], cwd=REPO_ROOT, capture_output=True, text=True,
