@@ -85,7 +85,7 @@ class Hyperparameters:
     qk_norm: bool = True
     mlp_activation: str = "relu2"  # relu2 | gelu
     mlp_kernel: str = "triton"  # relu2 MLP: triton (kernels.relu2_mlp, activation and its gradient in matmul epilogues) | torch (cuBLAS + Inductor)
-    embedding_grads: str = "scatter"  # scatter (rows gathered outside the graph, their gradients index_add'ed) | dense (autograd's)
+    embedding_grads: str = "scatter"  # scatter (rows gathered outside the graph, their gradients scatter-added) | dense (autograd's)
     optimizer: str = "normuon"  # normuon (banks) + Adam (rest) | adamw (everything)
     attention_backend: str = "auto"  # auto | fa3 | flex | sdpa
     attention_skip_layers: list[int] = field(default_factory=lambda: [6])

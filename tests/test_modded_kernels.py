@@ -356,6 +356,45 @@ def test_symmetric_products_reject_bad_shapes():
         ba_plus_caa(torch.zeros(3, 4), 1.0, 1.0)
 
 
+def rows_inputs(tables, vocab, dim, tokens, seed, device="cpu"):
+    """A table ((vocab, dim) when tables is None, else (tables, vocab, dim)) and an index with runs of
+    duplicates (a frequent id, as real tokens have) and the first and last rows."""
+    g = gen(seed)
+    shape = (vocab, dim) if tables is None else (tables, vocab, dim)
+    table = torch.randn(*shape, generator=g)
+    index = torch.randint(0, vocab, (tokens,), generator=g)
+    index[: tokens // 3] = 3  # a third of the tokens are one id
+    index[-1], index[0] = vocab - 1, 0
+    index = index[torch.randperm(tokens, generator=g)]
+    return table.to(device), index.to(device)
+
+
+@pytest.mark.parametrize("tables", [None, 5])
+def test_embedding_rows_references_match_float64(tables):
+    table, index = rows_inputs(tables, 40, 24, 100, seed=30)
+    rows = kernels.gather_rows_reference(table, index, torch.bfloat16)
+    want = table.double()[..., index, :]
+    assert rows.dtype == torch.bfloat16 and torch.equal(rows, want.to(torch.bfloat16))
+    assert torch.equal(kernels.gather_rows(table, index, torch.float32), table[..., index, :])  # CPU: the reference
+    grad_rows = torch.randn(rows.shape, generator=gen(31)).bfloat16()
+    grad = torch.randn(table.shape, generator=gen(32))
+    want = grad.double().clone()
+    for t in range(index.numel()):  # one row at a time, duplicates summed
+        want[..., index[t], :] += grad_rows.double()[..., t, :]
+    kernels.scatter_add_rows(grad, index, grad_rows)
+    assert rel_err(grad, want) < 1e-6
+
+
+def test_embedding_rows_bad_shapes_name_them():
+    table, index = rows_inputs(5, 40, 24, 100, seed=33)
+    with pytest.raises(ValueError, match=r"\(V, D\) or \(N, V, D\) table, got shape \(40,\)"):
+        kernels.gather_rows(table[0, :, 0], index, torch.float32)
+    with pytest.raises(ValueError, match=r"1-D index, got shape \(10, 10\)"):
+        kernels.gather_rows(table, index.view(10, 10), torch.float32)
+    with pytest.raises(ValueError, match=r"rows of shape \(5, 99, 24\) do not match a gradient of shape \(5, 40, 24\)"):
+        kernels.scatter_add_rows(torch.zeros_like(table), index, torch.zeros(5, 99, 24))
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU tier: the fused paths against their references
 # ---------------------------------------------------------------------------------------------
@@ -668,3 +707,31 @@ def test_gpu_polar_express_with_and_without_triton(monkeypatch, shape):
     assert_finite(fused)
     assert rel_err(fused, accurate) < 3e-2
     assert rel_err(fused, accurate) < 1.1 * rel_err(plain, accurate) + 2e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tables, vocab, dim, tokens", [(5, 50304, 768, 49152), (None, 50304, 768, 16384),
+                                                       (None, 251520, 768, 4096), (3, 70, 300, 333), (None, 9, 5, 1)])
+def test_gpu_embedding_rows_match_reference(tables, vocab, dim, tokens):
+    """The Triton gather equals index_select + cast bit for bit; the sorted-run scatter-add equals index_add_ up to
+    summation order (float32), with the order computed inside or given, on every row: the untouched ones keep
+    their value."""
+    table, index = rows_inputs(tables, vocab, dim, tokens, seed=34, device="cuda")
+    poison_cuda_cache(table.numel() // 5 * 2)
+    rows = kernels.gather_rows(table, index, torch.bfloat16)
+    assert torch.equal(rows, kernels.gather_rows_reference(table, index, torch.bfloat16))
+    grad_rows = torch.randn(rows.shape, device="cuda").bfloat16()
+    start = torch.randn_like(table)
+    want = start.double().index_add_(table.ndim - 2, index, grad_rows.double())
+    for order in (None, kernels.sort_index(index)):
+        grad = start.clone()
+        kernels.scatter_add_rows(grad, index, grad_rows, order)
+        assert_finite(grad)
+        assert rel_err(grad, want) < 1e-6
+        untouched = torch.ones(table.shape[-2], dtype=torch.bool, device="cuda")
+        untouched[index] = False
+        assert torch.equal(grad[..., untouched, :], start[..., untouched, :])
+    fp32_rows = torch.randn(rows.shape, device="cuda")  # float32 rows are added as they are
+    grad = start.clone()
+    kernels.scatter_add_rows(grad, index, fp32_rows)
+    assert rel_err(grad, start.double().index_add_(table.ndim - 2, index, fp32_rows.double())) < 1e-6

@@ -237,7 +237,7 @@ def test_windows_as_tensors_give_the_same_loss_and_gradients():
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("changes", [{}, {"value_embeds": False, "bigram_embeds": False}])
 def test_gathered_rows_give_the_dense_gradients(tied, changes):
-    """--embedding_grads=scatter: rows gathered outside the graph, their gradients index_add'ed into the tables'
+    """--embedding_grads=scatter: rows gathered outside the graph, their gradients scatter-added into the tables'
     .grad after each backward, accumulated over micro-steps, equal autograd's dense table gradients (every
     parameter, also rows no token read: zero); the losses are identical. While tied the token rows stay in
     the graph (the head's gradient is dense anyway)."""
