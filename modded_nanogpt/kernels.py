@@ -833,6 +833,105 @@ def scatter_add_rows(grad, index, rows, sorted_index=None):
 
 
 # ---------------------------------------------------------------------------------------------
+# Attention inputs: QKV projection, q/k RMSNorm + half-truncated rotary, key offset, value-embedding mix
+# ---------------------------------------------------------------------------------------------
+# The plain version is model.attention_inputs (tensor code that Inductor fuses). Profiled on an H200
+# at a stage-3 micro-step, its q/k kernels took 162-181 us forward and 219 us backward per attention
+# layer, about twice the bytes they move (read q, k; write them: 302 MB forward, 453 MB backward).
+# This op does the projection through cuBLAS and everything after it in one pass each way: q, k and v
+# leave the forward contiguous (T, H, D) (the paired-head reshape is then a view), and the backward
+# writes the whole (T, 3 H D) gradient of the projection's output, so the two products that follow
+# read it as one tensor. Selected by --qkv_kernel=triton (model.GPT.attention); not yet measured on a
+# GPU (written when the session's device time was spent), so the default stays the plain version.
+
+_NORM_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's eps for its float32 computation
+
+
+def attention_inputs(x, w_qkv, cos, sin, not_doc_start, ve, ve_gate, num_heads: int, qk_norm: bool,
+                     key_offset: bool):
+    """q, k, v (T, H, D) of one attention layer from its normalized input x (T, dim) and w_qkv (3 H D, dim),
+    as model.attention_inputs computes them (the reference); CUDA bf16 tensors only (the caller checks)."""
+    return _AttentionInputs.apply(x, w_qkv, cos, sin, not_doc_start, ve,
+                                  None if ve_gate is None else ve_gate.contiguous(), num_heads, qk_norm, key_offset)
+
+
+class _AttentionInputs(torch.autograd.Function):
+    """The projection (cuBLAS) and the fused kernels; the projection's output is kept for the backward."""
+
+    @staticmethod
+    def forward(ctx, x, w_qkv, cos, sin, not_doc_start, ve, ve_gate, num_heads, qk_norm, key_offset):
+        qkv = x @ w_qkv.T
+        q, k, v = torch.ops.modded_nanogpt.attention_inputs_forward(qkv, cos, sin, not_doc_start, ve, ve_gate,
+                                                                    num_heads, qk_norm, key_offset)
+        ctx.save_for_backward(x, w_qkv, qkv, cos, sin, not_doc_start, ve, ve_gate)
+        ctx.flags = (num_heads, qk_norm, key_offset)
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k, grad_v):
+        x, w_qkv, qkv, cos, sin, not_doc_start, ve, ve_gate = ctx.saved_tensors
+        grad_qkv, grad_ve, grad_gate = torch.ops.modded_nanogpt.attention_inputs_backward(
+            grad_q, grad_k, grad_v, qkv, cos, sin, not_doc_start, ve, ve_gate, *ctx.flags)
+        has_ve = ve is not None
+        return (grad_qkv @ w_qkv, grad_qkv.T @ x, None, None, None, grad_ve if has_ve else None,
+                grad_gate if has_ve else None, None, None, None)
+
+
+@torch.library.custom_op("modded_nanogpt::attention_inputs_forward", mutates_args=())
+def _attention_inputs_forward_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, not_doc_start: torch.Tensor,
+                                 ve: torch.Tensor | None, ve_gate: torch.Tensor | None, num_heads: int, qk_norm: bool,
+                                 key_offset: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    T = qkv.shape[0]
+    head_dim = qkv.shape[1] // (3 * num_heads)
+    q, k, v = (torch.empty((T, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device) for _ in range(3))
+    has_ve = ve is not None
+    grid = (num_heads, triton.cdiv(T, 32))
+    _attention_inputs_kernel[grid](
+        qkv, cos, sin, not_doc_start, ve if has_ve else qkv, ve_gate if has_ve else qkv, q, k, v, T,
+        qkv.stride(0), cos.stride(0), ve.stride(0) if has_ve else 0, ve_gate.stride(0) if has_ve else 0,
+        _NORM_EPS, H=num_heads, HALF=head_dim // 2, QK_NORM=qk_norm, KEY_OFFSET=key_offset, HAS_VE=has_ve,
+        BLOCK_T=32, num_warps=4)
+    return q, k, v
+
+
+@_attention_inputs_forward_op.register_fake
+def _(qkv, cos, sin, not_doc_start, ve, ve_gate, num_heads, qk_norm, key_offset):
+    shape = (qkv.shape[0], num_heads, qkv.shape[1] // (3 * num_heads))
+    return tuple(qkv.new_empty(shape) for _ in range(3))
+
+
+@torch.library.custom_op("modded_nanogpt::attention_inputs_backward", mutates_args=())
+def _attention_inputs_backward_op(grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor, qkv: torch.Tensor,
+                                  cos: torch.Tensor, sin: torch.Tensor, not_doc_start: torch.Tensor,
+                                  ve: torch.Tensor | None, ve_gate: torch.Tensor | None, num_heads: int, qk_norm: bool,
+                                  key_offset: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad of the projection's output (T, 3 H D), grad ve, grad ve_gate); the last two are empty without
+    value embeddings."""
+    T, H = qkv.shape[0], num_heads
+    head_dim = qkv.shape[1] // (3 * H)
+    grads = [g if g.stride(-1) == 1 else g.contiguous() for g in (grad_q, grad_k, grad_v)]
+    grad_qkv = torch.empty_like(qkv)
+    has_ve = ve is not None
+    grad_ve = torch.empty_like(ve) if has_ve else qkv.new_empty(0)
+    grad_gate = torch.empty((T, H), dtype=torch.float32, device=qkv.device) if has_ve else qkv.new_empty(0)
+    grid = (H, triton.cdiv(T, 32))
+    _attention_inputs_backward_kernel[grid](
+        grads[0], grads[1], grads[2], qkv, cos, sin, not_doc_start, ve if has_ve else qkv,
+        ve_gate if has_ve else qkv, grad_qkv, grad_ve if has_ve else qkv, grad_gate if has_ve else qkv, T,
+        *(g.stride(0) for g in grads), *(g.stride(1) for g in grads), qkv.stride(0), cos.stride(0),
+        ve.stride(0) if has_ve else 0, ve_gate.stride(0) if has_ve else 0, _NORM_EPS,
+        H=H, HALF=head_dim // 2, QK_NORM=qk_norm, KEY_OFFSET=key_offset, HAS_VE=has_ve, BLOCK_T=32, num_warps=4)
+    return grad_qkv, grad_ve, grad_gate.to(qkv.dtype) if has_ve else grad_gate
+
+
+@_attention_inputs_backward_op.register_fake
+def _(grad_q, grad_k, grad_v, qkv, cos, sin, not_doc_start, ve, ve_gate, num_heads, qk_norm, key_offset):
+    has_ve = ve is not None
+    return (torch.empty_like(qkv), torch.empty_like(ve) if has_ve else qkv.new_empty(0),
+            qkv.new_empty(ve_gate.shape) if has_ve else qkv.new_empty(0))
+
+
+# ---------------------------------------------------------------------------------------------
 # Triton kernels (defined only where triton imports)
 # ---------------------------------------------------------------------------------------------
 
@@ -1195,3 +1294,139 @@ if triton is not None:
             acc = tl.where(new_run, row, acc + row)
             current = index
         tl.atomic_add(grad_n + current * D + cols, acc, mask=col_in & (current >= 0), sem="relaxed")
+
+    @triton.jit
+    def _load_half_rows(ptr, rows, row_stride, cols, mask):
+        return tl.load(ptr + rows[:, None] * row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _rms_scale(lo, hi, HALF: tl.constexpr, eps):
+        """1 / rms of each row of [lo, hi] (float32), as a column."""
+        return tl.rsqrt((tl.sum(lo * lo, axis=1) + tl.sum(hi * hi, axis=1)) / (2 * HALF) + eps)[:, None]
+
+    @triton.jit
+    def _normalized_halves(base, rows, row_stride, cols, mask, eps, HALF: tl.constexpr, QK_NORM: tl.constexpr):
+        """Both halves of rows of one head, RMS-normalized and rounded to bf16 as F.rms_norm's output is."""
+        lo = _load_half_rows(base, rows, row_stride, cols, mask)
+        hi = _load_half_rows(base + HALF, rows, row_stride, cols, mask)
+        if QK_NORM:
+            scale = _rms_scale(lo, hi, HALF, eps)
+            lo = (lo * scale).to(tl.bfloat16).to(tl.float32)
+            hi = (hi * scale).to(tl.bfloat16).to(tl.float32)
+        return lo, hi
+
+    @triton.jit
+    def _head_block(cos_ptr, sin_ptr, T, table_stride, HALF: tl.constexpr, BLOCK_T: tl.constexpr):
+        """This program's head, tokens (int64), half-columns, token mask (1-D and as a column) and cos/sin rows.
+        Heads vary fastest in the grid: the programs of one token block share its cos/sin rows in L2."""
+        h = tl.program_id(0)
+        ts = (tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+        cols = tl.arange(0, HALF)
+        t_in = ts < T
+        mask = t_in[:, None]
+        cos = tl.load(cos_ptr + ts[:, None] * table_stride + cols[None, :], mask=mask, other=1.0)
+        sin = tl.load(sin_ptr + ts[:, None] * table_stride + cols[None, :], mask=mask, other=0.0)
+        return h, ts, cols, t_in, mask, cos, sin
+
+    @triton.jit
+    def _attention_inputs_kernel(qkv_ptr, cos_ptr, sin_ptr, nds_ptr, ve_ptr, gate_ptr, q_ptr, k_ptr, v_ptr, T,
+                                 qkv_stride, table_stride, ve_stride, gate_stride, eps, H: tl.constexpr,
+                                 HALF: tl.constexpr, QK_NORM: tl.constexpr, KEY_OFFSET: tl.constexpr,
+                                 HAS_VE: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Program (head h, token block): q, k, v of BLOCK_T tokens of head h, each as two halves of HALF dims.
+
+        q = rot(norm(q_pre)), k likewise; with KEY_OFFSET the stationary dims of k (the upper half of each
+        half: zero frequency) are those of norm(k_pre) one token earlier, times not_doc_start; v = v_pre +
+        gate * ve. Outputs (T, H, 2 HALF), contiguous."""
+        h, ts, cols, t_in, mask, cos, sin = _head_block(cos_ptr, sin_ptr, T, table_stride, HALF, BLOCK_T)
+        out_rows = ((ts * H + h) * (2 * HALF))[:, None]
+
+        q_base = qkv_ptr + h * (2 * HALF)
+        lo, hi = _normalized_halves(q_base, ts, qkv_stride, cols, mask, eps, HALF, QK_NORM)
+        tl.store(q_ptr + out_rows + cols[None, :], (lo * cos + hi * sin).to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(q_ptr + out_rows + HALF + cols[None, :], (hi * cos - lo * sin).to(q_ptr.dtype.element_ty), mask=mask)
+
+        k_base = qkv_ptr + (H + h) * (2 * HALF)
+        lo, hi = _normalized_halves(k_base, ts, qkv_stride, cols, mask, eps, HALF, QK_NORM)
+        k_lo, k_hi = lo * cos + hi * sin, hi * cos - lo * sin
+        if KEY_OFFSET:
+            prev = ts - 1
+            prev_lo, prev_hi = _normalized_halves(k_base, prev, qkv_stride, cols, (t_in & (prev >= 0))[:, None], eps,
+                                                  HALF, QK_NORM)
+            carry = tl.load(nds_ptr + ts, mask=t_in, other=0.0).to(tl.float32)[:, None]
+            stationary = (cols >= HALF // 2)[None, :]
+            k_lo = tl.where(stationary, prev_lo * carry, k_lo)
+            k_hi = tl.where(stationary, prev_hi * carry, k_hi)
+        tl.store(k_ptr + out_rows + cols[None, :], k_lo.to(k_ptr.dtype.element_ty), mask=mask)
+        tl.store(k_ptr + out_rows + HALF + cols[None, :], k_hi.to(k_ptr.dtype.element_ty), mask=mask)
+
+        dims = tl.arange(0, 2 * HALF)
+        v = tl.load(qkv_ptr + ts[:, None] * qkv_stride + (2 * H + h) * (2 * HALF) + dims[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        if HAS_VE:
+            gate = tl.load(gate_ptr + ts * gate_stride + h, mask=t_in, other=0.0).to(tl.float32)[:, None]
+            ve = tl.load(ve_ptr + ts[:, None] * ve_stride + h * (2 * HALF) + dims[None, :], mask=mask,
+                         other=0.0).to(tl.float32)
+            v = v + gate * ve
+        tl.store(v_ptr + out_rows + dims[None, :], v.to(v_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _qk_input_grad(d_lo, d_hi, cos, sin, x_base, ts, qkv_stride, cols, mask, eps, out, HALF: tl.constexpr,
+                       QK_NORM: tl.constexpr):
+        """Store the gradient of q_pre (or k_pre) given that of the rotated output's halves: the rotation's
+        transpose, then the RMSNorm's backward dx = s (g - y mean(g y)), y = x s, recomputed from x."""
+        g_lo = d_lo * cos - d_hi * sin
+        g_hi = d_lo * sin + d_hi * cos
+        if QK_NORM:
+            x_lo = _load_half_rows(x_base, ts, qkv_stride, cols, mask)
+            x_hi = _load_half_rows(x_base + HALF, ts, qkv_stride, cols, mask)
+            scale = _rms_scale(x_lo, x_hi, HALF, eps)
+            y_lo, y_hi = x_lo * scale, x_hi * scale
+            mean_gy = ((tl.sum(g_lo * y_lo, axis=1) + tl.sum(g_hi * y_hi, axis=1)) / (2 * HALF))[:, None]
+            g_lo = scale * (g_lo - y_lo * mean_gy)
+            g_hi = scale * (g_hi - y_hi * mean_gy)
+        tl.store(out + cols[None, :], g_lo.to(out.dtype.element_ty), mask=mask)
+        tl.store(out + HALF + cols[None, :], g_hi.to(out.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _attention_inputs_backward_kernel(gq_ptr, gk_ptr, gv_ptr, qkv_ptr, cos_ptr, sin_ptr, nds_ptr, ve_ptr,
+                                          gate_ptr, gqkv_ptr, gve_ptr, ggate_ptr, T, gq_t, gk_t, gv_t, gq_h, gk_h,
+                                          gv_h, qkv_stride, table_stride, ve_stride, gate_stride, eps,
+                                          H: tl.constexpr, HALF: tl.constexpr, QK_NORM: tl.constexpr,
+                                          KEY_OFFSET: tl.constexpr, HAS_VE: tl.constexpr, BLOCK_T: tl.constexpr):
+        """The gradient of _attention_inputs_kernel for (head h, token block): of the projection's output (its
+        q, k and v parts, one (T, 3 H D) tensor), of ve and of the gate. With KEY_OFFSET, the gradient of k's
+        stationary dims at token t comes from the output at token t + 1."""
+        h, ts, cols, t_in, mask, cos, sin = _head_block(cos_ptr, sin_ptr, T, table_stride, HALF, BLOCK_T)
+        grad_rows = gqkv_ptr + ts[:, None] * qkv_stride
+
+        gq_base = gq_ptr + h * gq_h
+        d_lo = _load_half_rows(gq_base, ts, gq_t, cols, mask)
+        d_hi = _load_half_rows(gq_base + HALF, ts, gq_t, cols, mask)
+        _qk_input_grad(d_lo, d_hi, cos, sin, qkv_ptr + h * (2 * HALF), ts, qkv_stride, cols, mask, eps,
+                       grad_rows + h * (2 * HALF), HALF, QK_NORM)
+
+        gk_base = gk_ptr + h * gk_h
+        d_lo = _load_half_rows(gk_base, ts, gk_t, cols, mask)
+        d_hi = _load_half_rows(gk_base + HALF, ts, gk_t, cols, mask)
+        if KEY_OFFSET:
+            nxt = ts + 1
+            next_in = nxt < T
+            carry = tl.load(nds_ptr + nxt, mask=next_in, other=0.0).to(tl.float32)[:, None]
+            stationary = (cols >= HALF // 2)[None, :]
+            d_lo = tl.where(stationary, _load_half_rows(gk_base, nxt, gk_t, cols, next_in[:, None]) * carry, d_lo)
+            d_hi = tl.where(stationary, _load_half_rows(gk_base + HALF, nxt, gk_t, cols, next_in[:, None]) * carry,
+                            d_hi)
+        _qk_input_grad(d_lo, d_hi, cos, sin, qkv_ptr + (H + h) * (2 * HALF), ts, qkv_stride, cols, mask, eps,
+                       grad_rows + (H + h) * (2 * HALF), HALF, QK_NORM)
+
+        dims = tl.arange(0, 2 * HALF)
+        gv = tl.load(gv_ptr + ts[:, None] * gv_t + h * gv_h + dims[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(grad_rows + (2 * H + h) * (2 * HALF) + dims[None, :], gv.to(gqkv_ptr.dtype.element_ty), mask=mask)
+        if HAS_VE:
+            gate = tl.load(gate_ptr + ts * gate_stride + h, mask=t_in, other=0.0).to(tl.float32)
+            ve = tl.load(ve_ptr + ts[:, None] * ve_stride + h * (2 * HALF) + dims[None, :], mask=mask,
+                         other=0.0).to(tl.float32)
+            tl.store(gve_ptr + ts[:, None] * ve_stride + h * (2 * HALF) + dims[None, :],
+                     (gv * gate[:, None]).to(gve_ptr.dtype.element_ty), mask=mask)
+            tl.store(ggate_ptr + ts * H + h, tl.sum(gv * ve, axis=1), mask=t_in)

@@ -62,6 +62,7 @@ class ModelConfig:
     qk_norm: bool = True
     mlp_activation: str = "relu2"
     mlp_kernel: str = "triton"  # relu2 MLP: triton (kernels.relu2_mlp: TMA kernel, fused backward) | torch (Inductor)
+    qkv_kernel: str = "torch"  # attention inputs: torch (attention_inputs, Inductor) | triton (kernels.attention_inputs)
     fp8: bool = True
     attn_scale: float = 0.12
     rope_min_wavelength_ratio: float = 1024.0  # lowest rotating frequency is 1/1024 rad per token
@@ -121,6 +122,27 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     x1, x2 = x.float().chunk(2, dim=-1)
     cos, sin = cos[:, None, :], sin[:, None, :]
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
+
+
+def attention_inputs(x, w_qkv, cos, sin, not_doc_start, ve, ve_gate, num_heads: int, qk_norm: bool, key_offset: bool):
+    """q, k, v (T, H, D) of an attention layer from its normalized input x (T, dim): the projection, RMSNorm
+    on q and k, the rotation, the key offset, and the value embeddings mixed into v with their gate (T, H).
+    Plain tensor code for Inductor; kernels.attention_inputs is the same in one Triton kernel each way."""
+    T, H = x.size(0), num_heads
+    D = w_qkv.size(0) // (3 * H)
+    q, k, v = (x @ w_qkv.T).view(T, 3, H, D).unbind(1)
+    if qk_norm:
+        q, k = norm(q), norm(k)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    if key_offset:
+        # Stationary dims of a key carry the previous token's content: a query can match "the token
+        # after X" in one layer (induction). Nothing is carried across a document start.
+        stationary = k[..., D // 4 : D // 2], k[..., 3 * D // 4 :]
+        shifted = [torch.cat([s[:1] * 0, s[:-1]]) * not_doc_start[:, None, None] for s in stationary]
+        k = torch.cat([k[..., : D // 4], shifted[0], k[..., D // 2 : 3 * D // 4], shifted[1]], dim=-1)
+    if ve is not None:
+        v = v + ve_gate[..., None] * ve.view(T, H, D)
+    return q, k, v
 
 
 # ---- attention masks (documents + causal + sliding window) and the three backends ------------------
@@ -427,20 +449,16 @@ class GPT(nn.Module):
         T, H, D = x.size(0), c.num_heads, c.head_dim
         hd = H * D
         w = self.attn_bank[self.attn_slot[layer]].to(x.dtype)
-        q, k, v = (x @ w[: 3 * hd].T).view(T, 3, H, D).unbind(1)
-        if c.qk_norm:
-            q, k = norm(q), norm(k)
-        q, k = apply_rotary(q, ctx["cos"], ctx["sin"]), apply_rotary(k, ctx["cos"], ctx["sin"])
         long = layer in c.long_window_layers
-        if c.key_offset and long:
-            # Stationary dims of a key carry the previous token's content: a query can match "the token
-            # after X" in one layer (induction). Nothing is carried across a document start.
-            stationary = k[..., D // 4 : D // 2], k[..., 3 * D // 4 :]
-            shifted = [torch.cat([s[:1] * 0, s[:-1]]) * ctx["not_doc_start"][:, None, None] for s in stationary]
-            k = torch.cat([k[..., : D // 4], shifted[0], k[..., D // 2 : 3 * D // 4], shifted[1]], dim=-1)
+        gate = None
         if ve is not None:
             gate = 2 * torch.sigmoid(x[:, :GATE_INPUTS] @ self.ve_gate[self.ve_slot[layer]].to(x.dtype).T)
-            v = v + gate[..., None] * ve.view(T, H, D)
+        inputs = (x, w[: 3 * hd], ctx["cos"], ctx["sin"], ctx["not_doc_start"], ve, gate, H, c.qk_norm,
+                  c.key_offset and long)
+        if c.qkv_kernel == "triton" and kernels.use_triton(x) and x.dtype == torch.bfloat16:
+            q, k, v = kernels.attention_inputs(*inputs)
+        else:
+            q, k, v = attention_inputs(*inputs)
         window = ctx["long_window"] if long else ctx["short_window"]
         paired = layer in c.paired_head_layers
         mask = ctx["masks"].get((long, paired))
@@ -589,8 +607,9 @@ def validate_config(c: ModelConfig):
         raise ValueError(f"skip_from ({c.skip_from}) must be before skip_to ({c.skip_to}), both in 0..{L - 1}")
     if c.backout and not 0 <= c.backout_layer < L:
         raise ValueError(f"backout_layer {c.backout_layer} is outside 0..{L - 1}")
-    if c.mlp_kernel not in ("triton", "torch"):
-        raise ValueError(f"mlp_kernel must be triton or torch, got {c.mlp_kernel!r}")
+    for name in ("mlp_kernel", "qkv_kernel"):
+        if getattr(c, name) not in ("triton", "torch"):
+            raise ValueError(f"{name} must be triton or torch, got {getattr(c, name)!r}")
     if c.mlp_activation not in ("relu2", "gelu"):
         raise ValueError(f"mlp_activation must be relu2 or gelu, got {c.mlp_activation!r}")
     if not 0 <= c.bos_id < c.vocab_size:

@@ -85,6 +85,7 @@ class Hyperparameters:
     qk_norm: bool = True
     mlp_activation: str = "relu2"  # relu2 | gelu
     mlp_kernel: str = "triton"  # relu2 MLP: triton (kernels.relu2_mlp, activation and its gradient in matmul epilogues) | torch (cuBLAS + Inductor)
+    qkv_kernel: str = "torch"  # attention inputs (projection, q/k norm + rotary, key offset, value embeddings): torch (Inductor) | triton (one fused op; not yet measured on a GPU)
     embedding_grads: str = "scatter"  # scatter (rows gathered outside the graph, their gradients scatter-added) | dense (autograd's)
     optimizer: str = "normuon"  # normuon (banks) + Adam (rest) | adamw (everything)
     attention_backend: str = "auto"  # auto | fa3 | flex | sdpa
@@ -206,8 +207,8 @@ def parse_hyperparameters(argv: list[str]) -> Hyperparameters:
 
 
 def check_choices(hp: Hyperparameters) -> None:
-    choices = {"mlp_activation": ("relu2", "gelu"), "mlp_kernel": ("triton", "torch"), "optimizer": ("normuon", "adamw"),
-               "embedding_grads": ("scatter", "dense"),
+    choices = {"mlp_activation": ("relu2", "gelu"), "mlp_kernel": ("triton", "torch"), "qkv_kernel": ("triton", "torch"),
+               "optimizer": ("normuon", "adamw"), "embedding_grads": ("scatter", "dense"),
                "attention_backend": ("auto", "fa3", "flex", "sdpa"), "device": ("auto", "cuda", "cpu")}
     for key, allowed in choices.items():
         if getattr(hp, key) not in allowed:

@@ -38,10 +38,12 @@ def test_flex_block_mask_matches_sdpa_with_explicit_mask(shift, window_blocks):
     assert rel_err(flex, sdpa) < 1e-2
 
 
-def test_compiled_model_matches_eager_reference():
+@pytest.mark.parametrize("qkv_kernel", ["torch", "triton"])
+def test_compiled_model_matches_eager_reference(qkv_kernel):
     cfg = ModelConfig(vocab_size=50304, num_layers=4, model_dim=256, num_heads=2, head_dim=128,
                       attention_skip_layers=[2], long_window_layers=[1, 3], paired_head_layers=[0],
-                      value_embed_layers=[0, 3], skip_from=0, skip_to=2, backout_layer=2, fp8=False)
+                      value_embed_layers=[0, 3], skip_from=0, skip_to=2, backout_layer=2, fp8=False,
+                      qkv_kernel=qkv_kernel)
     torch.manual_seed(0)
     model = GPT(cfg).cuda()
     with torch.no_grad():  # zero-initialized projections and gates would leave some gradients at zero
@@ -78,11 +80,13 @@ def test_compiled_model_matches_eager_reference():
     assert all(0 <= e < 5e-2 for e in errors.values()), errors  # (NaN fails too)
 
 
-def test_flex_compiled_model_is_causal():
+@pytest.mark.parametrize("qkv_kernel", ["torch", "triton"])
+def test_flex_compiled_model_is_causal(qkv_kernel):
     """The compiled FlexAttention path with every feature on: states before position j ignore tokens from j on."""
     cfg = ModelConfig(vocab_size=50304, num_layers=4, model_dim=256, num_heads=2, head_dim=128,
                       attention_skip_layers=[2], long_window_layers=[1, 3], paired_head_layers=[0],
-                      value_embed_layers=[0, 3], skip_from=0, skip_to=2, backout_layer=2, fp8=True)
+                      value_embed_layers=[0, 3], skip_from=0, skip_to=2, backout_layer=2, fp8=True,
+                      qkv_kernel=qkv_kernel)
     torch.manual_seed(0)
     model = GPT(cfg).cuda()
     with torch.no_grad():

@@ -456,12 +456,15 @@ def test_no_position_sees_the_future():
     assert not torch.allclose(a[j:], b[j:])
 
 
-def test_mlp_kernel_choice_is_the_same_function():
+@pytest.mark.parametrize("flag, other, bad", [("mlp_kernel", "torch", "cuda"), ("qkv_kernel", "triton", "fused")])
+def test_kernel_choices_are_the_same_function_on_cpu(flag, other, bad):
+    """mlp_kernel and qkv_kernel pick an implementation, never the math: on CPU both values give the same loss
+    (qkv_kernel=triton runs its fused op on GPUs only: elsewhere the model computes attention_inputs)."""
     torch.manual_seed(0)
     a = randomized(GPT(tiny_config()))
-    b = GPT(tiny_config(mlp_kernel="torch"))
+    b = GPT(tiny_config(**{flag: other}))
     b.load_state_dict(a.state_dict())
     inputs, targets = packed_tokens()
     torch.testing.assert_close(loss_of(a, inputs, targets), loss_of(b, inputs, targets), rtol=1e-6, atol=1e-5)
-    with pytest.raises(ValueError, match="mlp_kernel must be triton or torch"):
-        validate_config(tiny_config(mlp_kernel="cuda"))
+    with pytest.raises(ValueError, match=f"{flag} must be triton or torch, got '{bad}'"):
+        validate_config(tiny_config(**{flag: bad}))
