@@ -847,10 +847,16 @@ def scatter_add_rows(grad, index, rows, sorted_index=None):
 _NORM_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's eps for its float32 computation
 
 
+def attention_inputs_supported(x: torch.Tensor, head_dim: int) -> bool:
+    """Where attention_inputs can run: the fused path's device and dtype (bf16), and a power-of-two head_dim
+    (the kernels take a head's halves as tiles of head_dim / 2 columns)."""
+    return use_triton(x) and x.dtype == torch.bfloat16 and head_dim >= 4 and head_dim & (head_dim - 1) == 0
+
+
 def attention_inputs(x, w_qkv, cos, sin, not_doc_start, ve, ve_gate, num_heads: int, qk_norm: bool,
                      key_offset: bool):
     """q, k, v (T, H, D) of one attention layer from its normalized input x (T, dim) and w_qkv (3 H D, dim),
-    as model.attention_inputs computes them (the reference); CUDA bf16 tensors only (the caller checks)."""
+    as model.attention_inputs computes them (the reference), where attention_inputs_supported says so."""
     return _AttentionInputs.apply(x, w_qkv, cos, sin, not_doc_start, ve,
                                   None if ve_gate is None else ve_gate.contiguous(), num_heads, qk_norm, key_offset)
 

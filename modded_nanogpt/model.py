@@ -455,7 +455,7 @@ class GPT(nn.Module):
             gate = 2 * torch.sigmoid(x[:, :GATE_INPUTS] @ self.ve_gate[self.ve_slot[layer]].to(x.dtype).T)
         inputs = (x, w[: 3 * hd], ctx["cos"], ctx["sin"], ctx["not_doc_start"], ve, gate, H, c.qk_norm,
                   c.key_offset and long)
-        if c.qkv_kernel == "triton" and kernels.use_triton(x) and x.dtype == torch.bfloat16:
+        if c.qkv_kernel == "triton" and kernels.attention_inputs_supported(x, D):
             q, k, v = kernels.attention_inputs(*inputs)
         else:
             q, k, v = attention_inputs(*inputs)

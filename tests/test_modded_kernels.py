@@ -385,6 +385,16 @@ def test_embedding_rows_references_match_float64(tables):
     assert rel_err(grad, want) < 1e-6
 
 
+def test_attention_inputs_fused_path_only_where_it_can_run(monkeypatch):
+    """The fused attention inputs need the Triton path (CUDA), bf16 and a power-of-two head_dim; CPU tensors
+    and MODDED_NO_TRITON=1 take model.attention_inputs."""
+    assert not kernels.attention_inputs_supported(torch.zeros(2, 4, dtype=torch.bfloat16), 128)
+    monkeypatch.setattr(kernels, "use_triton", lambda t: True)
+    assert kernels.attention_inputs_supported(torch.zeros(2, 4, dtype=torch.bfloat16), 128)
+    assert not kernels.attention_inputs_supported(torch.zeros(2, 4, dtype=torch.bfloat16), 96)
+    assert not kernels.attention_inputs_supported(torch.zeros(2, 4, dtype=torch.float32), 128)
+
+
 def test_embedding_rows_bad_shapes_name_them():
     table, index = rows_inputs(5, 40, 24, 100, seed=33)
     with pytest.raises(ValueError, match=r"\(V, D\) or \(N, V, D\) table, got shape \(40,\)"):
