@@ -332,10 +332,13 @@ class GPT(nn.Module):
         self._mirror_buffers()
 
     def _mirror_buffers(self):
-        # Python copies of the schedule state the forward branches on: torch.compile specializes on
-        # them (a recompile per stage, done in the warmup) instead of breaking the graph on .item().
+        # Python copies of the schedule state: the forward branches on them (torch.compile specializes on
+        # them, a recompile per stage, done in the warmup, instead of breaking the graph on .item()), and the
+        # per-step hooks read them instead of the buffers. Reading a CUDA buffer waits for the GPU: called
+        # at every step, that drained the GPU before each step was queued. Only init and loads read the buffers.
         self.is_tied = bool(self.tied)
         self.temperature = float(self.attn_temperature)
+        self.yarn_tokens = int(self.yarn_window)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
@@ -360,9 +363,10 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def set_long_window(self, long_window_blocks: int):
-        """Rescale the rotary frequencies (YaRN) when the long window grows beyond what they fit."""
+        """Rescale the rotary frequencies (YaRN) when the long window grows beyond what they fit. Called
+        every step: when nothing changes it touches no tensor (see _mirror_buffers)."""
         tokens = long_window_blocks * BLOCK
-        old = int(self.yarn_window)
+        old = self.yarn_tokens
         if old == 0:
             self.yarn_window.fill_(tokens)
         elif tokens > old:
@@ -370,14 +374,17 @@ class GPT(nn.Module):
             self.rotary_freqs.copy_(freqs)
             self.attn_temperature.mul_(temperature)
             self.yarn_window.fill_(tokens)
-        self._mirror_buffers()
+            self.temperature = float(self.attn_temperature)  # a wait, but only when the window grows
+        else:
+            return
+        self.yarn_tokens = tokens
 
     @torch.no_grad()
     def untie(self):
         """From now on the token embedding is its own parameter, starting from the head's weights."""
         self.embed.copy_(self.lm_head_t.T)
         self.tied.fill_(False)
-        self._mirror_buffers()
+        self.is_tied = False
 
     # --- forward ------------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from modded_nanogpt.model import (
     BLOCK,
@@ -289,6 +290,49 @@ def test_rotary_half_truncated_and_yarn():
     model.set_long_window(7)
     assert model.temperature == pytest.approx(0.1 * math.log(7 / 3) + 1)
     assert int(model.yarn_window) == 7 * BLOCK and not torch.equal(model.rotary_freqs, before)
+
+
+class TensorReads(TorchFunctionMode):
+    """Records the tensor -> Python conversions (int(), float(), bool(), item, tolist) made inside it: on a GPU
+    each one waits for the device to drain."""
+
+    READS = ("__int__", "__float__", "__bool__", "item", "tolist")
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_per_step_schedule_hooks_read_no_tensor():
+    """The trainer calls set_long_window every step: with an unchanged (or smaller) window it must read no buffer
+    (each read of a CUDA buffer drained the GPU before every step was queued), and untie none either. The Python
+    mirrors stay equal to the buffers through growth, untie and a checkpoint load."""
+    model = GPT(tiny_config())
+    model.set_long_window(3)
+    for blocks in (3, 2, 3):
+        with TensorReads() as mode:
+            model.set_long_window(blocks)
+        assert mode.reads == [], blocks
+    model.set_long_window(7)
+    with TensorReads() as mode:
+        model.untie()
+    assert mode.reads == []
+
+    def mirrors(m):
+        return m.yarn_tokens, m.temperature, m.is_tied
+
+    assert mirrors(model) == (int(model.yarn_window), float(model.attn_temperature), bool(model.tied)) == \
+        (7 * BLOCK, pytest.approx(0.1 * math.log(7 / 3) + 1), False)
+    fresh = GPT(tiny_config())
+    fresh.load_state_dict(model.state_dict())
+    assert mirrors(fresh) == mirrors(model)
+    fresh.set_long_window(7)  # the loaded window: no rescaling a second time
+    assert torch.equal(fresh.rotary_freqs, model.rotary_freqs)
 
 
 def test_bigram_hash():

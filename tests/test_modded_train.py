@@ -1,6 +1,7 @@
 """The speedrun trainer end to end on CPU: the issue's command, world sizes 1 and 2, resume, bad input,
 and the optimizer step against slow references."""
 
+import dataclasses
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import time
 import pytest
 import torch
 
+from modded_nanogpt.data.loader import DistributedBOSLoader
 from modded_nanogpt.dist_optim import (
     AdamGroup,
     BankSpec,
@@ -20,8 +22,21 @@ from modded_nanogpt.dist_optim import (
     adam_update,
     adam_update_reference,
 )
+from modded_nanogpt.model import GPT
 from modded_nanogpt.optim import normuon_update
-from modded_nanogpt.train_gpt import ConfigError, main, parse_hyperparameters
+from modded_nanogpt.schedule import Schedule
+from modded_nanogpt.train_gpt import (
+    TOTAL_MICRO_STEPS,
+    ConfigError,
+    Runtime,
+    StepReadings,
+    build_optimizer,
+    main,
+    model_config,
+    parse_hyperparameters,
+    resolve_data,
+    train_step,
+)
 from tests.fixtures import REPO_ROOT, read_metrics, run_module
 
 # Three one-step stages (the third is stage 3): every stage switch and the untie happen within 3 steps.
@@ -340,6 +355,39 @@ def test_gpu_adam_step_after_the_untie():
     adam_update_reference(expected, embed.grad.clone(), state, 0.01, 0.8, 0.95, 1e-10, 0.0)
     opt.step(lr_multiplier=1.0, adam_step=True)
     torch.testing.assert_close(embed.detach(), expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.gpu
+def test_gpu_train_steps_never_wait_for_the_device(char_corpus):
+    """The host queues step after step without waiting for the GPU: once a step shape has run, train_step (rows
+    gathered and scatter-added, forward, backward, NorMuon, Adam on odd steps, the stage's hooks) and the queued
+    reading of its loss raise nothing under torch.cuda.set_sync_debug_mode("error"). (The per-step
+    set_long_window read a CUDA buffer and so drained the GPU before every step.)"""
+    hp = parse_hyperparameters(tiny(char_corpus, "unused", "--device=cuda"))
+    train_files = resolve_data(hp)[0]  # also reads the vocabulary and end-of-text id from corpus.json
+    rt = Runtime(0, 0, 1, torch.device("cuda"))
+    model = GPT(model_config(hp)).cuda()
+    model.attention_backend, model.embedding_grads = "sdpa", hp.embedding_grads
+    schedule = Schedule(hp.num_iterations, hp.extension_iterations, hp.seq_len, TOTAL_MICRO_STEPS, hp.batch_schedule,
+                        hp.window_schedule, hp.mtp_schedule, hp.lr_schedule, hp.final_long_window, hp.cooldown_frac,
+                        hp.final_lr_frac, hp.mtp, hp.tie_embeddings)
+    plan = schedule.at(schedule.stage_starts[2])
+    model.untie()
+    optimizer = build_optimizer(model, hp, rt)
+    loader = DistributedBOSLoader(train_files, plan.batch_tokens // TOTAL_MICRO_STEPS, hp.seq_len, hp.bos_id,
+                                  device=rt.device)
+    plans = [dataclasses.replace(plan, untie_after=False, adam_step=odd) for odd in (False, True)]
+    readings = StepReadings(rt)
+    for p in plans:  # first allocations, cached device constants, the window's first setting
+        readings.queue(train_step(model, model, optimizer, loader, p, rt), False)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for p in plans * 2:
+            readings.queue(train_step(model, model, optimizer, loader, p, rt), False)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
 
 
 def test_run_sh(char_corpus, tmp_path):
