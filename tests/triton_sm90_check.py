@@ -1,0 +1,91 @@
+"""Compile speedrun Triton kernels for Hopper (sm_90) without a GPU, and report what the machine code does.
+
+    pip install triton==3.6.0   # into a scratch target: pip install --no-deps --target /tmp/t triton==3.6.0
+    PYTHONPATH=/tmp/t python -m tests.triton_sm90_check
+
+For sessions without device time: Triton's front end, its code generator and the ptxas it ships run on any x86-64
+machine, so type errors and unsupported operations show here, and so do the registers, the stack (spills) and the
+width of global loads and stores (16-byte `v4.b32` where the strides allow), per kernel and constexpr variant. The
+integer arguments named in `divisible` are marked multiples of 16 as Triton's launcher marks them at run time (the
+trainer's strides are). Numbers, not timings: correctness against the references runs in Triton's interpreter
+(TRITON_INTERPRET=1) or on a GPU (tests marked gpu).
+"""
+
+import itertools
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from modded_nanogpt import kernels
+
+BF16, F32 = "*bf16", "*fp32"
+
+
+def cases():
+    """(name, kernel, argument types, integer args divisible by 16, constexpr variants, num_warps)."""
+    fwd = dict(qkv_ptr=BF16, cos_ptr=F32, sin_ptr=F32, nds_ptr=BF16, ve_ptr=BF16, gate_ptr=BF16, q_ptr=BF16,
+               k_ptr=BF16, v_ptr=BF16, T="i32", qkv_stride="i32", table_stride="i32", ve_stride="i32",
+               gate_stride="i32", eps="fp32")
+    bwd = dict(gq_ptr=BF16, gk_ptr=BF16, gv_ptr=BF16, qkv_ptr=BF16, cos_ptr=F32, sin_ptr=F32, nds_ptr=BF16,
+               ve_ptr=BF16, gate_ptr=BF16, gqkv_ptr=BF16, gve_ptr=BF16, ggate_ptr=F32, T="i32", gq_t="i32",
+               gk_t="i32", gv_t="i32", gq_h="i32", gk_h="i32", gv_h="i32", qkv_stride="i32", table_stride="i32",
+               ve_stride="i32", gate_stride="i32", eps="fp32")
+    flags = [dict(H=6, HALF=64, QK_NORM=n, KEY_OFFSET=o, HAS_VE=v, BLOCK_T=32)
+             for n, o, v in itertools.product((True, False), repeat=3)]
+    yield ("attention_inputs forward", kernels._attention_inputs_kernel, fwd,
+           ["qkv_stride", "table_stride", "ve_stride"], flags, 4)
+    yield ("attention_inputs backward", kernels._attention_inputs_backward_kernel, bwd,
+           ["gq_t", "gk_t", "gv_t", "gq_h", "gk_h", "gv_h", "qkv_stride", "table_stride", "ve_stride"], flags, 4)
+    gather = dict(table_ptr=F32, index_ptr="*i64", out_ptr=BF16, T="i32", V="i32", D="i32")
+    yield "gather_rows", kernels._gather_rows_kernel, gather, ["D"], [dict(BLOCK_T=16, BLOCK_D=256)], 4
+    scatter = dict(grad_ptr=F32, sorted_ptr="*i32", positions_ptr="*i64", rows_ptr=BF16, T="i32", V="i32", D="i32")
+    yield "scatter_add_rows", kernels._scatter_add_rows_kernel, scatter, ["D"], [dict(CHUNK=32, BLOCK_D=256)], 2
+
+
+def compile_sm90(kernel, types, divisible, constexprs, num_warps):
+    names = kernel.arg_names
+    signature = {a: ("constexpr" if a in constexprs else types[a]) for a in names}
+    marked = [a for a, t in types.items() if t.startswith("*")] + divisible
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                       attrs={(names.index(a),): [["tt.divisibility", 16]] for a in marked})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+def resource_usage(cubin: bytes) -> str:
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    return " ".join(re.findall(r"REG:\d+|STACK:\d+|SHARED:\d+", text))
+
+
+def main() -> int:
+    failed = 0
+    for name, kernel, types, divisible, variants, warps in cases():
+        for constexprs in variants:
+            flags = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in constexprs.items())
+            try:
+                compiled = compile_sm90(kernel, types, divisible, constexprs, warps)
+            except Exception as e:  # noqa: BLE001 - report every variant, then fail
+                failed += 1
+                print(f"{name} [{flags}]: FAILED {type(e).__name__}: {str(e)[:600]}")
+                continue
+            ptx = compiled.asm["ptx"]
+            loads = Counter(re.findall(r"ld\.global[.\w]*", ptx))
+            stores = Counter(re.findall(r"st\.global[.\w]*|red\.global[.\w]*|atom\.global[.\w]*", ptx))
+            print(f"{name} [{flags}]: {resource_usage(compiled.asm['cubin'])} | loads {dict(loads)} | "
+                  f"stores {dict(stores)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
