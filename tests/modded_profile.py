@@ -189,10 +189,14 @@ def main(argv):
     kernels_only = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
     groups = {}
     for e in kernels_only:
-        groups.setdefault(kernel_group(e.key), []).append(e.self_device_time_total / 1000 / 2)
+        groups.setdefault(kernel_group(e.key), []).append((e.self_device_time_total / 1000 / 2, e.count // 2, e.key))
     print("kernel group | ms per step | kernels")
-    for name, ms in sorted(groups.items(), key=lambda kv: -sum(kv[1])):
-        print(f"{name:28s} | {sum(ms):7.1f} | {len(ms)}")
+    for name, entries in sorted(groups.items(), key=lambda kv: -sum(ms for ms, _, _ in kv[1])):
+        print(f"{name:28s} | {sum(ms for ms, _, _ in entries):7.1f} | {len(entries)}")
+    # The largest kernels of each group with their whole names (the table above cuts names and rows).
+    for name, entries in groups.items():
+        for ms, calls, key in sorted(entries, reverse=True)[:4]:
+            print(f"  {name[:20]:20s} | {ms:7.2f} ms/step | {calls:4d} calls/step | {key}")
     busy_ms = sum(e.self_device_time_total for e in kernels_only) / 1000 / 2
     print(f"GPU busy {busy_ms:.1f} ms per step (sum of kernel times) against {statistics.median(times):.1f} ms per step "
           "wall: the rest is the GPU waiting for the host", flush=True)
