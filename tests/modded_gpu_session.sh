@@ -33,5 +33,5 @@ print("end:", {k: end.get(k) for k in ("final_val_loss", "train_time_ms", "warmu
 print("val:", [(r["step"], round(r["val_loss"], 4)) for r in records if r["kind"] == "val"])
 PY
 if [[ $TESTS == 1 ]]; then
-  python -m pytest tests/test_modded_gpu.py tests/test_modded_kernels.py tests/test_modded_optim.py -m gpu -q 2>&1 | tail -15
+  python -m pytest tests/test_modded_*.py -m gpu -q 2>&1 | tail -15
 fi
