@@ -9,6 +9,8 @@
     xxt(X), ba_plus_caa(A, alpha, beta)             symmetric products of Polar Express
     gather_rows(table, index, dtype)                table[..., index, :] cast to dtype (embedding rows)
     scatter_add_rows(grad, index, rows)             grad[..., index, :] += rows, duplicates summed
+    attention_inputs(x, w_qkv, cos, sin, ...)       an attention layer's q, k, v (projection, q/k norm +
+                                                    rotary, key offset, value embeddings)
 
 Each public function takes CPU or CUDA tensors. `use_triton(t)` picks the fused path: a CUDA
 tensor, triton importable, and MODDED_NO_TRITON unset (MODDED_NO_TRITON=1 forces the
@@ -883,6 +885,14 @@ class _AttentionInputs(torch.autograd.Function):
                 grad_gate if has_ve else None, None, None, None)
 
 
+def _ve_launch_args(ve, ve_gate, placeholder):
+    """(ve, gate, ve row stride, gate row stride) for the kernels; without value embeddings a placeholder
+    pointer (never read: HAS_VE is off) and zero strides."""
+    if ve is None:
+        return placeholder, placeholder, 0, 0
+    return ve, ve_gate, ve.stride(0), ve_gate.stride(0)
+
+
 @torch.library.custom_op("modded_nanogpt::attention_inputs_forward", mutates_args=())
 def _attention_inputs_forward_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, not_doc_start: torch.Tensor,
                                  ve: torch.Tensor | None, ve_gate: torch.Tensor | None, num_heads: int, qk_norm: bool,
@@ -890,13 +900,11 @@ def _attention_inputs_forward_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torc
     T = qkv.shape[0]
     head_dim = qkv.shape[1] // (3 * num_heads)
     q, k, v = (torch.empty((T, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device) for _ in range(3))
-    has_ve = ve is not None
-    grid = (num_heads, triton.cdiv(T, 32))
-    _attention_inputs_kernel[grid](
-        qkv, cos, sin, not_doc_start, ve if has_ve else qkv, ve_gate if has_ve else qkv, q, k, v, T,
-        qkv.stride(0), cos.stride(0), ve.stride(0) if has_ve else 0, ve_gate.stride(0) if has_ve else 0,
-        _NORM_EPS, H=num_heads, HALF=head_dim // 2, QK_NORM=qk_norm, KEY_OFFSET=key_offset, HAS_VE=has_ve,
-        BLOCK_T=32, num_warps=4)
+    ve_arg, gate_arg, ve_stride, gate_stride = _ve_launch_args(ve, ve_gate, qkv)
+    _attention_inputs_kernel[(num_heads, triton.cdiv(T, 32))](
+        qkv, cos, sin, not_doc_start, ve_arg, gate_arg, q, k, v, T, qkv.stride(0), cos.stride(0), ve_stride,
+        gate_stride, _NORM_EPS, H=num_heads, HALF=head_dim // 2, QK_NORM=qk_norm, KEY_OFFSET=key_offset,
+        HAS_VE=ve is not None, BLOCK_T=32, num_warps=4)
     return q, k, v
 
 
@@ -920,13 +928,13 @@ def _attention_inputs_backward_op(grad_q: torch.Tensor, grad_k: torch.Tensor, gr
     has_ve = ve is not None
     grad_ve = torch.empty_like(ve) if has_ve else qkv.new_empty(0)
     grad_gate = torch.empty((T, H), dtype=torch.float32, device=qkv.device) if has_ve else qkv.new_empty(0)
-    grid = (H, triton.cdiv(T, 32))
-    _attention_inputs_backward_kernel[grid](
-        grads[0], grads[1], grads[2], qkv, cos, sin, not_doc_start, ve if has_ve else qkv,
-        ve_gate if has_ve else qkv, grad_qkv, grad_ve if has_ve else qkv, grad_gate if has_ve else qkv, T,
-        *(g.stride(0) for g in grads), *(g.stride(1) for g in grads), qkv.stride(0), cos.stride(0),
-        ve.stride(0) if has_ve else 0, ve_gate.stride(0) if has_ve else 0, _NORM_EPS,
-        H=H, HALF=head_dim // 2, QK_NORM=qk_norm, KEY_OFFSET=key_offset, HAS_VE=has_ve, BLOCK_T=32, num_warps=4)
+    ve_arg, gate_arg, ve_stride, gate_stride = _ve_launch_args(ve, ve_gate, qkv)
+    grad_ve_arg, grad_gate_arg, _, _ = _ve_launch_args(grad_ve if has_ve else None, grad_gate, qkv)
+    _attention_inputs_backward_kernel[(H, triton.cdiv(T, 32))](
+        *grads, qkv, cos, sin, not_doc_start, ve_arg, gate_arg, grad_qkv, grad_ve_arg, grad_gate_arg, T,
+        *(g.stride(0) for g in grads), *(g.stride(1) for g in grads), qkv.stride(0), cos.stride(0), ve_stride,
+        gate_stride, _NORM_EPS, H=H, HALF=head_dim // 2, QK_NORM=qk_norm, KEY_OFFSET=key_offset, HAS_VE=has_ve,
+        BLOCK_T=32, num_warps=4)
     return grad_qkv, grad_ve, grad_gate.to(qkv.dtype) if has_ve else grad_gate
 
 

@@ -114,7 +114,7 @@ def rotary_table(freqs: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.
 
 @rotary_table.register_fake
 def _(freqs, length):
-    return freqs.new_empty((length, freqs.numel()), dtype=torch.float32), freqs.new_empty((length, freqs.numel()), dtype=torch.float32)
+    return tuple(freqs.new_empty((length, freqs.numel()), dtype=torch.float32) for _ in range(2))
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -365,18 +365,15 @@ class GPT(nn.Module):
     def set_long_window(self, long_window_blocks: int):
         """Rescale the rotary frequencies (YaRN) when the long window grows beyond what they fit. Called
         every step: when nothing changes it touches no tensor (see _mirror_buffers)."""
-        tokens = long_window_blocks * BLOCK
-        old = self.yarn_tokens
-        if old == 0:
-            self.yarn_window.fill_(tokens)
-        elif tokens > old:
+        tokens, old = long_window_blocks * BLOCK, self.yarn_tokens
+        if old and tokens <= old:
+            return
+        if old:
             freqs, temperature = yarn_rescale(self.rotary_freqs, old, tokens)
             self.rotary_freqs.copy_(freqs)
             self.attn_temperature.mul_(temperature)
-            self.yarn_window.fill_(tokens)
             self.temperature = float(self.attn_temperature)  # a wait, but only when the window grows
-        else:
-            return
+        self.yarn_window.fill_(tokens)
         self.yarn_tokens = tokens
 
     @torch.no_grad()
@@ -418,11 +415,10 @@ class GPT(nn.Module):
         dtype = torch.bfloat16 if inputs.is_cuda else torch.float32
         idx = inputs.to(torch.int64)
         rows, scatter = {"token": None, "value": None, "bigram": None}, []
-
-        def sort(index):  # shared by the tables read at the same index; only the GPU's scatter uses it
-            return kernels.sort_index(index) if kernels.use_triton(index) else None
-
-        order = sort(idx) if (not self.is_tied or c.value_embeds) else None
+        # The token and value tables share one sort of the index (the GPU's scatter walks it in order); the
+        # bigram index is sorted inside its scatter.
+        shared = (not self.is_tied or c.value_embeds) and kernels.use_triton(idx)
+        order = kernels.sort_index(idx) if shared else None
         if not self.is_tied:  # tied, the rows come from the head, whose gradient is dense anyway
             # float32, unlike the others: with bf16 token rows Inductor fused the first layer's backward (embedding
             # norm, smear, x0 mixing) into one kernel of 1.9 ms per micro-step instead of 0.44 (H200, ~9 ms/step).
@@ -434,7 +430,7 @@ class GPT(nn.Module):
         if c.bigram_embeds:
             bigram_idx = self.bigram_index(inputs)
             rows["bigram"] = kernels.gather_rows(self.bigram_embed, bigram_idx, dtype)
-            scatter.append((self.bigram_embed, bigram_idx, sort(bigram_idx), "bigram"))
+            scatter.append((self.bigram_embed, bigram_idx, None, "bigram"))
         for leaf in rows.values():
             if leaf is not None:
                 leaf.requires_grad_()
