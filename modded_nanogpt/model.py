@@ -62,7 +62,7 @@ class ModelConfig:
     qk_norm: bool = True
     mlp_activation: str = "relu2"
     mlp_kernel: str = "triton"  # relu2 MLP: triton (kernels.relu2_mlp: TMA kernel, fused backward) | torch (Inductor)
-    qkv_kernel: str = "torch"  # attention inputs: torch (attention_inputs, Inductor) | triton (kernels.attention_inputs)
+    qkv_kernel: str = "triton"  # attention inputs: triton (kernels.attention_inputs, where supported) | torch (attention_inputs, Inductor)
     fp8: bool = True
     attn_scale: float = 0.12
     rope_min_wavelength_ratio: float = 1024.0  # lowest rotating frequency is 1/1024 rad per token

@@ -1,17 +1,20 @@
 """Profile one speedrun step shape on a GPU: compile, time steps, and print the top kernels.
 
-    python -m tests.modded_profile [--stage=2] [--steps=6] [--no_profile] [--key=value of Hyperparameters ...]
+    python -m tests.modded_profile [--stage=2] [--steps=6] [--no_profile] [--host_profile] [--key=value ...]
     python -m tests.modded_profile --bench_head [--rows=49152]
 
 Synthetic packed batches (random tokens, a BOS every ~800 tokens; --blocking_loader copies them from pageable
 memory, as the loaders did before session 5) or, with --data_dir=DIR, the trainer's loader on real shards; the
 trainer's own model, optimizer and step function. Prints the median step time, then the profiler's top CUDA
 kernels for two steps and the GPU's busy time against the wall time (the difference: the GPU waiting).
+--host_profile adds Python's profile of the host queuing two steps (where its time goes when it is the bottleneck).
 --bench_head times the backward of the FP8 head + softcapped loss at one micro-step's size: the CE backward
 then the quantizer (two kernels) against the fused CE-gradient + e5m2 kernel (both transposes).
 """
 
+import cProfile
 import dataclasses
+import pstats
 import statistics
 import sys
 import time
@@ -135,7 +138,7 @@ def main(argv):
     stage = int(next((a.split("=")[1] for a in argv if a.startswith("--stage=")), 2))
     steps = int(next((a.split("=")[1] for a in argv if a.startswith("--steps=")), 6))
     hp = parse_hyperparameters([a for a in argv if not a.startswith(("--stage=", "--steps=", "--no_profile",
-                                                                    "--blocking_loader"))])
+                                                                    "--blocking_loader", "--host_profile"))])
 
     rt = Runtime(0, 0, 1, torch.device("cuda"))
     if hp.data_dir and not any(a.startswith("--val_tokens=") for a in argv):
@@ -176,9 +179,20 @@ def main(argv):
     t = time.perf_counter()
     for i in range(steps):
         train_step(model, step_fn, optimizer, loader, plans[i % 2], rt)
+    queued = time.perf_counter()
     torch.cuda.synchronize()
     print(f"pipelined: {1000 * (time.perf_counter() - t) / steps:.1f} ms per step over {steps} steps without a "
-          "wait between them", flush=True)
+          f"wait between them; the host was done queuing them at {1000 * (queued - t) / steps:.1f} ms per step "
+          "(CUDA's launch queue holds back a host that runs ahead, so compare the GPU's busy time below)", flush=True)
+    if "--host_profile" in argv:  # where the host's time goes while it queues steps (Python's profiler)
+        stats = cProfile.Profile()
+        torch.cuda.synchronize()
+        stats.enable()
+        for i in range(2):
+            train_step(model, step_fn, optimizer, loader, plans[i % 2], rt)
+        stats.disable()
+        torch.cuda.synchronize()
+        pstats.Stats(stats).sort_stats("cumulative").print_stats(30)
     if "--no_profile" in sys.argv:
         return
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
