@@ -111,6 +111,26 @@ class RunLog:
                 history = []
         _write_json(self.dir / "provenance.json", {**provenance, "resumed_step": resumed_step, "history": history})
 
+    def completed(self, total_steps: int) -> dict | None:
+        """The end record of a run that already trained all `total_steps` steps (its checkpoint of that step
+        exists and the last end/stop record of metrics.jsonl is an end at that step); None otherwise. Read on
+        every rank: a finished run is left as it is, so its summary (warmup, peak memory) stays the real one."""
+        if not (self.ckpt_dir / f"step_{total_steps:07d}.pt").is_file():
+            return None
+        last = None
+        try:
+            lines = (self.dir / "metrics.jsonl").read_text().splitlines()
+        except OSError:
+            return None
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("kind") in ("end", "stop"):
+                last = record
+        return last if last and last["kind"] == "end" and last.get("step") == total_steps else None
+
     def truncate_metrics_after(self, step: int) -> None:
         """After a resume from `step`, records of later steps (written before the crash) are moved aside."""
         path = self.dir / "metrics.jsonl"

@@ -518,6 +518,14 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
         hp.run_dir = str(Path(os.environ.get("RUNS_DIR", "runs")) / f"modded-{time.strftime('%Y%m%d-%H%M%S')}")
     total_steps = schedule.total_steps
     keep_steps = checkpoint_steps(hp.save_checkpoints, total_steps)
+    log_run = RunLog(Path(hp.run_dir), rt.master)
+    log = log_run.log
+    finished = log_run.completed(total_steps)
+    if finished is not None:  # e.g. a requeued job whose run had ended: nothing to redo, nothing rewritten
+        log(f"{hp.run_dir} already finished its {total_steps} steps (final val_loss {finished.get('final_val_loss') or float('nan'):.4f}, "
+            f"train_time {finished.get('train_time_ms', 0) / 1000:.1f}s): nothing to do; give a new --run_dir to "
+            "train again")
+        return finished
 
     torch.manual_seed(hp.seed)
     try:
@@ -537,8 +545,6 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
     optimizer = build_optimizer(model, hp, rt)
     loader = DistributedBOSLoader(train_files, schedule.at(0).batch_tokens // TOTAL_MICRO_STEPS, hp.seq_len,
                                   hp.bos_id, rt.rank, rt.world_size, rt.device)
-    log_run = RunLog(Path(hp.run_dir), rt.master)
-    log = log_run.log
 
     start_step, state = 0, {"train_time_ms": 0.0, "time_to_target_ms": None, "tokens": 0, "last_val_loss": None}
     saved = log_run.load_newest(log) if Path(hp.run_dir, "ckpt").is_dir() else None
@@ -667,12 +673,16 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
                 log(f"stopping at step {step}: {reason}; run the same command again to resume")
                 log_run.metric("stop", step=step, reason=reason, train_time_ms=state["train_time_ms"])
                 return {"stopped": reason, "step": step, "train_time_ms": state["train_time_ms"]}
-    save(total_steps)
-    peak = torch.cuda.max_memory_allocated(rt.device) if rt.device.type == "cuda" else None
+    # A process that resumed from the final checkpoint (killed before its end record) trained nothing: it
+    # neither saves again nor reports a warmup or a peak memory of its own.
+    trained = start_step < total_steps
+    if trained:
+        save(total_steps)
+    peak = torch.cuda.max_memory_allocated(rt.device) if rt.device.type == "cuda" and trained else None
     summary = {"step": total_steps, "tokens": state["tokens"], "train_time_ms": state["train_time_ms"],
                "final_val_loss": state["last_val_loss"], "target_val_loss": hp.target_val_loss,
                "reached_target": state["time_to_target_ms"] is not None,
-               "time_to_target_ms": state["time_to_target_ms"], "warmup_s": warmup_s,
+               "time_to_target_ms": state["time_to_target_ms"], "warmup_s": warmup_s if trained else None,
                "peak_memory_bytes": peak, "world_size": rt.world_size}
     log_run.metric("end", **summary)
     peak_text = f" | peak memory {peak / 2**30:.1f} GiB" if peak else ""

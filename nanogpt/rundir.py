@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from nanogpt import checkpoint as ckpt
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -124,6 +126,29 @@ class RunDir:
         record = {"kind": kind, **values, "time": round(time.time(), 3)}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def completed(self, max_iters: int) -> dict | None:
+        """The end record of a run that already ended here (at max_iters, or earlier on reaching its target):
+        the last end/stop record of metrics.jsonl is an end at the step of the newest checkpoint. None otherwise
+        (a run to go on, or one to extend with a larger max_iters)."""
+        newest = ckpt.newest(self.path / "ckpt")
+        if newest is None:
+            return None
+        last = None
+        try:
+            lines = self.metrics_path.read_text().splitlines()
+        except OSError:
+            return None
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and record.get("kind") in ("end", "stop"):
+                last = record
+        if not last or last["kind"] != "end" or ckpt.path_for(self.path / "ckpt", last.get("step", -1)) != newest:
+            return None
+        return last if last["step"] >= max_iters or last.get("reached_target") else None
 
     def truncate_metrics_after(self, step: int):
         """On resume, drop records past the checkpoint's step (the steps will be run again).

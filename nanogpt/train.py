@@ -431,6 +431,13 @@ def main(argv: list[str] | None = None) -> dict:
         raise ConfigError(f"init_from=resume but {run_dir / 'ckpt'} holds no checkpoint")
     if "/" in cfg.init_from and not has_checkpoint and not Path(cfg.init_from).is_dir():
         raise ConfigError(f"init_from={cfg.init_from}: no such directory of Hugging Face GPT-2 weights")
+    previous = RunDir(run_dir, enabled=os.environ.get("RANK", "0") == "0")
+    finished = None if cfg.eval_only else previous.completed(cfg.max_iters)
+    if finished is not None:  # e.g. a requeued job whose run had ended: nothing to redo, nothing rewritten
+        previous.log(f"{run_dir} already ended at step {finished['step']} (final val loss "
+                     f"{finished.get('final_val_loss') or float('nan'):.4f}, train_time {finished.get('train_time_ms', 0) / 1000:.1f}s): "
+                     "nothing to do; give a new --run_dir to train again, or a larger --max_iters to go on")
+        return finished
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     accumulation = gradient_accumulation(cfg, world_size)
     if world_size > 1 and not cfg.run_dir:
@@ -608,7 +615,8 @@ def _train(cfg, recipe, rt: Runtime, run_dir: Path, train_files, val_files, voca
                 return {"stopped": stop_reason, "step": step, "train_time_ms": clock.total_ms}
 
     state["train_time_ms"] = clock.total_ms
-    peak_memory = torch.cuda.max_memory_allocated(device) if rt.device_type == "cuda" else None
+    # No peak memory from a process that resumed at the end (killed before its end record) and trained nothing.
+    peak_memory = torch.cuda.max_memory_allocated(device) if rt.device_type == "cuda" and first_step_ms is not None else None
     summary = {
         "step": state["step"], "tokens": state["tokens"], "train_time_ms": state["train_time_ms"],
         "final_val_loss": state["last_val_loss"], "best_val_loss": state["best_val_loss"],

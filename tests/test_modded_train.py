@@ -509,3 +509,34 @@ def test_model_defaults_are_the_same_in_both_dataclasses():
     model_defaults = dataclasses.asdict(ModelConfig())
     assert {k: v for k, v in dataclasses.asdict(model_config(Hyperparameters())).items() if k in shared} == \
         {k: model_defaults[k] for k in shared}
+
+
+def _run_files(run_dir) -> dict:
+    return {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.name != "train.log"}
+
+
+def test_a_finished_run_run_again_is_left_as_it_is(char_corpus, tmp_path):
+    """The same command on a run that finished (a requeued job, a sweep submitted again) trains, compiles and
+    rewrites nothing: its end record (warmup, peak memory) stays the run's. Killed after the final checkpoint but
+    before the end record, it writes the end record (no warmup or peak of its own) and leaves the checkpoint."""
+    run_dir = tmp_path / "run"
+    args = tiny(char_corpus, run_dir, *THREE_STEPS)
+    run_module("modded_nanogpt.train_gpt", *args)
+    before = _run_files(run_dir)
+    again = run_module("modded_nanogpt.train_gpt", *args)
+    assert f"{run_dir} already finished its 3 steps" in again.stdout and "nothing to do" in again.stdout
+    assert "resumed" not in again.stdout
+    assert _run_files(run_dir) == before
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    end = json.loads(lines[-1])
+    assert end["kind"] == "end" and end["step"] == 3 and end["warmup_s"] is not None
+    metrics.write_text("".join(line + "\n" for line in lines[:-1]))
+    checkpoint = (run_dir / "ckpt" / "step_0000003.pt").read_bytes()
+    resumed = run_module("modded_nanogpt.train_gpt", *args)
+    assert "resumed from step 3" in resumed.stdout and "already finished" not in resumed.stdout
+    new_end = read_metrics(run_dir)[-1]
+    assert new_end["kind"] == "end" and new_end["step"] == 3 and new_end["final_val_loss"] == end["final_val_loss"]
+    assert new_end["warmup_s"] is None and new_end["peak_memory_bytes"] is None
+    assert (run_dir / "ckpt" / "step_0000003.pt").read_bytes() == checkpoint

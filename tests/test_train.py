@@ -356,3 +356,45 @@ def test_run_time_model_option_parses_and_stays_out_of_model_args(option):
     assert getattr(model.transformer.h[0].mlp.config, option) is False
     with pytest.raises(ConfigError, match=option):
         parse_config(TrainConfig, [f"--{option}=sometimes"])
+
+
+def _run_files(run_dir: Path) -> dict:
+    return {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.name != "train.log"}
+
+
+def test_a_finished_run_run_again_is_left_as_it_is(char_corpus, tmp_path):
+    """The same command on a run that ended (a requeued job, a sweep submitted again) trains nothing and rewrites
+    nothing: its end record (peak memory, time) stays the one of the run. A larger max_iters goes on from it."""
+    run_dir = tmp_path / "run"
+    args = [f"--data_dir={char_corpus}", f"--run_dir={run_dir}", *TINY, "--max_iters=6", "--eval_interval=3"]
+    run_module("nanogpt.train", *args)
+    before = _run_files(run_dir)
+    again = run_module("nanogpt.train", *args)
+    assert f"{run_dir} already ended at step 6" in again.stdout and "nothing to do" in again.stdout
+    assert "resumed" not in again.stdout
+    assert _run_files(run_dir) == before
+    assert "already ended at step 6" in (run_dir / "train.log").read_text()
+    longer = run_module("nanogpt.train", *args, "--max_iters=9")
+    assert "resumed from step 6" in longer.stdout
+    ends = [r for r in read_metrics(run_dir) if r["kind"] == "end"]
+    assert ends[-1]["step"] == 9
+
+
+def test_a_run_killed_before_its_end_record_gets_one(char_corpus, tmp_path):
+    """Killed after the final checkpoint but before the end record: run again, it resumes at the last step, writes
+    the end record (no peak memory of its own: it trained nothing) and leaves the checkpoint alone."""
+    run_dir = tmp_path / "run"
+    args = [f"--data_dir={char_corpus}", f"--run_dir={run_dir}", *TINY, "--max_iters=6", "--eval_interval=3"]
+    run_module("nanogpt.train", *args)
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    assert json.loads(lines[-1])["kind"] == "end"
+    metrics.write_text("".join(line + "\n" for line in lines[:-1]))
+    checkpoint = (run_dir / "ckpt" / "step_0000006.pt").read_bytes()
+    again = run_module("nanogpt.train", *args)
+    assert "resumed from step 6" in again.stdout and "already ended" not in again.stdout
+    end = read_metrics(run_dir)[-1]
+    assert end["kind"] == "end" and end["step"] == 6 and end["peak_memory_bytes"] is None
+    assert end["final_val_loss"] == json.loads(lines[-1])["final_val_loss"]
+    assert (run_dir / "ckpt" / "step_0000006.pt").read_bytes() == checkpoint
