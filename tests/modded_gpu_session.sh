@@ -2,20 +2,38 @@
 # The speedrun trainer on a lent H100: a 300+-step run on the local BPE corpus (compile + warmup time,
 # step_avg per stage, peak memory, val curve), then the GPU tests. Prepare the data first (here or there):
 #   python -m nanogpt.data.text_corpus --out data/stdlib_bpe50257 --tokenizer bpe --vocab_size 50257
-# Knobs: DATA (data dir), STEPS (scheduled steps), TESTS=0 to skip the tests, EXTRA (more --key=value).
+# Knobs: DATA (data dir), STEPS (scheduled steps), TESTS=0 to skip the tests, EXTRA (more --key=value),
+# NUM_GPUS (1 runs the trainer in this process; 2, 4 or 8 run it through modded_nanogpt/run.sh, torchrun),
+# OUT (each call writes a new run directory under it, so a second call never resumes the first's run).
 set -uo pipefail
 DATA=${DATA:-data/stdlib_bpe50257}
 STEPS=${STEPS:-300}
 TESTS=${TESTS:-1}
 EXTRA=${EXTRA:-}
+NUM_GPUS=${NUM_GPUS:-1}
+# Val tokens split into whole forwards on every rank: 294,912 (earlier sessions' figure) on one GPU; 262,144 (the
+# largest multiple of 8 x 32,768 within the stdlib corpus's 326,226 val tokens) on several.
+VAL_TOKENS=${VAL_TOKENS:-$([[ $NUM_GPUS == 1 ]] && echo 294912 || echo 262144)}
 OUT=${OUT:-/tmp/modded_gpu_session}
+RUN="$OUT/run-$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+if [[ $NUM_GPUS == 1 ]]; then
+  launch=(python -m modded_nanogpt.train_gpt)
+else
+  launch=(env NUM_GPUS="$NUM_GPUS" bash modded_nanogpt/run.sh)
+fi
 # shellcheck disable=SC2086
-python -m modded_nanogpt.train_gpt --data_dir="$DATA" --vocab_size=0 --bos_id=-1 --run_dir="$OUT/run" \
-  --num_iterations="$STEPS" --extension_iterations=12 --val_every=50 --val_tokens=294912 $EXTRA 2>&1 |
+"${launch[@]}" --data_dir="$DATA" --vocab_size=0 --bos_id=-1 --run_dir="$RUN" \
+  --num_iterations="$STEPS" --extension_iterations=12 --val_every=50 --val_tokens="$VAL_TOKENS" $EXTRA 2>&1 |
   tee "$OUT/run.log" | awk '!/train_loss/ || /step:(1|2|3|50|100|101|150|200|201|250|300|304|312)\//'
-python - "$OUT/run/metrics.jsonl" <<'PY'
+status=${PIPESTATUS[0]}
+if [[ $status != 0 || ! -s "$RUN/metrics.jsonl" ]]; then
+  echo "error: the trainer exited with status $status (log: $OUT/run.log); no summary" >&2
+  exit 1
+fi
+echo "run directory: $RUN"
+python - "$RUN/metrics.jsonl" <<'PY'
 import json, sys, statistics
 records = [json.loads(l) for l in open(sys.argv[1])]
 train = [r for r in records if r["kind"] == "train"]
