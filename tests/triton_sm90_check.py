@@ -1,7 +1,7 @@
-"""Compile speedrun Triton kernels for Hopper (sm_90) without a GPU, and report what the machine code does.
+"""Compile speedrun Triton kernels for Hopper (sm_90) or A100 (sm_80) without a GPU, and report the machine code.
 
     pip install triton==3.6.0   # into a scratch target: pip install --no-deps --target /tmp/t triton==3.6.0
-    PYTHONPATH=/tmp/t python -m tests.triton_sm90_check
+    PYTHONPATH=/tmp/t python -m tests.triton_sm90_check [--arch=80]   # 80: A100 (sm_80) instead of sm_90
 
 For sessions without device time: Triton's front end, its code generator and the ptxas it ships run on any x86-64
 machine, so type errors and unsupported operations show here, and so do the registers, the stack (spills) and the
@@ -47,16 +47,40 @@ def cases():
     yield "gather_rows", kernels._gather_rows_kernel, gather, ["D"], [dict(BLOCK_T=16, BLOCK_D=256)], 4
     scatter = dict(grad_ptr=F32, sorted_ptr="*i32", positions_ptr="*i64", rows_ptr=BF16, T="i32", V="i32", D="i32")
     yield "scatter_add_rows", kernels._scatter_add_rows_kernel, scatter, ["D"], [dict(CHUNK=32, BLOCK_D=256)], 2
+    # The kernels GPUs without TMA (A100) take, each autotuning config as a variant (num_warps/num_stages in it).
+    # Unit strides are constants here, as Triton's launcher specializes an integer argument equal to 1.
+    matmul = dict(x_ptr=BF16, w_ptr=BF16, pre_ptr=BF16, post_ptr=BF16, M="i32", N="i32", K="i32", stride_xm="i32",
+                  stride_xk="i32", stride_wn="i32", stride_wk="i32", stride_om="i32", stride_on="i32")
+    unit = dict(stride_xk=1, stride_wk=1, stride_on=1)
+    yield ("relu2_matmul (pointer)", kernels._relu2_matmul_kernel, matmul, ["N", "K", "stride_xm", "stride_wn", "stride_om"],
+           [dict(c.kwargs, **unit, num_warps=c.num_warps, num_stages=c.num_stages)
+            for c in kernels._relu2_matmul_kernel.configs], 4)
+    grad = dict(grad_post_ptr=BF16, saved_ptr=BF16, grad_pre_ptr=BF16, numel="i32")
+    yield "relu2_grad", kernels._relu2_grad_kernel, grad, ["numel"], [dict(FROM_POST=f, BLOCK=4096) for f in (0, 1)], 8
+    ce = dict(logits_ptr=BF16, stride_row="i32", targets_ptr="*i64", weights_ptr=F32, row_loss_ptr=F32,
+              row_lse_ptr=F32, N="i32", V="i32", cap="fp32", shift="fp32", inv_div="fp32", N_MTP="i32")
+    ce_variants = [dict(c.kwargs, FAST=fast, num_warps=c.num_warps) for c in kernels._ROW_CONFIGS for fast in (0, 1)]
+    yield "softcapped_ce forward", kernels._softcapped_ce_forward_kernel, ce, ["stride_row", "V"], ce_variants, 4
+    ce_bwd = dict(grad_rows_ptr=F32, grad_rows_stride="i32", logits_ptr=BF16, stride_row="i32", grad_ptr=BF16,
+                  grad_stride_row="i32", targets_ptr="*i64", weights_ptr=F32, row_lse_ptr=F32, N="i32", V="i32",
+                  cap="fp32", shift="fp32", inv_div="fp32", N_MTP="i32")
+    yield ("softcapped_ce backward", kernels._softcapped_ce_backward_kernel, ce_bwd, ["stride_row", "grad_stride_row", "V"],
+           ce_variants, 4)
 
 
-def compile_sm90(kernel, types, divisible, constexprs, num_warps):
+def compile_sm90(kernel, types, divisible, constexprs, num_warps, arch: int = 90):
+    kernel = kernel.fn if hasattr(kernel, "configs") else kernel  # an autotuned kernel: its JIT function
+    constexprs = dict(constexprs)
+    options = {"num_warps": constexprs.pop("num_warps", num_warps)}
+    if "num_stages" in constexprs:
+        options["num_stages"] = constexprs.pop("num_stages")
     names = kernel.arg_names
     signature = {a: ("constexpr" if a in constexprs else types[a]) for a in names}
     marked = [a for a, t in types.items() if t.startswith("*")] + divisible
     source = ASTSource(fn=kernel, signature=signature,
                        constexprs={(names.index(k),): v for k, v in constexprs.items()},
                        attrs={(names.index(a),): [["tt.divisibility", 16]] for a in marked})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def resource_usage(cubin: bytes) -> str:
@@ -68,24 +92,26 @@ def resource_usage(cubin: bytes) -> str:
     return " ".join(re.findall(r"REG:\d+|STACK:\d+|SHARED:\d+", text))
 
 
-def main() -> int:
+def main(argv) -> int:
+    arch = int(next((a.split("=", 1)[1] for a in argv if a.startswith("--arch=")), 90))
     failed = 0
     for name, kernel, types, divisible, variants, warps in cases():
         for constexprs in variants:
             flags = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in constexprs.items())
             try:
-                compiled = compile_sm90(kernel, types, divisible, constexprs, warps)
+                compiled = compile_sm90(kernel, types, divisible, constexprs, warps, arch)
             except Exception as e:  # noqa: BLE001 - report every variant, then fail
                 failed += 1
                 print(f"{name} [{flags}]: FAILED {type(e).__name__}: {str(e)[:600]}")
                 continue
             ptx = compiled.asm["ptx"]
             loads = Counter(re.findall(r"ld\.global[.\w]*", ptx))
-            stores = Counter(re.findall(r"st\.global[.\w]*|red\.global[.\w]*|atom\.global[.\w]*", ptx))
+            # Not the "red.global" inside cp.async's "shared.global"
+            stores = Counter(re.findall(r"(?<![\w.])(?:st|red|atom)\.global[.\w]*", ptx))
             print(f"{name} [{flags}]: {resource_usage(compiled.asm['cubin'])} | loads {dict(loads)} | "
                   f"stores {dict(stores)}")
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
