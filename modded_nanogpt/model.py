@@ -180,12 +180,6 @@ def block_classes(doc: torch.Tensor, window_tokens: int, shift: int):
 
 @torch.library.custom_op("modded_nanogpt::ordered_lists", mutates_args=())
 def _ordered_lists_op(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row by row of boolean (..., n, n) matrices: how many True (int32, (..., n)), and the column order with the
-    True columns first, then the others, each ascending (what a stable descending argsort gives; int32,
-    (..., n, n)): BlockMask's block counts and lists. An opaque op that runs eagerly inside a compiled graph:
-    traced, an argsort became Triton sorting networks whose compile time grows steeply with n (at the
-    speedrun's 128-768 blocks per row they took ~2 minutes of the first compile), and a traced scatter hit an
-    Inductor code-generation error (torch 2.11)."""
     # The stable descending argsort of a 0/1 row, from prefix sums: a True column's place is the number
     # of True columns before it; a False column's, the row's count plus the False columns before it. One
     # scatter puts each column at its place (a few elementwise kernels, cheaper than a segmented sort).
@@ -201,6 +195,17 @@ def _(blocks):
     return blocks.new_empty(blocks.shape[:-1], dtype=torch.int32), blocks.new_empty(blocks.shape, dtype=torch.int32)
 
 
+def ordered_lists(blocks: torch.Tensor):
+    """Row by row of a boolean (n, n) matrix: how many True, and the column order with the True columns
+    first, then the others, each ascending (what a stable descending argsort gives), shaped (1, 1, n) and
+    (1, 1, n, n) as BlockMask takes them. An opaque op that runs eagerly inside a compiled graph: traced,
+    an argsort became Triton sorting networks whose compile time grows steeply with n (at the speedrun's
+    128-768 blocks per row they took ~2 minutes of the first compile), and a traced scatter hit an
+    Inductor code-generation error (torch 2.11)."""
+    counts, order = _ordered_lists_op(blocks)
+    return counts[None, None].contiguous(), order[None, None].contiguous()
+
+
 def flex_block_mask(doc: torch.Tensor, window_tokens, shift: int):
     """A FlexAttention BlockMask built directly from block classes (no dense mask is materialized).
     window_tokens: an int or a 0-d tensor (a tensor lets a compiled graph serve every window). The
@@ -208,11 +213,10 @@ def flex_block_mask(doc: torch.Tensor, window_tokens, shift: int):
     from torch.nn.attention.flex_attention import BlockMask
 
     partial, full = block_classes(doc, window_tokens, shift)
-    # The four lists in one call of the op: its eager kernels launch once for all four (they were four calls
-    # of ~8 small kernels each, per mask and micro-step: host time where the host is the bottleneck).
-    counts, orders = _ordered_lists_op(torch.stack([partial, full, partial.transpose(0, 1), full.transpose(0, 1)]))
-    num, full_num, q_num, full_q_num = (counts[i][None, None] for i in range(4))
-    idx, full_idx, q_idx, full_q_idx = (orders[i][None, None] for i in range(4))
+    num, idx = ordered_lists(partial)
+    full_num, full_idx = ordered_lists(full)
+    q_num, q_idx = ordered_lists(partial.transpose(0, 1))
+    full_q_num, full_q_idx = ordered_lists(full.transpose(0, 1))
 
     def mask_mod(b, h, q_idx, kv_idx):
         return allowed(q_idx, kv_idx, doc, window_tokens, shift)
