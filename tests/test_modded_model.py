@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import shutil
 
 import pytest
 import torch
@@ -197,6 +198,35 @@ def test_ordered_lists_equal_a_stable_descending_argsort(n):
     # a compiled graph sees the op through its fake: same shapes and strides, also for a transposed input
     torch.library.opcheck(_ordered_lists_op, (blocks,))
     torch.library.opcheck(_ordered_lists_op, (blocks.transpose(0, 1),))
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="Inductor's CPU backend needs a C++ compiler")
+def test_flex_block_mask_built_inside_a_compiled_graph_attends_as_the_dense_mask():
+    """What the trainer compiles, on CPU: the block mask built inside a fullgraph torch.compile from the
+    documents and a 0-d window tensor, then flex_attention with it, for plain and paired-head positions, equals
+    SDPA with the dense mask. (A variant that sliced the four block lists out of one stacked op output broke
+    Inductor's flex template here; the GPU tests run the Triton side.)"""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    g = torch.Generator().manual_seed(0)
+    T, H, D = 512, 2, 16
+    doc = torch.cumsum((packed_tokens(T=T, doc_lengths=(150, 40, 200))[0] == BOS).int(), 0)
+    q, k, v = (torch.randn(1, H, 2 * T, D, generator=g) for _ in range(3))
+
+    # The paired positions' documents come in as an input: Inductor's CPU flex template (not the GPU one the
+    # trainer uses) refuses a mask_mod that reads a tensor computed inside the graph.
+    def attend_both(q, k, v, doc, paired_doc, window):
+        plain = flex_attention(q[:, :, :T], k[:, :, :T], v[:, :, :T], block_mask=flex_block_mask(doc, window, 0))
+        paired = flex_attention(q, k, v, block_mask=flex_block_mask(paired_doc, window, 1))
+        return plain, paired
+
+    window = 2 * BLOCK - 50  # a window that ends inside a block: partial blocks on both edges
+    plain, paired = torch.compile(attend_both, fullgraph=True)(q, k, v, doc, doc.repeat_interleave(2),
+                                                               torch.tensor(window))
+    for out, positions_doc, shift, n in ((plain, doc, 0, T), (paired, doc.repeat_interleave(2), 1, 2 * T)):
+        want = F.scaled_dot_product_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n],
+                                              attn_mask=dense_mask(positions_doc, window, shift))
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
 def test_flex_block_mask_lists_equal_those_flex_derives_itself():
