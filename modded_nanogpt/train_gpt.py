@@ -285,6 +285,20 @@ class Runtime:
         return self.rank == 0
 
 
+def lm_head_mode(fp8: bool, device: torch.device) -> str:
+    """How the LM head's matmuls run, for the log: fp8 tensor cores, fp8 simulated in float32 (the same rounding,
+    on a GPU without fp8 tensor cores, e.g. an A100: slower than a bf16 head), or no fp8 at all."""
+    if not fp8:
+        return "bf16 (fp8 off)" if device.type == "cuda" else "float32 (fp8 off)"
+    if device.type != "cuda":
+        return "float32 (fp8 runs on GPUs only)"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) >= (8, 9):
+        return "fp8 (torch._scaled_mm)"
+    return (f"fp8 simulated in float32: sm_{major}{minor} has no fp8 tensor cores, which makes the head slower "
+            "than bf16; --fp8=False (or DISABLE_FP8=1) for a bf16 head")
+
+
 def init_runtime(hp: Hyperparameters) -> Runtime:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size not in WORLD_SIZES:
@@ -557,6 +571,7 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
     log_run.start(config, collect_provenance(argv, rt.world_size, backend), start_step if saved else None)
     log(f"modded_nanogpt: world_size {rt.world_size} | {TOTAL_MICRO_STEPS // rt.world_size} micro-steps/rank "
         f"| attention {backend} | compile {compiled} | params {sum(p.numel() for p in model.parameters()):,} | run {hp.run_dir}")
+    log(f"lm head: {lm_head_mode(hp.fp8, rt.device)}")
     if saved is not None:
         log(f"resumed from step {start_step}")
     clipped = loader.clipped_fraction()

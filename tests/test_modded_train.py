@@ -32,6 +32,7 @@ from modded_nanogpt.train_gpt import (
     Runtime,
     StepReadings,
     build_optimizer,
+    lm_head_mode,
     main,
     model_config,
     parse_hyperparameters,
@@ -69,6 +70,7 @@ def test_twenty_cpu_steps_on_the_local_corpus(char_corpus, tmp_path):
     end = metrics[-1]
     assert end["kind"] == "end" and end["final_val_loss"] == val[-1]["val_loss"]
     assert "step:22/22 val_loss:" in proc.stdout and "step_avg:" in proc.stdout
+    assert "lm head: float32 (fp8 off)" in proc.stdout  # the tiny recipe turns fp8 off
     # Whole stdlib files against seq_len 256: most of each is clipped away, and the log says so.
     assert re.search(r"warning: documents are clipped to seq_len=256 tokens: \d+% of the first train shard", proc.stdout)
     config = json.loads((run_dir / "config.json").read_text())
@@ -564,3 +566,19 @@ def test_the_benchmark_session_script_on_two_cpu_ranks(char_corpus, tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert failed.returncode == 1 and "error: the trainer exited with status 1" in failed.stderr
     assert "Traceback" not in failed.stderr
+
+
+def test_the_log_says_how_the_lm_head_runs(monkeypatch):
+    """fp8 tensor cores from sm_89 (H100, L40S); an A100 runs the fp8 head simulated in float32, slower than a
+    bf16 head, and the log says so and how to switch it off; CPU runs have no fp8 head."""
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert lm_head_mode(True, cuda) == "fp8 (torch._scaled_mm)"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    assert lm_head_mode(True, cuda) == "fp8 (torch._scaled_mm)"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    slow = lm_head_mode(True, cuda)
+    assert slow.startswith("fp8 simulated in float32: sm_80 has no fp8 tensor cores") and "--fp8=False" in slow
+    assert lm_head_mode(False, cuda) == "bf16 (fp8 off)"
+    assert lm_head_mode(True, torch.device("cpu")) == "float32 (fp8 runs on GPUs only)"
+    assert lm_head_mode(False, torch.device("cpu")) == "float32 (fp8 off)"
