@@ -262,7 +262,8 @@ def _dequantize(t_fp8, scale):
 
 
 @functools.cache
-def _has_fp8_tensor_cores(device_index):
+def has_fp8_tensor_cores(device_index) -> bool:
+    """Whether CUDA device `device_index` has fp8 tensor cores (sm_89 and later); elsewhere fp8 is simulated."""
     return torch.cuda.get_device_capability(device_index) >= (8, 9)
 
 
@@ -274,7 +275,7 @@ def _quantize_both_layouts(t, scale, dtype):
     sibling, so every quantized tensor is written both ways in one pass (one read of t).
     Where the GPU has no fp8 tensor cores, plain torch ops do the same.
     """
-    if not (t.is_cuda and _has_fp8_tensor_cores(t.device.index)):
+    if not (t.is_cuda and has_fp8_tensor_cores(t.device.index)):
         q = _quantize(t, scale, dtype)
         return q, q.mT.contiguous()
     rows, cols = t.shape
@@ -295,7 +296,7 @@ def _fp8_matmul(a, b, scale_a, scale_b, out_dtype, fast_accum):
     simulated in fp32, exactly as the reference does it.
     """
     dims_ok = all(d % 16 == 0 for d in (*a.shape, b.shape[1]))
-    if a.is_cuda and dims_ok and _has_fp8_tensor_cores(a.device.index):
+    if a.is_cuda and dims_ok and has_fp8_tensor_cores(a.device.index):
         scale_a = torch.full((), scale_a, dtype=torch.float32, device=a.device)
         scale_b = torch.full((), scale_b, dtype=torch.float32, device=a.device)
         return torch._scaled_mm(a.contiguous(), b.mT.contiguous().mT, scale_a, scale_b,
@@ -597,7 +598,7 @@ def fp8_softcapped_cross_entropy(x, weight_t, targets, mtp_weights, x_scale, w_s
     composition of the two ops.
     """
     _check_fp8_shapes(x, weight_t)
-    if not (use_triton(x) and x.ndim == 2 and _has_fp8_tensor_cores(x.device.index)):
+    if not (use_triton(x) and x.ndim == 2 and has_fp8_tensor_cores(x.device.index)):
         logits = fp8_linear(x, weight_t, x_scale, w_scale, grad_scale)
         return softcapped_cross_entropy(logits, targets, mtp_weights, cap, shift, div, reduction="sum")
     _check_ce_args(x, targets, mtp_weights, cap, "sum")

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from modded_nanogpt import kernels
 from modded_nanogpt.data.loader import (
     DistributedBOSLoader,
     SequentialLoader,
@@ -270,6 +271,13 @@ def model_config(hp: Hyperparameters) -> ModelConfig:
     return ModelConfig(**{k: v for k, v in dataclasses.asdict(hp).items() if k in names})
 
 
+def schedule_of(hp: Hyperparameters) -> Schedule:
+    """The run's schedule from its settings (raises ScheduleError on a bad one)."""
+    return Schedule(hp.num_iterations, hp.extension_iterations, hp.seq_len, TOTAL_MICRO_STEPS, hp.batch_schedule,
+                    hp.window_schedule, hp.mtp_schedule, hp.lr_schedule, hp.final_long_window, hp.cooldown_frac,
+                    hp.final_lr_frac, hp.mtp, hp.tie_embeddings)
+
+
 # ---- runtime -------------------------------------------------------------------------------------------
 
 
@@ -292,9 +300,9 @@ def lm_head_mode(fp8: bool, device: torch.device) -> str:
         return "bf16 (fp8 off)" if device.type == "cuda" else "float32 (fp8 off)"
     if device.type != "cuda":
         return "float32 (fp8 runs on GPUs only)"
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) >= (8, 9):
+    if kernels.has_fp8_tensor_cores(device.index):
         return "fp8 (torch._scaled_mm)"
+    major, minor = torch.cuda.get_device_capability(device)
     return (f"fp8 simulated in float32: sm_{major}{minor} has no fp8 tensor cores, which makes the head slower "
             "than bf16; --fp8=False (or DISABLE_FP8=1) for a bf16 head")
 
@@ -519,9 +527,7 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
     train_files, val_files = resolve_data(hp)
     try:
         cfg = model_config(hp)
-        schedule = Schedule(hp.num_iterations, hp.extension_iterations, hp.seq_len, TOTAL_MICRO_STEPS,
-                            hp.batch_schedule, hp.window_schedule, hp.mtp_schedule, hp.lr_schedule,
-                            hp.final_long_window, hp.cooldown_frac, hp.final_lr_frac, hp.mtp, hp.tie_embeddings)
+        schedule = schedule_of(hp)
         backend = select_attention_backend(hp.attention_backend, rt.device)
     except (ValueError, ScheduleError) as e:
         raise ConfigError(str(e)) from None

@@ -32,6 +32,12 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def run_files(run_dir: Path) -> dict:
+    """Every file of a run directory but the human log, by relative path -> bytes (to show nothing was rewritten)."""
+    return {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in sorted(Path(run_dir).rglob("*"))
+            if p.is_file() and p.name != "train.log"}
+
+
 @pytest.fixture(scope="session")
 def text_source(tmp_path_factory) -> Path:
     """A fixed handful of the standard library's modules: a deterministic small corpus."""

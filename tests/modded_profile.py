@@ -24,7 +24,6 @@ from torch.profiler import ProfilerActivity, profile
 
 from modded_nanogpt.data.loader import DistributedBOSLoader, PackedBatch, to_device_async
 from modded_nanogpt.model import GPT, select_attention_backend
-from modded_nanogpt.schedule import Schedule
 from modded_nanogpt.train_gpt import (
     TOTAL_MICRO_STEPS,
     Runtime,
@@ -32,6 +31,7 @@ from modded_nanogpt.train_gpt import (
     model_config,
     parse_hyperparameters,
     resolve_data,
+    schedule_of,
     train_step,
 )
 
@@ -147,9 +147,7 @@ def main(argv):
     model = GPT(model_config(hp)).cuda()
     model.attention_backend = select_attention_backend(hp.attention_backend, rt.device)
     model.embedding_grads = hp.embedding_grads
-    schedule = Schedule(hp.num_iterations, hp.extension_iterations, hp.seq_len, TOTAL_MICRO_STEPS, hp.batch_schedule,
-                        hp.window_schedule, hp.mtp_schedule, hp.lr_schedule, hp.final_long_window, hp.cooldown_frac,
-                        hp.final_lr_frac, hp.mtp, hp.tie_embeddings)
+    schedule = schedule_of(hp)
     plan = schedule.at(schedule.stage_starts[stage] + 2)
     if plan.step > (schedule.untie_step or 0):
         model.untie()
@@ -193,7 +191,7 @@ def main(argv):
         stats.disable()
         torch.cuda.synchronize()
         pstats.Stats(stats).sort_stats("cumulative").print_stats(30)
-    if "--no_profile" in sys.argv:
+    if "--no_profile" in argv:
         return
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for i in range(2):

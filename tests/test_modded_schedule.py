@@ -2,15 +2,12 @@
 
 import pytest
 
-from modded_nanogpt.schedule import Schedule, ScheduleError
-from modded_nanogpt.train_gpt import Hyperparameters
+from modded_nanogpt.schedule import ScheduleError
+from modded_nanogpt.train_gpt import Hyperparameters, schedule_of
 
 
 def speedrun_schedule(**changes):
-    hp = Hyperparameters(**changes)
-    return Schedule(hp.num_iterations, hp.extension_iterations, hp.seq_len, 8, hp.batch_schedule, hp.window_schedule,
-                    hp.mtp_schedule, hp.lr_schedule, hp.final_long_window, hp.cooldown_frac, hp.final_lr_frac,
-                    hp.mtp, hp.tie_embeddings)
+    return schedule_of(Hyperparameters(**changes))
 
 
 def test_stage_boundaries_of_the_published_schedule():

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from modded_nanogpt import kernels
 from modded_nanogpt.data.loader import DistributedBOSLoader
 from modded_nanogpt.dist_optim import (
     AdamGroup,
@@ -25,7 +26,6 @@ from modded_nanogpt.dist_optim import (
 )
 from modded_nanogpt.model import GPT
 from modded_nanogpt.optim import normuon_update
-from modded_nanogpt.schedule import Schedule
 from modded_nanogpt.train_gpt import (
     TOTAL_MICRO_STEPS,
     ConfigError,
@@ -37,9 +37,10 @@ from modded_nanogpt.train_gpt import (
     model_config,
     parse_hyperparameters,
     resolve_data,
+    schedule_of,
     train_step,
 )
-from tests.fixtures import REPO_ROOT, read_metrics, run_module
+from tests.fixtures import REPO_ROOT, read_metrics, run_files, run_module
 
 # Three one-step stages (the third is stage 3): every stage switch and the untie happen within 3 steps.
 THREE_STEPS = ["--num_iterations=3", "--extension_iterations=0", "--batch_schedule=1;2;1",
@@ -371,9 +372,7 @@ def test_gpu_train_steps_never_wait_for_the_device(char_corpus):
     rt = Runtime(0, 0, 1, torch.device("cuda"))
     model = GPT(model_config(hp)).cuda()
     model.attention_backend, model.embedding_grads = "sdpa", hp.embedding_grads
-    schedule = Schedule(hp.num_iterations, hp.extension_iterations, hp.seq_len, TOTAL_MICRO_STEPS, hp.batch_schedule,
-                        hp.window_schedule, hp.mtp_schedule, hp.lr_schedule, hp.final_long_window, hp.cooldown_frac,
-                        hp.final_lr_frac, hp.mtp, hp.tie_embeddings)
+    schedule = schedule_of(hp)
     plan = schedule.at(schedule.stage_starts[2])
     model.untie()
     optimizer = build_optimizer(model, hp, rt)
@@ -514,11 +513,6 @@ def test_model_defaults_are_the_same_in_both_dataclasses():
         {k: model_defaults[k] for k in shared}
 
 
-def _run_files(run_dir) -> dict:
-    return {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in sorted(run_dir.rglob("*"))
-            if p.is_file() and p.name != "train.log"}
-
-
 def test_a_finished_run_run_again_is_left_as_it_is(char_corpus, tmp_path):
     """The same command on a run that finished (a requeued job, a sweep submitted again) trains, compiles and
     rewrites nothing: its end record (warmup, peak memory) stays the run's. Killed after the final checkpoint but
@@ -526,11 +520,11 @@ def test_a_finished_run_run_again_is_left_as_it_is(char_corpus, tmp_path):
     run_dir = tmp_path / "run"
     args = tiny(char_corpus, run_dir, *THREE_STEPS)
     run_module("modded_nanogpt.train_gpt", *args)
-    before = _run_files(run_dir)
+    before = run_files(run_dir)
     again = run_module("modded_nanogpt.train_gpt", *args)
     assert f"{run_dir} already finished its 3 steps" in again.stdout and "nothing to do" in again.stdout
     assert "resumed" not in again.stdout
-    assert _run_files(run_dir) == before
+    assert run_files(run_dir) == before
     metrics = run_dir / "metrics.jsonl"
     lines = metrics.read_text().splitlines()
     end = json.loads(lines[-1])
@@ -572,13 +566,21 @@ def test_the_log_says_how_the_lm_head_runs(monkeypatch):
     """fp8 tensor cores from sm_89 (H100, L40S); an A100 runs the fp8 head simulated in float32, slower than a
     bf16 head, and the log says so and how to switch it off; CPU runs have no fp8 head."""
     cuda = torch.device("cuda", 0)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert lm_head_mode(True, cuda) == "fp8 (torch._scaled_mm)"
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
-    assert lm_head_mode(True, cuda) == "fp8 (torch._scaled_mm)"
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    slow = lm_head_mode(True, cuda)
-    assert slow.startswith("fp8 simulated in float32: sm_80 has no fp8 tensor cores") and "--fp8=False" in slow
-    assert lm_head_mode(False, cuda) == "bf16 (fp8 off)"
-    assert lm_head_mode(True, torch.device("cpu")) == "float32 (fp8 runs on GPUs only)"
-    assert lm_head_mode(False, torch.device("cpu")) == "float32 (fp8 off)"
+
+    def capability(cc):  # kernels.has_fp8_tensor_cores caches its answer per device: forget it with each change
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cc)
+        kernels.has_fp8_tensor_cores.cache_clear()
+
+    try:
+        capability((9, 0))
+        assert lm_head_mode(True, cuda) == "fp8 (torch._scaled_mm)"
+        capability((8, 9))
+        assert lm_head_mode(True, cuda) == "fp8 (torch._scaled_mm)"
+        capability((8, 0))
+        slow = lm_head_mode(True, cuda)
+        assert slow.startswith("fp8 simulated in float32: sm_80 has no fp8 tensor cores") and "--fp8=False" in slow
+        assert lm_head_mode(False, cuda) == "bf16 (fp8 off)"
+        assert lm_head_mode(True, torch.device("cpu")) == "float32 (fp8 runs on GPUs only)"
+        assert lm_head_mode(False, torch.device("cpu")) == "float32 (fp8 off)"
+    finally:
+        kernels.has_fp8_tensor_cores.cache_clear()  # the real device's answer, not a faked one, from now on

@@ -20,7 +20,7 @@ from nanogpt.config import ConfigError, parse_config
 from nanogpt.data.shards import ShardError, write_shard
 from nanogpt.model import GPTConfig
 from nanogpt.train import RUN_TIME_MODEL_OPTIONS, TrainConfig, apply_run_time_options, build_model, main
-from tests.fixtures import REPO_ROOT, read_metrics, run_module
+from tests.fixtures import REPO_ROOT, read_metrics, run_files, run_module
 
 # The issue's command line, nanoGPT's names for its settings.
 TINY = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=64", "--batch_size=8",
@@ -358,22 +358,17 @@ def test_run_time_model_option_parses_and_stays_out_of_model_args(option):
         parse_config(TrainConfig, [f"--{option}=sometimes"])
 
 
-def _run_files(run_dir: Path) -> dict:
-    return {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in sorted(run_dir.rglob("*"))
-            if p.is_file() and p.name != "train.log"}
-
-
 def test_a_finished_run_run_again_is_left_as_it_is(char_corpus, tmp_path):
     """The same command on a run that ended (a requeued job, a sweep submitted again) trains nothing and rewrites
     nothing: its end record (peak memory, time) stays the one of the run. A larger max_iters goes on from it."""
     run_dir = tmp_path / "run"
     args = [f"--data_dir={char_corpus}", f"--run_dir={run_dir}", *TINY, "--max_iters=6", "--eval_interval=3"]
     run_module("nanogpt.train", *args)
-    before = _run_files(run_dir)
+    before = run_files(run_dir)
     again = run_module("nanogpt.train", *args)
     assert f"{run_dir} already ended at step 6" in again.stdout and "nothing to do" in again.stdout
     assert "resumed" not in again.stdout
-    assert _run_files(run_dir) == before
+    assert run_files(run_dir) == before
     assert "already ended at step 6" in (run_dir / "train.log").read_text()
     longer = run_module("nanogpt.train", *args, "--max_iters=9")
     assert "resumed from step 6" in longer.stdout
