@@ -7,8 +7,10 @@ Per step, after the last micro-step's backward:
   2. as each finishes: Adam updates its (replicated) parameters; NorMuon updates rank r's slice of a bank,
      then an all-gather sends the new slice to every rank. The communication of later tensors runs
      while earlier ones are computed on.
-The loss is normalized by the tokens of the whole global step, so summing gradients over ranks gives
-the same math at every world size (the micro-steps per rank are 8 // world_size).
+A bank may give each matrix its own NorMuon learning-rate multiplier (BankSpec.lr_muls); a rank applies
+those of its own matrices. Every micro-step's loss has the same scale at every world size (train_gpt's
+LOSS_DIVISOR), so summing gradients over ranks gives the same math at every world size (the micro-steps per
+rank are 8 // world_size).
 
 With one process nothing is communicated and the same code runs. With gloo (CPU tests) the
 reduce-scatter is an all-reduce followed by taking the local slice (gloo has no reduce-scatter).
@@ -16,57 +18,112 @@ reduce-scatter is an all-reduce followed by taking the local slice (gloo has no 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from modded_nanogpt.data.loader import to_device_async
+from modded_nanogpt.kernels import use_triton
 from modded_nanogpt.optim import normuon_update
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only machines: adam_update runs the reference math
+    triton = tl = None
 
 
 def _adam_step_count(p, state) -> int:
     """Create p's Adam state on its first update; advance and return the step count."""
     if not state:
+        moment_dtype = torch.promote_types(p.dtype, torch.float32)  # float32 moments, float64 in tests
         state["step"] = 0
-        state["exp_avg"] = torch.zeros_like(p)
-        state["exp_avg_sq"] = torch.zeros_like(p)
+        state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype)
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype)
     state["step"] += 1
     return state["step"]
 
 
-def adam_update(p, grad, state, lr, beta1, beta2, eps, weight_decay):
-    """AdamW (decoupled weight decay, bias-corrected moments) on p in place, in torch's fused AdamW kernel:
-    one pass over p, grad and the two moments (28 bytes per float). As separate tensor operations (the
-    reference below) it moved ~88: 12.3 ms against 5.0 ms per Adam step for the 464M Adam floats of the
-    untied speedrun model on an H100 (python -m tests.modded_bench_adam)."""
-    t = _adam_step_count(p, state)
-    # The kernel reads the (already advanced) step count from a tensor on p's device; a pinned copy does not
-    # make the host wait for the GPU.
-    step = to_device_async(torch.tensor(float(t), dtype=torch.float32), p.device)
-    torch._fused_adamw_([p], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [step], lr=lr, beta1=beta1,
-                        beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False,
-                        grad_scale=None, found_inf=None)
+def _adam_scalars(t, lr, beta1, beta2, weight_decay):
+    """Host floats of step t: the bias-corrected step size and the decay coefficient lr^2 * c."""
+    return lr * (1 - beta2**t) ** 0.5 / (1 - beta1**t), lr * lr * weight_decay
 
 
 def adam_update_reference(p, grad, state, lr, beta1, beta2, eps, weight_decay):
-    """adam_update as plain tensor operations (the slow reference of the tests)."""
+    """One Adam step of p in place, as the speedrun record computes it, in plain tensor operations:
+
+        m <- beta1 m + (1 - beta1) g;  v <- beta2 v + (1 - beta2) g^2
+        update = m / (sqrt(v) + eps) * lr * sqrt(1 - beta2^t) / (1 - beta1^t)
+        p <- p - update - lr^2 * weight_decay * p * [update * p > 0]
+
+    lr is this step's learning rate, t the step count (from 1, kept in state). The decay is cautious (only
+    where the update moves p toward zero) and scales with the square of the learning rate."""
     t = _adam_step_count(p, state)
-    state["exp_avg"].lerp_(grad, 1 - beta1)
-    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = (state["exp_avg_sq"] / (1 - beta2**t)).sqrt_().add_(eps)
+    _adam_math(p, grad, state["exp_avg"], state["exp_avg_sq"], t, lr, beta1, beta2, eps, weight_decay)
+
+
+def _adam_math(p, grad, exp_avg, exp_avg_sq, t, lr, beta1, beta2, eps, weight_decay):
+    grad = grad.to(exp_avg.dtype)
+    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    step_size, decay = _adam_scalars(t, lr, beta1, beta2, weight_decay)
+    update = exp_avg / (exp_avg_sq.sqrt() + eps) * step_size
     if weight_decay != 0:
-        p.mul_(1 - lr * weight_decay)
-    p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
+        before = p.to(update.dtype)
+        update += torch.where(update * before > 0, before, 0) * decay
+    p.sub_(update.to(p.dtype))
+
+
+_ADAM_BLOCK = 2048
+
+if triton is not None:
+
+    @triton.jit
+    def _adam_kernel(p_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, numel, beta1, beta2, eps, step_size, decay,
+                     BLOCK: tl.constexpr):
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = offsets < numel
+        p = tl.load(p_ptr + offsets, mask=inside)
+        g = tl.load(grad_ptr + offsets, mask=inside).to(tl.float32)
+        m = beta1 * tl.load(exp_avg_ptr + offsets, mask=inside) + (1 - beta1) * g
+        v = beta2 * tl.load(exp_avg_sq_ptr + offsets, mask=inside) + (1 - beta2) * g * g
+        update = m / (tl.sqrt_rn(v) + eps) * step_size
+        update += tl.where(update * p > 0, p * decay, 0.0)
+        tl.store(exp_avg_ptr + offsets, m, mask=inside)
+        tl.store(exp_avg_sq_ptr + offsets, v, mask=inside)
+        tl.store(p_ptr + offsets, p - update, mask=inside)
+
+
+def adam_update(p, grad, state, lr, beta1, beta2, eps, weight_decay):
+    """adam_update_reference's math; on CUDA in one Triton pass over p, grad and the two moments (28 bytes per
+    float): 3.2 ms against the reference's 15.8 ms for 464M floats (12 tables of 50304 x 768) on an H200, at
+    4.0 TB/s (python -m tests.modded_bench_adam times the model's own). The step size and decay are host
+    floats (the step count lives on the host), so nothing waits for the GPU and no value recompiles the
+    kernel. The kernel walks the tensors as flat arrays, so it takes a float32 p and moments laid out
+    contiguously, as _adam_step_count and copy_adam_state make them; other layouts, and CPU tensors, take
+    the reference math."""
+    t = _adam_step_count(p, state)
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    fused = (use_triton(p) and p.dtype == exp_avg.dtype == exp_avg_sq.dtype == torch.float32
+             and p.is_contiguous() and exp_avg.is_contiguous() and exp_avg_sq.is_contiguous())
+    if not fused:
+        return _adam_math(p, grad, exp_avg, exp_avg_sq, t, lr, beta1, beta2, eps, weight_decay)
+    step_size, decay = _adam_scalars(t, lr, beta1, beta2, weight_decay)
+    numel = p.numel()
+    grid = (triton.cdiv(numel, _ADAM_BLOCK),)
+    _adam_kernel[grid](p, grad.contiguous(), exp_avg, exp_avg_sq, numel, beta1, beta2, eps, step_size, decay,
+                       BLOCK=_ADAM_BLOCK, num_warps=8)
 
 
 @dataclass
 class AdamGroup:
     name: str
     params: list
-    lr: float
+    lr: float  # base learning rate; a step uses lr * its lr_multiplier
     betas: tuple[float, float]
-    weight_decay: float
+    weight_decay: float  # c of the cautious decay lr_t^2 * c * p (adam_update_reference)
     every_step: bool = False  # False: accumulate over two steps, update on Adam steps only
 
 
@@ -75,6 +132,11 @@ class BankSpec:
     name: str
     param: torch.nn.Parameter
     shape: tuple[int, int, int]  # the bank viewed as (matrices, rows, cols): whole matrices to shard
+    lr_muls: Sequence[float] | None = None  # NorMuon learning-rate multiplier per matrix; None: all 1
+
+    def __post_init__(self):
+        if self.lr_muls is not None and len(self.lr_muls) != self.matrices:
+            raise ValueError(f"bank {self.name}: {len(self.lr_muls)} lr_muls for {self.matrices} matrices")
 
     @property
     def matrices(self) -> int:
@@ -93,10 +155,22 @@ class SpeedrunOptimizer:
         self.muon = dict(lr=muon_lr, momentum=muon_momentum, beta2=muon_beta2, weight_decay=muon_weight_decay)
         self.adam_eps = adam_eps
         self.rank, self.world_size = rank, world_size
+        self.bank_lr_muls = {bank.name: self._slice_lr_mul(bank) for bank in banks}
         self.muon_state: dict[str, dict] = {bank.name: {} for bank in banks}
         self.adam_state: dict[int, dict] = {}
         self.distributed = world_size > 1
         self.gloo = self.distributed and dist.get_backend() == "gloo"
+
+    def _slice_lr_mul(self, bank: BankSpec):
+        """The multipliers of this rank's matrices: a float where they are all equal, else a (matrices, 1, 1)
+        tensor on the bank's device, made once here so a step copies nothing to the GPU."""
+        per_rank = bank.matrices // self.world_size
+        muls = [1.0] * bank.matrices if bank.lr_muls is None else [float(m) for m in bank.lr_muls]
+        muls = muls[self.rank * per_rank : (self.rank + 1) * per_rank]
+        if len(set(muls)) == 1:
+            return muls[0]
+        dtype = torch.promote_types(bank.param.dtype, torch.float32)
+        return to_device_async(torch.tensor(muls, dtype=dtype).view(-1, 1, 1), bank.param.device)
 
     def _shard(self, tensor, bank: BankSpec):
         per_rank = bank.matrices // self.world_size
@@ -108,8 +182,10 @@ class SpeedrunOptimizer:
         return sorted(params, key=lambda gp: gp[1].numel())
 
     @torch.no_grad()
-    def step(self, lr_multiplier: float, adam_step: bool):
-        """One update; Adam parameters only when adam_step (their gradients are then zeroed)."""
+    def step(self, lr_multiplier: float, adam_step: bool, muon_momentum: float | None = None):
+        """One update; Adam parameters only when adam_step (their gradients are then zeroed). muon_momentum:
+        NorMuon's momentum for this step (the schedule's); None: the constructor's."""
+        momentum = self.muon["momentum"] if muon_momentum is None else muon_momentum
         pending = []
         adam = self._adam_params(adam_step)
         for _, p in adam:
@@ -145,8 +221,8 @@ class SpeedrunOptimizer:
                 grad = self._shard(grad, bank)
             shard = self._shard(bank.param.data, bank)
             normuon_update(shard, grad, self.muon_state[bank.name], lr=self.muon["lr"] * lr_multiplier,
-                           momentum=self.muon["momentum"], beta2=self.muon["beta2"],
-                           weight_decay=self.muon["weight_decay"])
+                           momentum=momentum, beta2=self.muon["beta2"],
+                           weight_decay=self.muon["weight_decay"], lr_mul=self.bank_lr_muls[bank.name])
             if self.distributed:
                 full = bank.param.data.view(bank.shape)
                 if self.gloo:
@@ -219,9 +295,10 @@ class SpeedrunOptimizer:
                 p.grad = grad.to(device=p.device, dtype=p.dtype).clone() if grad is not None and self.rank == 0 else None
 
     def copy_adam_state(self, src: torch.nn.Parameter, dst: torch.nn.Parameter, transform=lambda t: t) -> None:
-        """Carry src's Adam moments over to dst (the untie step: head -> embedding, transposed). The moments are
-        laid out as dst is: CUDA's fused AdamW refuses moments whose strides differ from the parameter's (a
-        transposed view's clone keeps the transposed strides; CPU's accepts them)."""
+        """Carry src's Adam moments and step count over to dst (the untie step: head -> embedding,
+        transposed). The moments are made contiguous, as dst is: adam_update's kernel walks p and its moments
+        as flat arrays (a transposed view's clone keeps the transposed strides, which would send dst to the
+        slow path)."""
         state = self.adam_state.get(id(src))
         if state:
             self.adam_state[id(dst)] = {k: (transform(v).clone(memory_format=torch.contiguous_format)

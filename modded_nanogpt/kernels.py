@@ -858,23 +858,25 @@ def attention_inputs_supported(x: torch.Tensor, head_dim: int) -> bool:
 
 
 def attention_inputs(x, w_qkv, cos, sin, not_doc_start, ve, ve_gate, num_heads: int, qk_norm: bool,
-                     key_offset: bool):
+                     key_offset: bool, paired: bool = False):
     """q, k, v (T, H, D) of one attention layer from its normalized input x (T, dim) and w_qkv (3 H D, dim),
-    as model.attention_inputs computes them (the reference), where attention_inputs_supported says so."""
+    as model.attention_inputs computes them (the reference), where attention_inputs_supported says so.
+    paired: cos/sin have 2 T rows and head h at token t rotates by row 2 t + (h % 2)."""
     return _AttentionInputs.apply(x, w_qkv, cos, sin, not_doc_start, ve,
-                                  None if ve_gate is None else ve_gate.contiguous(), num_heads, qk_norm, key_offset)
+                                  None if ve_gate is None else ve_gate.contiguous(), num_heads, qk_norm, key_offset,
+                                  paired)
 
 
 class _AttentionInputs(torch.autograd.Function):
     """The projection (cuBLAS) and the fused kernels; the projection's output is kept for the backward."""
 
     @staticmethod
-    def forward(ctx, x, w_qkv, cos, sin, not_doc_start, ve, ve_gate, num_heads, qk_norm, key_offset):
+    def forward(ctx, x, w_qkv, cos, sin, not_doc_start, ve, ve_gate, num_heads, qk_norm, key_offset, paired):
         qkv = x @ w_qkv.T
         q, k, v = torch.ops.modded_nanogpt.attention_inputs_forward(qkv, cos, sin, not_doc_start, ve, ve_gate,
-                                                                    num_heads, qk_norm, key_offset)
+                                                                    num_heads, qk_norm, key_offset, paired)
         ctx.save_for_backward(x, w_qkv, qkv, cos, sin, not_doc_start, ve, ve_gate)
-        ctx.flags = (num_heads, qk_norm, key_offset)
+        ctx.flags = (num_heads, qk_norm, key_offset, paired)
         return q, k, v
 
     @staticmethod
@@ -884,7 +886,7 @@ class _AttentionInputs(torch.autograd.Function):
             grad_q, grad_k, grad_v, qkv, cos, sin, not_doc_start, ve, ve_gate, *ctx.flags)
         has_ve = ve is not None
         return (grad_qkv @ w_qkv, grad_qkv.T @ x, None, None, None, grad_ve if has_ve else None,
-                grad_gate if has_ve else None, None, None, None)
+                grad_gate if has_ve else None, None, None, None, None)
 
 
 def _ve_launch_args(ve, ve_gate, placeholder):
@@ -898,7 +900,7 @@ def _ve_launch_args(ve, ve_gate, placeholder):
 @torch.library.custom_op("modded_nanogpt::attention_inputs_forward", mutates_args=())
 def _attention_inputs_forward_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, not_doc_start: torch.Tensor,
                                  ve: torch.Tensor | None, ve_gate: torch.Tensor | None, num_heads: int, qk_norm: bool,
-                                 key_offset: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                 key_offset: bool, paired: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     T = qkv.shape[0]
     head_dim = qkv.shape[1] // (3 * num_heads)
     q, k, v = (torch.empty((T, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device) for _ in range(3))
@@ -906,12 +908,12 @@ def _attention_inputs_forward_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torc
     _attention_inputs_kernel[(num_heads, triton.cdiv(T, 32))](
         qkv, cos, sin, not_doc_start, ve_arg, gate_arg, q, k, v, T, qkv.stride(0), cos.stride(0), ve_stride,
         gate_stride, _NORM_EPS, H=num_heads, HALF=head_dim // 2, QK_NORM=qk_norm, KEY_OFFSET=key_offset,
-        HAS_VE=ve is not None, BLOCK_T=32, num_warps=4)
+        HAS_VE=ve is not None, PAIRED=paired, BLOCK_T=32, num_warps=4)
     return q, k, v
 
 
 @_attention_inputs_forward_op.register_fake
-def _(qkv, cos, sin, not_doc_start, ve, ve_gate, num_heads, qk_norm, key_offset):
+def _(qkv, cos, sin, not_doc_start, ve, ve_gate, num_heads, qk_norm, key_offset, paired):
     shape = (qkv.shape[0], num_heads, qkv.shape[1] // (3 * num_heads))
     return tuple(qkv.new_empty(shape) for _ in range(3))
 
@@ -920,7 +922,7 @@ def _(qkv, cos, sin, not_doc_start, ve, ve_gate, num_heads, qk_norm, key_offset)
 def _attention_inputs_backward_op(grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor, qkv: torch.Tensor,
                                   cos: torch.Tensor, sin: torch.Tensor, not_doc_start: torch.Tensor,
                                   ve: torch.Tensor | None, ve_gate: torch.Tensor | None, num_heads: int, qk_norm: bool,
-                                  key_offset: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                  key_offset: bool, paired: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad of the projection's output (T, 3 H D), grad ve, grad ve_gate); the last two are empty without
     value embeddings."""
     T, H = qkv.shape[0], num_heads
@@ -936,12 +938,12 @@ def _attention_inputs_backward_op(grad_q: torch.Tensor, grad_k: torch.Tensor, gr
         *grads, qkv, cos, sin, not_doc_start, ve_arg, gate_arg, grad_qkv, grad_ve_arg, grad_gate_arg, T,
         *(g.stride(0) for g in grads), *(g.stride(1) for g in grads), qkv.stride(0), cos.stride(0), ve_stride,
         gate_stride, _NORM_EPS, H=H, HALF=head_dim // 2, QK_NORM=qk_norm, KEY_OFFSET=key_offset, HAS_VE=has_ve,
-        BLOCK_T=32, num_warps=4)
+        PAIRED=paired, BLOCK_T=32, num_warps=4)
     return grad_qkv, grad_ve, grad_gate.to(qkv.dtype) if has_ve else grad_gate
 
 
 @_attention_inputs_backward_op.register_fake
-def _(grad_q, grad_k, grad_v, qkv, cos, sin, not_doc_start, ve, ve_gate, num_heads, qk_norm, key_offset):
+def _(grad_q, grad_k, grad_v, qkv, cos, sin, not_doc_start, ve, ve_gate, num_heads, qk_norm, key_offset, paired):
     has_ve = ve is not None
     return (torch.empty_like(qkv), torch.empty_like(ve) if has_ve else qkv.new_empty(0),
             qkv.new_empty(ve_gate.shape) if has_ve else qkv.new_empty(0))
@@ -1332,29 +1334,32 @@ if triton is not None:
         return lo, hi
 
     @triton.jit
-    def _head_block(cos_ptr, sin_ptr, T, table_stride, HALF: tl.constexpr, BLOCK_T: tl.constexpr):
-        """This program's head, tokens (int64), half-columns, token mask (1-D and as a column) and cos/sin rows.
-        Heads vary fastest in the grid: the programs of one token block share its cos/sin rows in L2."""
+    def _head_block(cos_ptr, sin_ptr, T, table_stride, HALF: tl.constexpr, PAIRED: tl.constexpr,
+                    BLOCK_T: tl.constexpr):
+        """This program's head, tokens (int64), half-columns, token mask (1-D and as a column) and cos/sin rows
+        (PAIRED: the tables have 2 T rows and head h at token t takes row 2 t + h % 2). Heads vary fastest in
+        the grid: the programs of one token block share its cos/sin rows in L2."""
         h = tl.program_id(0)
         ts = (tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
         cols = tl.arange(0, HALF)
         t_in = ts < T
         mask = t_in[:, None]
-        cos = tl.load(cos_ptr + ts[:, None] * table_stride + cols[None, :], mask=mask, other=1.0)
-        sin = tl.load(sin_ptr + ts[:, None] * table_stride + cols[None, :], mask=mask, other=0.0)
+        table_rows = 2 * ts + h % 2 if PAIRED else ts
+        cos = tl.load(cos_ptr + table_rows[:, None] * table_stride + cols[None, :], mask=mask, other=1.0)
+        sin = tl.load(sin_ptr + table_rows[:, None] * table_stride + cols[None, :], mask=mask, other=0.0)
         return h, ts, cols, t_in, mask, cos, sin
 
     @triton.jit
     def _attention_inputs_kernel(qkv_ptr, cos_ptr, sin_ptr, nds_ptr, ve_ptr, gate_ptr, q_ptr, k_ptr, v_ptr, T,
                                  qkv_stride, table_stride, ve_stride, gate_stride, eps, H: tl.constexpr,
                                  HALF: tl.constexpr, QK_NORM: tl.constexpr, KEY_OFFSET: tl.constexpr,
-                                 HAS_VE: tl.constexpr, BLOCK_T: tl.constexpr):
+                                 HAS_VE: tl.constexpr, PAIRED: tl.constexpr, BLOCK_T: tl.constexpr):
         """Program (head h, token block): q, k, v of BLOCK_T tokens of head h, each as two halves of HALF dims.
 
         q = rot(norm(q_pre)), k likewise; with KEY_OFFSET the stationary dims of k (the upper half of each
         half: zero frequency) are those of norm(k_pre) one token earlier, times not_doc_start; v = v_pre +
         gate * ve. Outputs (T, H, 2 HALF), contiguous."""
-        h, ts, cols, t_in, mask, cos, sin = _head_block(cos_ptr, sin_ptr, T, table_stride, HALF, BLOCK_T)
+        h, ts, cols, t_in, mask, cos, sin = _head_block(cos_ptr, sin_ptr, T, table_stride, HALF, PAIRED, BLOCK_T)
         out_rows = ((ts * H + h) * (2 * HALF))[:, None]
 
         q_base = qkv_ptr + h * (2 * HALF)
@@ -1409,11 +1414,12 @@ if triton is not None:
                                           gate_ptr, gqkv_ptr, gve_ptr, ggate_ptr, T, gq_t, gk_t, gv_t, gq_h, gk_h,
                                           gv_h, qkv_stride, table_stride, ve_stride, gate_stride, eps,
                                           H: tl.constexpr, HALF: tl.constexpr, QK_NORM: tl.constexpr,
-                                          KEY_OFFSET: tl.constexpr, HAS_VE: tl.constexpr, BLOCK_T: tl.constexpr):
+                                          KEY_OFFSET: tl.constexpr, HAS_VE: tl.constexpr, PAIRED: tl.constexpr,
+                                          BLOCK_T: tl.constexpr):
         """The gradient of _attention_inputs_kernel for (head h, token block): of the projection's output (its
         q, k and v parts, one (T, 3 H D) tensor), of ve and of the gate. With KEY_OFFSET, the gradient of k's
         stationary dims at token t comes from the output at token t + 1."""
-        h, ts, cols, t_in, mask, cos, sin = _head_block(cos_ptr, sin_ptr, T, table_stride, HALF, BLOCK_T)
+        h, ts, cols, t_in, mask, cos, sin = _head_block(cos_ptr, sin_ptr, T, table_stride, HALF, PAIRED, BLOCK_T)
         grad_rows = gqkv_ptr + ts[:, None] * qkv_stride
 
         gq_base = gq_ptr + h * gq_h

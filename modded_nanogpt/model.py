@@ -6,14 +6,19 @@ documents, each starting with the BOS token (see data/loader.py); attention neve
 boundary and looks back at most a sliding window of 128-token blocks (short or long per layer).
 
 Parameter layout (banks, so the matrix optimizer can shard whole matrices across GPUs):
-  attn_bank  (num_attn_layers, 4 * hd, dim): rows [q; k; v; o^T] of each attention layer
-             (hd = num_heads * head_dim); viewed as (4 * num_attn_layers, hd, dim) by the optimizer.
+  attn_bank  (num_attn_layers, 4 * hd, dim): rows [q; k; v; o] of each attention layer, each stored
+             (out features, in features) like nn.Linear's weight (hd = num_heads * head_dim = dim);
+             viewed as (4 * num_attn_layers, hd, dim) by the optimizer, whose per-row normalization then
+             runs over output features for all four.
   mlp_bank   (mlp_slots, 2, hidden, dim): [up; down^T] of each MLP; mlp_slots = num_layers rounded up
              so 2 * mlp_slots divides by 8 (the unused slots stay zero); viewed as (2 * mlp_slots, hidden, dim).
   lm_head_t  (dim, vocab): the output projection, stored transposed (x @ lm_head_t); while the
              embedding is tied, the token embedding reads its rows from lm_head_t.T.
   embed      (vocab, dim): the untied token embedding (a copy of lm_head_t.T from the untie step on).
-  value_embeds (num_ve, vocab, dim), bigram_embed (buckets, dim), gates, and one vector of scalars.
+  value_embeds (num_ve, vocab, dim), bigram_embed (buckets, dim), gates, x0_lambdas (num_layers,), and
+             one vector of scalars (residual, attention gains, bigram mixing, smear, backout, skip).
+
+Defaults are the published record #68 (modded-nanogpt, Feb 2026); each feature is a ModelConfig flag.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from torch import nn
 from modded_nanogpt import kernels
 
 BLOCK = 128  # attention windows are counted in blocks of this many tokens (FlexAttention's block size)
+EVAL_HEAD_ROWS = 32768  # rows of logits per chunk of the eval-mode head (GPT.eval_loss)
 GATE_INPUTS = 12  # gates read the first 12 channels of their (normalized) input
 
 
@@ -45,13 +51,14 @@ class ModelConfig:
     head_dim: int = 128
     mlp_ratio: int = 4
     attention_skip_layers: list[int] = field(default_factory=lambda: [6])
-    long_window_layers: list[int] = field(default_factory=lambda: [3, 7, 10])
+    long_window_layers: list[int] = field(default_factory=lambda: [3, 10])
     paired_head_layers: list[int] = field(default_factory=lambda: [0, 2, 5, 9])
     value_embeds: bool = True
-    value_embed_layers: list[int] = field(default_factory=lambda: [0, 1, 2, 9, 10])
+    value_embed_layers: list[int] = field(default_factory=lambda: [0, 1, 8, 9, 10])
     bigram_embeds: bool = True
     bigram_table_multiplier: int = 5
     skip_connections: bool = True
+    skip_gate: bool = True  # the skip is gated per token by its x0 (sigmoid(W x0[:12])); False: one learned scalar
     skip_from: int = 3
     skip_to: int = 6
     smear: bool = True
@@ -64,12 +71,16 @@ class ModelConfig:
     mlp_kernel: str = "triton"  # relu2 MLP: triton (kernels.relu2_mlp: TMA kernel, fused backward) | torch (Inductor)
     qkv_kernel: str = "triton"  # attention inputs: triton (kernels.attention_inputs, where supported) | torch (attention_inputs, Inductor)
     fp8: bool = True
-    attn_scale: float = 0.12
+    attn_scale: float = 0.1  # softmax scale at the start; each YaRN rescale multiplies it (yarn_attn_factor)
+    yarn_attn_factor: float = 0.2  # a long window grown by s multiplies the scale by yarn_attn_factor * ln(s) + 1
+    sa_lambdas: bool = True  # learned gains on each layer's QKV (start 0.5) and output (start 1.0) weights
+    residual_init: float = 1.1  # residual lambdas at the start (layer i's output weighs ~1.1^(layers after it))
+    lm_head_init_std: float = 0.005  # the head (and the tied embedding) start at N(0, this)
     rope_min_wavelength_ratio: float = 1024.0  # lowest rotating frequency is 1/1024 rad per token
     attention_backend: str = "auto"  # auto | fa3 | flex | sdpa
     fp8_x_scale: float = 100 / 448
     fp8_w_scale: float = 1.6 / 448
-    fp8_grad_scale: float = 2.0**-10
+    fp8_grad_scale: float = 0.75 / 448  # for a loss of unit scale; divided by the forward's loss_divisor
 
 
 # ---- rotary embedding: half the head dims rotate, YaRN rescales them when the window grows ----------
@@ -86,19 +97,21 @@ def rotary_frequencies(head_dim: int, min_ratio: float) -> torch.Tensor:
     return torch.cat([rotating, torch.zeros(head_dim // 2 - quarter)])
 
 
-def yarn_rescale(freqs: torch.Tensor, old_window: int, new_window: int, alpha: float = 1.0, beta: float = 32.0):
+def yarn_rescale(freqs: torch.Tensor, old_window: int, new_window: int, attn_factor: float = 0.2,
+                 alpha: float = 1.0, beta: float = 32.0):
     """YaRN (Peng et al. 2023, arXiv:2309.00071) for a context grown from old_window to new_window tokens.
 
     Frequencies that turn many times within the old window (r > beta turns) are kept; those that turn
     less than alpha times are divided by the growth factor s (interpolated); a linear ramp in between.
-    Returns the new frequencies and the attention-temperature factor 0.1 ln(s) + 1 (s > 1).
+    Returns the new frequencies and the attention-scale factor attn_factor * ln(s) + 1 (s > 1; the
+    speedrun's 0.2, where the YaRN paper's temperature uses 0.1).
     """
     s = new_window / old_window
     if s <= 1:
         return freqs.clone(), 1.0
     turns = old_window * freqs / (2 * math.pi)
     keep = ((turns - alpha) / (beta - alpha)).clamp(0, 1)
-    return freqs * (keep + (1 - keep) / s), 0.1 * math.log(s) + 1
+    return freqs * (keep + (1 - keep) / s), attn_factor * math.log(s) + 1
 
 
 @torch.library.custom_op("modded_nanogpt::rotary_table", mutates_args=())
@@ -118,21 +131,35 @@ def _(freqs, length):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (T, H, D); cos/sin: (T, D // 2). Rotates pairs (i, i + D/2)."""
+    """x: (T, H, D); cos/sin: (T, D // 2), or (T, H, D // 2) for a position per head. Rotates pairs (i, i + D/2)."""
     x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
+    if cos.dim() == 2:
+        cos, sin = cos[:, None, :], sin[:, None, :]
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
 
 
-def attention_inputs(x, w_qkv, cos, sin, not_doc_start, ve, ve_gate, num_heads: int, qk_norm: bool, key_offset: bool):
+def paired_rotary(table: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(T, H, D // 2) rows of a (2 T, D // 2) table for a paired-head layer: head h at token t takes position
+    2 t + (h % 2), as the published code rotates its (T, H / 2, 2 D) view (a head pair's two halves at 2 t and
+    2 t + 1) before it reads the same memory as the (2 T, H / 2, D) stream in which heads h and h + H / 2
+    share a stream (rows 2 t and 2 t + 1)."""
+    parity = torch.arange(num_heads, device=table.device) % 2
+    return table.view(-1, 2, table.size(-1))[:, parity]
+
+
+def attention_inputs(x, w_qkv, cos, sin, not_doc_start, ve, ve_gate, num_heads: int, qk_norm: bool, key_offset: bool,
+                     paired: bool = False):
     """q, k, v (T, H, D) of an attention layer from its normalized input x (T, dim): the projection, RMSNorm
     on q and k, the rotation, the key offset, and the value embeddings mixed into v with their gate (T, H).
+    paired: cos/sin have 2 T rows, head h at token t rotates by row 2 t + (h % 2) (paired_rotary).
     Plain tensor code for Inductor; kernels.attention_inputs is the same in one Triton kernel each way."""
     T, H = x.size(0), num_heads
     D = w_qkv.size(0) // (3 * H)
     q, k, v = (x @ w_qkv.T).view(T, 3, H, D).unbind(1)
     if qk_norm:
         q, k = norm(q), norm(k)
+    if paired:
+        cos, sin = paired_rotary(cos, H), paired_rotary(sin, H)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     if key_offset:
         # Stationary dims of a key carry the previous token's content: a query can match "the token
@@ -148,19 +175,21 @@ def attention_inputs(x, w_qkv, cos, sin, not_doc_start, ve, ve_gate, num_heads: 
 # ---- attention masks (documents + causal + sliding window) and the three backends ------------------
 
 
-def allowed(q_pos, k_pos, doc, window_tokens: int, shift: int):
-    """Whether query position q may attend to key position k. Positions are tokens << shift
-    (shift=1: paired heads, two positions per token); doc holds each position's document id."""
-    return (q_pos >= k_pos) & (doc[q_pos] == doc[k_pos]) & (((q_pos >> shift) - (k_pos >> shift)) < window_tokens)
+def allowed(q_pos, k_pos, doc, window):
+    """Whether query position q may attend to key position k: causal, the same document (doc holds each
+    position's document id) and at most `window` positions back, as FlashAttention's window_size=(window, 0)
+    counts (window + 1 keys with the query's own). Paired-head layers count positions of their doubled stream,
+    so the same window covers half as many tokens there."""
+    return (q_pos >= k_pos) & (doc[q_pos] == doc[k_pos]) & ((q_pos - k_pos) <= window)
 
 
-def dense_mask(doc: torch.Tensor, window_tokens: int, shift: int) -> torch.Tensor:
+def dense_mask(doc: torch.Tensor, window) -> torch.Tensor:
     """The (P, P) boolean mask of `allowed`: the plain reference the block masks are checked against."""
     pos = torch.arange(doc.numel(), device=doc.device)
-    return allowed(pos[:, None], pos[None, :], doc, window_tokens, shift)
+    return allowed(pos[:, None], pos[None, :], doc, window)
 
 
-def block_classes(doc: torch.Tensor, window_tokens: int, shift: int):
+def block_classes(doc: torch.Tensor, window):
     """Per (query block, key block) of BLOCK positions: (partial, full) boolean (nb, nb) matrices.
 
     full: every pair in the two blocks is allowed (no mask needed); partial: some pairs are. Document
@@ -170,11 +199,10 @@ def block_classes(doc: torch.Tensor, window_tokens: int, shift: int):
     nb = P // BLOCK
     starts = torch.arange(nb, device=doc.device) * BLOCK
     ends = starts + BLOCK - 1
-    first_tok, last_tok = starts >> shift, ends >> shift
     doc_first, doc_last = doc[starts], doc[ends]
     q, k = torch.arange(nb, device=doc.device)[:, None], torch.arange(nb, device=doc.device)[None, :]
-    any_pair = (k <= q) & ((first_tok[q] - last_tok[k]) < window_tokens) & (doc_first[q] <= doc_last[k])
-    full = (k < q) & ((last_tok[q] - first_tok[k]) < window_tokens) & (doc_first[k] == doc_last[q])
+    any_pair = (k <= q) & ((starts[q] - ends[k]) <= window) & (doc_first[q] <= doc_last[k])
+    full = (k < q) & ((ends[q] - starts[k]) <= window) & (doc_first[k] == doc_last[q])
     return any_pair & ~full, full
 
 
@@ -206,20 +234,20 @@ def ordered_lists(blocks: torch.Tensor):
     return counts[None, None].contiguous(), order[None, None].contiguous()
 
 
-def flex_block_mask(doc: torch.Tensor, window_tokens, shift: int):
+def flex_block_mask(doc: torch.Tensor, window):
     """A FlexAttention BlockMask built directly from block classes (no dense mask is materialized).
-    window_tokens: an int or a 0-d tensor (a tensor lets a compiled graph serve every window). The
+    window: positions, an int or a 0-d tensor (a tensor lets a compiled graph serve every window). The
     backward's per-key-block lists come from the transposed classes, so no sort is traced."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    partial, full = block_classes(doc, window_tokens, shift)
+    partial, full = block_classes(doc, window)
     num, idx = ordered_lists(partial)
     full_num, full_idx = ordered_lists(full)
     q_num, q_idx = ordered_lists(partial.transpose(0, 1))
     full_q_num, full_q_idx = ordered_lists(full.transpose(0, 1))
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return allowed(q_idx, kv_idx, doc, window_tokens, shift)
+        return allowed(q_idx, kv_idx, doc, window)
 
     length = doc.numel()
     return BlockMask(seq_lengths=(length, length), kv_num_blocks=num, kv_indices=idx, full_kv_num_blocks=full_num,
@@ -227,13 +255,13 @@ def flex_block_mask(doc: torch.Tensor, window_tokens, shift: int):
                      full_q_indices=full_q_idx, BLOCK_SIZE=(BLOCK, BLOCK), mask_mod=mask_mod)
 
 
-def attention_mask(doc: torch.Tensor, window_tokens, shift: int, backend: str):
+def attention_mask(doc: torch.Tensor, window, backend: str):
     """What `attend` takes as its mask: a BlockMask (flex), the dense boolean mask (sdpa), None (fa3,
-    whose windows and documents are arguments of the kernel)."""
+    whose windows and documents are arguments of the kernel). doc: each position's document id."""
     if backend == "flex":
-        return flex_block_mask(doc, window_tokens, shift)
+        return flex_block_mask(doc, window)
     if backend == "sdpa":
-        return dense_mask(doc, window_tokens, shift)
+        return dense_mask(doc, window)
     return None
 
 
@@ -260,17 +288,16 @@ def select_attention_backend(requested: str, device: torch.device) -> str:
     return requested
 
 
-def attend(q, k, v, mask, cu_seqlens, window_tokens: int, shift: int, scale: float, backend: str, temperature=None):
-    """q, k, v: (P, H, D) for P positions; mask from attention_mask (window_tokens and shift are read by FA3
-    only). Scores are q.k * scale, times temperature (a 0-d tensor, flex only) where given. Returns (P, H, D)."""
+def attend(q, k, v, mask, cu_seqlens, window: int, shift: int, scale: float, backend: str, temperature=None):
+    """q, k, v: (P, H, D) for P positions; mask from attention_mask (window, in positions, and shift, 1 when
+    each token has two positions, are read by FA3 only). Scores are q.k * scale, times temperature (a 0-d
+    tensor, flex only) where given. Returns (P, H, D)."""
     if backend == "fa3":
         from flash_attn_interface import flash_attn_varlen_func
 
         cu = (cu_seqlens << shift).to(torch.int32)
-        # FA3's window is in positions; with paired heads (shift=1) this admits one position more at the
-        # window's edge than `allowed` (which counts tokens): a documented, harmless difference.
         out = flash_attn_varlen_func(q, k, v, cu, cu, q.size(0), q.size(0), softmax_scale=scale, causal=True,
-                                     window_size=((window_tokens << shift) - 1, 0))
+                                     window_size=(window, 0))
         return out[0] if isinstance(out, tuple) else out
     qt, kt, vt = (t.transpose(0, 1)[None] for t in (q, k, v))  # (1, H, P, D)
     if backend == "flex":
@@ -316,12 +343,16 @@ class GPT(nn.Module):
             self.bigram_embed = nn.Parameter(torch.zeros(c.bigram_table_multiplier * c.vocab_size, dim))
         if c.smear:
             self.smear_gate = nn.Parameter(torch.zeros(1, GATE_INPUTS))
-        # scalars: per layer (residual, x0, bigram) mixing weights, then smear, backout, skip gate logit.
+        if c.skip_connections and c.skip_gate:
+            self.skip_gate = nn.Parameter(torch.zeros(1, GATE_INPUTS))
+        # scalars: per layer the residual weight, the attention gains (QKV, O) and the bigram mixing weight,
+        # then smear, backout and the skip's logit. The x0 mixing weights are a parameter of their own (x0_lambdas):
+        # the published optimizer gives them other Adam betas.
         L = c.num_layers
-        self.scalar_index = {"residual": slice(0, L), "x0": slice(L, 2 * L), "bigram": slice(2 * L, 3 * L),
-                             "smear": 3 * L, "backout": 3 * L + 1, "skip": 3 * L + 2}
-        self.scalars = nn.Parameter(torch.cat([torch.ones(L), torch.zeros(L), torch.full((L,), 0.1),
-                                               torch.tensor([0.0, 0.5, 0.0])]))
+        self.scalar_index = {"residual": slice(0, L), "sa_qkv": slice(L, 2 * L), "sa_o": slice(2 * L, 3 * L),
+                             "bigram": slice(3 * L, 4 * L), "smear": 4 * L, "backout": 4 * L + 1, "skip": 4 * L + 2}
+        self.scalars = nn.Parameter(torch.empty(4 * L + 3))
+        self.x0_lambdas = nn.Parameter(torch.zeros(L))
         self.register_buffer("rotary_freqs", rotary_frequencies(c.head_dim, c.rope_min_wavelength_ratio))
         self.register_buffer("attn_temperature", torch.ones(()))
         self.register_buffer("yarn_window", torch.zeros((), dtype=torch.int64))  # long window the freqs fit
@@ -347,17 +378,26 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
+        """The published initialization: Q, K, V and O uniform with std 0.5 / sqrt(dim); MLP up projections the
+        same, down projections zero; head (and the tied embedding) N(0, lm_head_init_std); value and bigram
+        embeddings, gates and x0 lambdas zero; residual lambdas residual_init; attention gains 0.5 (QKV) and
+        1.0 (O); bigram mixing 0.1; smear 0, backout 0.5, skip logit -1.5 (sigmoid 0.18)."""
         c = self.config
         bound = math.sqrt(3) * 0.5 * c.model_dim**-0.5  # uniform with std 0.5 / sqrt(dim)
-        hd = c.num_heads * c.head_dim
         self.attn_bank.uniform_(-bound, bound)
-        self.attn_bank[:, 3 * hd:].zero_()  # output projections start at zero (muP-like)
         self.mlp_bank.zero_()
         self.mlp_bank[: c.num_layers, 0].uniform_(-bound, bound)  # up projections; down ones stay zero
-        self.lm_head_t.normal_(0, 0.5 * c.model_dim**-0.5)
+        self.lm_head_t.normal_(0, c.lm_head_init_std)
         self.embed.copy_(self.lm_head_t.T)
-        if c.value_embeds:
-            self.value_embeds.normal_(0, 0.5 * c.model_dim**-0.5)
+        for name in ("value_embeds", "bigram_embed", "attn_gate", "ve_gate", "smear_gate", "skip_gate"):
+            if hasattr(self, name):
+                getattr(self, name).zero_()
+        L, i = c.num_layers, self.scalar_index
+        values = torch.empty(4 * L + 3)
+        values[i["residual"]], values[i["sa_qkv"]], values[i["sa_o"]], values[i["bigram"]] = c.residual_init, 0.5, 1.0, 0.1
+        values[i["smear"]], values[i["backout"]], values[i["skip"]] = 0.0, 0.5, -1.5
+        self.scalars.copy_(values)
+        self.x0_lambdas.zero_()
 
     # --- schedule hooks (called by the trainer between steps) -------------------------------------
 
@@ -369,7 +409,7 @@ class GPT(nn.Module):
         if old and tokens <= old:
             return
         if old:
-            freqs, temperature = yarn_rescale(self.rotary_freqs, old, tokens)
+            freqs, temperature = yarn_rescale(self.rotary_freqs, old, tokens, self.config.yarn_attn_factor)
             self.rotary_freqs.copy_(freqs)
             self.attn_temperature.mul_(temperature)
             self.temperature = float(self.attn_temperature)  # a wait, but only when the window grows
@@ -447,23 +487,27 @@ class GPT(nn.Module):
                 table.grad = torch.zeros_like(table)
             kernels.scatter_add_rows(table.grad, index, leaf.grad, order)
 
-    def attention(self, x, layer, ve, ctx):
+    def attention(self, x, layer, ve, ctx, gains):
         c = self.config
         T, H, D = x.size(0), c.num_heads, c.head_dim
         hd = H * D
         w = self.attn_bank[self.attn_slot[layer]].to(x.dtype)
+        w_qkv, w_o = w[: 3 * hd], w[3 * hd:]
+        if gains is not None:  # sa_lambdas: learned gains on the weights (published: on the weights, not outputs)
+            w_qkv, w_o = gains[0] * w_qkv, gains[1] * w_o
         long = layer in c.long_window_layers
+        paired = layer in c.paired_head_layers
         gate = None
         if ve is not None:
             gate = 2 * torch.sigmoid(x[:, :GATE_INPUTS] @ self.ve_gate[self.ve_slot[layer]].to(x.dtype).T)
-        inputs = (x, w[: 3 * hd], ctx["cos"], ctx["sin"], ctx["not_doc_start"], ve, gate, H, c.qk_norm,
-                  c.key_offset and long)
+        cos, sin = (ctx["paired_cos"], ctx["paired_sin"]) if paired else (ctx["cos"], ctx["sin"])
+        inputs = (x, w_qkv, cos, sin, ctx["not_doc_start"], ve, gate, H, c.qk_norm,
+                  c.key_offset and long and not paired, paired)
         if c.qkv_kernel == "triton" and kernels.attention_inputs_supported(x, D):
             q, k, v = kernels.attention_inputs(*inputs)
         else:
             q, k, v = attention_inputs(*inputs)
         window = ctx["long_window"] if long else ctx["short_window"]
-        paired = layer in c.paired_head_layers
         mask = ctx["masks"].get((long, paired))
         if self.attention_backend == "flex":
             # The YaRN temperature as a tensor (a score_mod): a compiled graph outlives its changes.
@@ -479,7 +523,7 @@ class GPT(nn.Module):
         else:
             y = attend(q, k, v, mask, ctx["cu_seqlens"], window, 0, scale, self.attention_backend, temperature)
         y = y * torch.sigmoid(x[:, :GATE_INPUTS] @ self.attn_gate[self.attn_slot[layer]].to(x.dtype).T)[..., None]
-        return y.reshape(T, hd) @ w[3 * hd:]
+        return y.reshape(T, hd) @ w_o.T
 
     def mlp(self, x, layer):
         up, down = self.mlp_bank[layer].to(x.dtype).unbind(0)
@@ -501,7 +545,7 @@ class GPT(nn.Module):
             if (long, paired) not in masks:
                 positions_doc = doc.repeat_interleave(2) if paired else doc
                 masks[long, paired] = attention_mask(positions_doc, long_tokens if long else short_tokens,
-                                                     int(paired), self.attention_backend)
+                                                     self.attention_backend)
         return masks
 
     def forward(self, inputs, targets, short_window, long_window, mtp_weights=(1.0,),
@@ -509,16 +553,21 @@ class GPT(nn.Module):
         """Loss of one packed sequence: sum over positions t and k of mtp_weights[k] * CE(logits_t,
         targets[t + k]), divided by loss_divisor. Windows in blocks of 128 tokens: ints, or 0-d integer
         tensors (flex, sdpa), which a compiled graph takes as inputs instead of specializing on them.
-        rows: the embedding rows of these inputs from gather_rows (else the tables are read here)."""
+        rows: the embedding rows of these inputs from gather_rows (else the tables are read here).
+        In eval mode (model.eval(), validation) the head runs in the compute dtype, without fp8, as the
+        published validation does."""
         c = self.config
         dtype = torch.bfloat16 if inputs.is_cuda else torch.float32
         is_doc_start = inputs == c.bos_id
         doc = torch.cumsum(is_doc_start.to(torch.int32), 0)
         cos, sin = rotary_table(self.rotary_freqs, inputs.numel())
+        paired_cos = paired_sin = None
+        if any(layer in self.attn_slot for layer in c.paired_head_layers):
+            paired_cos, paired_sin = rotary_table(self.rotary_freqs, 2 * inputs.numel())  # positions 0 .. 2T - 1
         short_tokens, long_tokens = short_window * BLOCK, long_window * BLOCK
         ctx = {"cu_seqlens": cu_seqlens, "short_window": short_tokens, "long_window": long_tokens,
                "masks": self.attention_masks(doc, short_tokens, long_tokens),
-               "cos": cos, "sin": sin,
+               "cos": cos, "sin": sin, "paired_cos": paired_cos, "paired_sin": paired_sin,
                "not_doc_start": (~is_doc_start).to(dtype)}
 
         if rows is None or rows["token"] is None:
@@ -536,12 +585,16 @@ class GPT(nn.Module):
         if c.bigram_embeds:
             bigram = (self.bigram_embed[self.bigram_index(inputs)] if rows is None else rows["bigram"]).to(dtype)
         s = self.scalars.to(dtype)
-        residual, mix_x0, mix_bigram = (s[self.scalar_index[k]] for k in ("residual", "x0", "bigram"))
+        residual, gains_qkv, gains_o, mix_bigram = (s[self.scalar_index[k]] for k in ("residual", "sa_qkv", "sa_o", "bigram"))
+        mix_x0 = self.x0_lambdas.to(dtype)
 
         skip = backout = None
         for layer in range(c.num_layers):
             if c.skip_connections and layer == c.skip_to:
-                x = x + torch.sigmoid(s[self.scalar_index["skip"]]) * skip
+                gate = torch.sigmoid(s[self.scalar_index["skip"]])
+                if c.skip_gate:  # per token, from x0: sigmoid(lambda) * 2 sigmoid(W x0[:12])
+                    gate = gate * 2 * torch.sigmoid(x0[:, :GATE_INPUTS] @ self.skip_gate.to(dtype).T)
+                x = x + gate * skip
             x = residual[layer] * x + mix_x0[layer] * x0
             if bigram is not None:
                 x = x + mix_bigram[layer] * bigram
@@ -552,7 +605,8 @@ class GPT(nn.Module):
                         ve = F.embedding(inputs.to(torch.int64), self.value_embeds[self.ve_slot[layer]]).to(dtype)
                     else:
                         ve = rows["value"][self.ve_slot[layer]].to(dtype)
-                x = x + self.attention(norm(x), layer, ve, ctx)
+                gains = (gains_qkv[layer], gains_o[layer]) if c.sa_lambdas else None
+                x = x + self.attention(norm(x), layer, ve, ctx, gains)
             x = x + self.mlp(norm(x), layer)
             if layer == c.skip_from:
                 skip = x
@@ -566,6 +620,8 @@ class GPT(nn.Module):
 
     def loss(self, x, targets, mtp_weights, loss_divisor):
         c = self.config
+        if not self.training:
+            return self.eval_loss(x, targets, mtp_weights, loss_divisor)
         if c.fp8 and c.softcap and x.is_cuda:
             # One op: its backward writes the logits' gradient straight in fp8 (kernels.py says why).
             return kernels.fp8_softcapped_cross_entropy(
@@ -577,11 +633,33 @@ class GPT(nn.Module):
             logits = x @ self.lm_head_t.to(x.dtype)
         if c.softcap:
             return kernels.softcapped_cross_entropy(logits, targets, mtp_weights, reduction="sum") / loss_divisor
-        logits = logits.float()
+        return plain_cross_entropy(logits, targets, mtp_weights) / loss_divisor
+
+    def eval_loss(self, x, targets, mtp_weights, loss_divisor, rows_per_chunk: int = EVAL_HEAD_ROWS):
+        """The loss with the head in the compute dtype (bf16 on GPU), no fp8, next-token only (validation calls
+        it with one weight), in chunks of rows: a 262,144-token validation forward would otherwise hold its
+        whole (tokens, vocab) logits (26 GB in bf16 at the GPT-2 vocabulary)."""
+        if len(mtp_weights) != 1:
+            raise ValueError(f"eval mode scores the next token only, got {len(mtp_weights)} MTP weights")
+        head = self.lm_head_t.to(x.dtype)
         total = 0
-        for k in range(len(mtp_weights)):
-            total = total + mtp_weights[k] * F.cross_entropy(logits[: logits.size(0) - k], targets[k:], reduction="sum")
+        for start in range(0, x.size(0), rows_per_chunk):
+            logits = x[start:start + rows_per_chunk] @ head
+            chunk_targets = targets[start:start + rows_per_chunk]
+            if self.config.softcap:
+                total = total + kernels.softcapped_cross_entropy(logits, chunk_targets, mtp_weights, reduction="sum")
+            else:
+                total = total + plain_cross_entropy(logits, chunk_targets, mtp_weights)
         return total / loss_divisor
+
+
+def plain_cross_entropy(logits, targets, mtp_weights):
+    """sum over t and k of mtp_weights[k] * CE(logits_t, targets[t + k]), in float32, without a softcap."""
+    logits = logits.float()
+    total = 0
+    for k in range(len(mtp_weights)):
+        total = total + mtp_weights[k] * F.cross_entropy(logits[: logits.size(0) - k], targets[k:], reduction="sum")
+    return total
 
 
 def validate_config(c: ModelConfig):

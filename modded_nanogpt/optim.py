@@ -3,7 +3,8 @@
 `polar_express(G)` approximates the polar factor U V^T of G (G = U S V^T) with five odd
 quintic polynomial iterations; `NorMuon` is Muon (Nesterov momentum, then
 orthogonalization) with NorMuon's per-neuron second-moment normalization and cautious
-decoupled weight decay. Both run on CPU in float32/float64 for tests and in bf16 on GPU.
+weight decay, as the modded-nanogpt record computes them. Both run on CPU in float32/float64
+for tests and in bf16 on GPU.
 """
 
 import torch
@@ -59,7 +60,7 @@ def polar_express(G, steps=5, dtype=None, safety=1.02, eps=1e-7):
 
 
 class NorMuon(torch.optim.Optimizer):
-    """Muon with neuron-wise normalization (NorMuon) and cautious weight decay.
+    """Muon with neuron-wise normalization (NorMuon) and cautious weight decay, as in the speedrun.
 
     For parameters of shape (rows, cols) or banks (..., rows, cols); a row is one output
     neuron of an nn.Linear-style weight. One step, per matrix:
@@ -67,29 +68,33 @@ class NorMuon(torch.optim.Optimizer):
         buf  <- lerp(buf, g, 1 - momentum)             # EMA momentum
         u    <- lerp(g, buf, momentum)                 # Nesterov look-ahead
         O    <- polar_express(u)
-        v    <- lerp(v, mean_cols(O * O), 1 - beta2)   # per-row second moment
-        N    <- O / (sqrt(v) + eps)
+        v    <- lerp(v, mean_d(O * O), 1 - beta2)      # d: cols if rows >= cols, else rows
+        N    <- O * rsqrt(max(v, eps))
         N    <- N * ||O||_F / ||N||_F                  # keep Muon's update norm
-        U    <- N * max(1, rows / cols) ** 0.5         # Muon shape factor
-        mask <- (U * p) > 0                            # cautious: decay only where the
-        p    <- p - lr * wd * p * mask - lr * U        #   update also shrinks |p|
+        lr'  <- lr * max(1, rows / cols) ** 0.5 * lr_mul
+        mask <- (N * p) >= 0                           # cautious: decay only where the
+        p    <- p - wd * lr * lr' * p * mask - lr' * N #   update also shrinks |p|
 
-    NorMuon (Li et al. 2025, arXiv:2510.05491) rescales by 0.2 * sqrt(m n) / ||N||_F to
-    match Adam's update RMS; here, as in the speedrun, the norm is matched to the
-    orthogonalized update instead so Muon's learning rates carry over. No bias
-    correction on v: it would scale every row alike, which the norm matching undoes.
-    Weight decay uses p before the step; since the update is subtracted, update and p
-    having the same sign means the update moves p toward zero, and decay agrees with it.
+    The second moment is kept along the longer side (one per row of a tall matrix, one per
+    column of a wide one). NorMuon (Li et al. 2025, arXiv:2510.05491) rescales by
+    0.2 * sqrt(m n) / ||N||_F to match Adam's update RMS; here, as in the speedrun, the norm
+    is matched to the orthogonalized update instead so Muon's learning rates carry over. No
+    bias correction on v: it would scale every row alike, which the norm matching undoes.
+    The decay scales with lr * lr', so it shrinks with the square of the schedule. It uses p
+    before the step; since the update is subtracted, update and p having the same sign means
+    the update moves p toward zero, and decay agrees with it. lr_mul is a group setting: a
+    float, or a tensor broadcastable to (..., 1, 1) for one multiplier per matrix of a bank.
     """
 
     def __init__(self, params, lr=0.023, momentum=0.95, beta2=0.95, weight_decay=1.2,
-                 nesterov=True, ns_steps=5, eps=1e-8, ortho_dtype=None):
+                 nesterov=True, ns_steps=5, eps=1e-10, ortho_dtype=None, lr_mul=1.0):
         if lr < 0 or weight_decay < 0:
             raise ValueError(f"lr and weight_decay must be >= 0, got {lr}, {weight_decay}")
         if not 0 <= momentum < 1 or not 0 <= beta2 < 1:
             raise ValueError(f"momentum and beta2 must be in [0, 1), got {momentum}, {beta2}")
         defaults = dict(lr=lr, momentum=momentum, beta2=beta2, weight_decay=weight_decay,
-                        nesterov=nesterov, ns_steps=ns_steps, eps=eps, ortho_dtype=ortho_dtype)
+                        nesterov=nesterov, ns_steps=ns_steps, eps=eps, ortho_dtype=ortho_dtype,
+                        lr_mul=lr_mul)
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -111,30 +116,41 @@ class NorMuon(torch.optim.Optimizer):
     def _update(self, p, group):
         normuon_update(p, p.grad, self.state[p], lr=group["lr"], momentum=group["momentum"], beta2=group["beta2"],
                        weight_decay=group["weight_decay"], nesterov=group["nesterov"], ns_steps=group["ns_steps"],
-                       eps=group["eps"], ortho_dtype=group["ortho_dtype"])
+                       eps=group["eps"], ortho_dtype=group["ortho_dtype"], lr_mul=group["lr_mul"])
 
 
 def normuon_update(p, grad, state, lr, momentum, beta2, weight_decay, nesterov=True, ns_steps=5,
-                   eps=1e-8, ortho_dtype=None):
+                   eps=1e-10, ortho_dtype=None, lr_mul=1.0):
     """One NorMuon step of p (matrices (..., rows, cols)) in place with `grad`, keeping its moments in
-    `state`; see NorMuon for the math. The sharded optimizer (dist_optim.py) calls it on each rank's slice."""
+    `state`; see NorMuon for the math (eps is the floor of the second moment). lr_mul: a float, or a
+    tensor broadcastable to (..., 1, 1), one multiplier per matrix. The sharded optimizer
+    (dist_optim.py) calls it on each rank's slice."""
+    rows, cols = p.shape[-2], p.shape[-1]
+    # One second moment per row of a tall (or square) matrix, per column of a wide one.
+    reduce_dim = -1 if rows >= cols else -2
     if not state:
-        state["momentum_buffer"] = torch.zeros_like(p)
-        state["second_moment"] = torch.zeros(*p.shape[:-1], 1, dtype=p.dtype, device=p.device)
+        # At least float32: bf16 moments would round away the small EMA increments.
+        state_dtype = torch.promote_types(p.dtype, torch.float32)
+        moment_shape = (*p.shape[:-1], 1) if reduce_dim == -1 else (*p.shape[:-2], 1, cols)
+        state["momentum_buffer"] = torch.zeros(p.shape, dtype=state_dtype, device=p.device)
+        state["second_moment"] = torch.zeros(moment_shape, dtype=state_dtype, device=p.device)
     buf, second_moment = state["momentum_buffer"], state["second_moment"]
 
-    buf.lerp_(grad, 1 - momentum)
-    update = grad.lerp(buf, momentum) if nesterov else buf
-    ortho = polar_express(update, ns_steps, dtype=ortho_dtype).to(p.dtype)
+    buf.lerp_(grad.to(buf.dtype), 1 - momentum)
+    update = grad.to(buf.dtype).lerp(buf, momentum) if nesterov else buf
+    ortho = polar_express(update, ns_steps, dtype=ortho_dtype).to(buf.dtype)
 
-    second_moment.lerp_(ortho.square().mean(dim=-1, keepdim=True), 1 - beta2)
-    normed = ortho / (second_moment.sqrt() + eps)
+    second_moment.lerp_(ortho.square().mean(dim=reduce_dim, keepdim=True), 1 - beta2)
+    normed = ortho * second_moment.clamp_min(eps).rsqrt()
     ortho_norm = ortho.norm(dim=(-2, -1), keepdim=True)
-    normed_norm = normed.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-30)
-    rows, cols = p.shape[-2], p.shape[-1]
-    normed.mul_(ortho_norm / normed_norm * max(1.0, rows / cols) ** 0.5)
+    normed.mul_(ortho_norm / normed.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
 
+    lr_eff = lr * max(1.0, rows / cols) ** 0.5 * lr_mul
+    # Cautious: decay only where the update also shrinks |p| (p before the step, as in the update).
+    decayed = None
     if weight_decay != 0:
-        mask = (normed * p) > 0  # cautious: decay only where the update also shrinks |p|
-        p.sub_(lr * weight_decay * p * mask)
-    p.sub_(lr * normed)
+        decayed = torch.where((normed * p) >= 0, p, 0) * (weight_decay * lr * lr_eff)
+    step = normed.mul_(lr_eff)
+    if decayed is not None:
+        step.add_(decayed)
+    p.sub_(step.to(p.dtype))

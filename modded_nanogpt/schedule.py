@@ -1,24 +1,30 @@
 """The speedrun's training schedule: stages of batch size, attention windows, multi-token-prediction
-weights and learning rate, the tie/untie step, and which steps the Adam parameters update.
+weights and learning rate, NorMuon's momentum, the untie step, and which steps the Adam parameters update.
 
 Steps are numbered 0 .. total_steps - 1. The scheduled iterations split into equal stages (three by
-default); extension iterations follow with their own settings. Defaults (the published speedrun):
+default); extension iterations follow with their own settings. Defaults (the published record #68):
 
   stage        steps        batch (tokens)    windows (blocks)  MTP weights          lr multiplier
   1            0 - 504      8 * 2048 * 8      (1, 3)            1, 0.5, 0.25 -> 0    1.0
   2            505 - 1009   16 * 2048 * 8     (3, 7)            1, 0.5 -> 0          1.52
   3            1010 - 1514  24 * 2048 * 8     (5, 11)           1                    1.73
-  extension    1515 - 1554  24 * 2048 * 8     (6, 13)           1                    1.73
+  extension    1515 - 1554  24 * 2048 * 8     (6, 13)           1                    0.1 (the cooldown's end)
   final validation: long window 20 blocks.
 
-The learning rate multiplier is the stage's times a cooldown: 1 until the last `cooldown_frac` of the
-scheduled steps, then linear down to `final_lr_frac` at the last scheduled step; extension steps stay
-at `final_lr_frac`. "a -> b" weights move linearly from a to b across their stage.
+Learning rate: the stage's multiplier m until the cooldown starts at step int(N * (1 - cooldown_frac))
+(N = scheduled steps; 681 of 1515), then m * (1 - t) + final_lr_frac * t with t going linearly from 0 there
+to 1 at step N: toward final_lr_frac itself (0.1), not a fraction of m. Extension steps run at final_lr_frac.
+"a -> b" MTP weights move linearly across their stage: a + (b - a) * (step - start) / (end - start).
 
-Adam parameters (embeddings, head, gates, scalars) accumulate gradients over two steps and update
-on odd steps (and on the last step); NorMuon updates every step. The embedding is untied from the
-head at the end of the first odd step at or after stage 2's first step (the Adam update of that step
-has just consumed the accumulated gradients, so nothing tied is left pending).
+NorMuon's momentum rises linearly from momentum_min to momentum_max over the first momentum_warmup steps
+(0.85 -> 0.95 over 300) and falls back linearly over the last momentum_cooldown steps of the whole run
+(extension included: 50).
+
+Adam parameters (embeddings, head, gates, scalars) accumulate gradients over two steps and update on
+odd steps only (what the last step accumulates when it is even is never applied); NorMuon updates every
+step. The embedding is untied from the head after the optimizer update of untie_step: by default the
+first odd step at or after 2/3 of the scheduled steps (1011 of 1515), an Adam step, so nothing tied is
+left pending.
 """
 
 from __future__ import annotations
@@ -62,15 +68,33 @@ class StepPlan:
     long_window: int
     mtp_weights: tuple[float, ...]
     lr_multiplier: float
+    muon_momentum: float
     adam_step: bool
     untie_after: bool  # untie the embedding after this step's optimizer update
+
+
+@dataclass(frozen=True)
+class Momentum:
+    """NorMuon's momentum: linear warmup from low to high, high, then linear cooldown back to low."""
+    low: float = 0.85
+    high: float = 0.95
+    warmup_steps: int = 300
+    cooldown_steps: int = 50
+
+    def at(self, step: int, total_steps: int) -> float:
+        cooldown_start = total_steps - self.cooldown_steps
+        if step < self.warmup_steps:
+            return self.low + step / self.warmup_steps * (self.high - self.low)
+        if self.cooldown_steps and step > cooldown_start:
+            return self.high - (step - cooldown_start) / self.cooldown_steps * (self.high - self.low)
+        return self.high
 
 
 class Schedule:
     def __init__(self, num_iterations: int, extension_iterations: int, seq_len: int, accumulation: int,
                  batch_schedule: str, window_schedule: str, mtp_schedule: str, lr_schedule: str,
                  final_long_window: int, cooldown_frac: float, final_lr_frac: float, mtp: bool = True,
-                 tie_embeddings: bool = True):
+                 tie_embeddings: bool = True, untie_step: int = -1, momentum: Momentum = Momentum()):
         if num_iterations < 1 or extension_iterations < 0:
             raise ScheduleError(f"num_iterations ({num_iterations}) must be >= 1, extension_iterations ({extension_iterations}) >= 0")
         self.num_iterations = num_iterations
@@ -105,15 +129,23 @@ class Schedule:
         if not 0 <= cooldown_frac <= 1:
             raise ScheduleError(f"cooldown_frac must be in [0, 1], got {cooldown_frac}")
         self.cooldown_frac, self.final_lr_frac = cooldown_frac, final_lr_frac
+        self.cooldown_start = int(num_iterations * (1 - cooldown_frac))
+        if not (0 <= momentum.low <= momentum.high < 1 and momentum.warmup_steps >= 0 and momentum.cooldown_steps >= 0):
+            raise ScheduleError(f"momentum: need 0 <= muon_momentum_min <= muon_momentum < 1 and warmup/cooldown steps "
+                                f">= 0, got {momentum}")
+        self.momentum = momentum
         self.stage_starts = [round(i * num_iterations / self.num_stages) for i in range(self.num_stages)]
         if extension_iterations:
             self.stage_starts.append(num_iterations)
         self.untie_step = None
-        if tie_embeddings and self.num_stages > 1:
-            start = self.stage_starts[1]
-            self.untie_step = start if start % 2 == 1 else start + 1
-            if self.untie_step >= self.total_steps - 1:
-                self.untie_step = None
+        if tie_embeddings:
+            if untie_step == -1:
+                untie_step = round(2 * num_iterations / 3) | 1
+            elif untie_step < 0 or untie_step % 2 == 0:
+                raise ScheduleError(f"untie_step must be an odd step (an Adam step) or -1 (the first odd step at 2/3 "
+                                    f"of num_iterations), got {untie_step}")
+            # At or after the last step there is nothing left to train untied: stay tied.
+            self.untie_step = untie_step if untie_step < self.total_steps - 1 else None
 
     def stage_of(self, step: int) -> int:
         stage = 0
@@ -125,19 +157,14 @@ class Schedule:
     def stage_progress(self, step: int, stage: int) -> float:
         start = self.stage_starts[stage]
         end = self.stage_starts[stage + 1] if stage + 1 < len(self.stage_starts) else self.total_steps
-        return 0.0 if end - start <= 1 else (step - start) / (end - start - 1)
+        return (step - start) / (end - start)
 
     def lr_multiplier(self, step: int, stage: int) -> float:
-        if step >= self.num_iterations:
-            cooldown = self.final_lr_frac
-        else:
-            x = step / self.num_iterations
-            start = 1 - self.cooldown_frac
-            if x < start or self.cooldown_frac == 0:
-                cooldown = 1.0
-            else:
-                cooldown = 1 + (self.final_lr_frac - 1) * (x - start) / self.cooldown_frac
-        return self.lrs[stage] * cooldown
+        span = self.num_iterations - self.cooldown_start
+        if step < self.cooldown_start:
+            return self.lrs[stage]
+        t = 1.0 if span == 0 else min(1.0, (step - self.cooldown_start) / span)
+        return self.lrs[stage] * (1 - t) + self.final_lr_frac * t
 
     def mtp_weights(self, step: int, stage: int) -> tuple[float, ...]:
         if not self.mtp:
@@ -155,8 +182,18 @@ class Schedule:
         return StepPlan(
             step=step, stage=stage, batch_tokens=self.batch_tokens[stage], short_window=short, long_window=long,
             mtp_weights=self.mtp_weights(step, stage), lr_multiplier=self.lr_multiplier(step, stage),
-            adam_step=step % 2 == 1 or step == self.total_steps - 1, untie_after=step == self.untie_step,
+            muon_momentum=self.momentum.at(step, self.total_steps), adam_step=step % 2 == 1,
+            untie_after=step == self.untie_step,
         )
+
+    def windows_at(self, steps_done: int) -> tuple[int, int]:
+        """The (short, long) windows a validation after `steps_done` steps uses: those of the next step, as the
+        published loop sets its windows (and YaRN) for step s before validating at s; after the last step the
+        last stage's short window and final_long_window."""
+        if steps_done >= self.total_steps:
+            return self.windows[self.stage_of(self.total_steps - 1)][0], self.final_long_window
+        plan = self.at(steps_done)
+        return plan.short_window, plan.long_window
 
     def distinct_shapes(self) -> list[StepPlan]:
         """One plan per distinct (batch, windows, number of MTP terms, tied or not): the shapes the

@@ -48,11 +48,27 @@ from modded_nanogpt.data.loader import (
 from modded_nanogpt.dist_optim import AdamGroup, BankSpec, SpeedrunOptimizer
 from modded_nanogpt.model import GPT, ModelConfig, select_attention_backend
 from modded_nanogpt.runlog import RunLog, collect_provenance
-from modded_nanogpt.schedule import Schedule, ScheduleError
+from modded_nanogpt.schedule import Momentum, Schedule, ScheduleError
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 WORLD_SIZES = (1, 2, 4, 8)
 TOTAL_MICRO_STEPS = 8  # micro-steps per step summed over ranks: 8 // world_size per rank
+# A micro-step's loss is the sum over its tokens (of the MTP-weighted cross-entropies) divided by this, and the
+# ranks' gradients are summed: the published 2 / accumulation steps with gradients averaged over the ranks.
+# So the gradients (and Adam's eps against them) have the published scale at every world size.
+LOSS_DIVISOR = TOTAL_MICRO_STEPS / 2
+
+# The published Adam groups: (betas, lr multiplier of adam_lr, weight-decay multiplier of adam_weight_decay).
+ADAM_GROUPS = {
+    "value_bigram": ((0.75, 0.95), 75.0, 5.0),  # value embeddings, bigram embedding
+    "head": ((0.5, 0.95), 1.0, 150.0),  # lm_head
+    "embed": ((0.5, 0.95), 1.0, 150.0),  # the token embedding once untied
+    "x0_lambdas": ((0.65, 0.95), 5.0, 0.0),
+    "scalars": ((0.9, 0.99), 5.0, 0.0),  # residual, attention gains, bigram, smear, backout, skip lambdas
+    "smear_gate": ((0.9, 0.99), 0.01, 0.0),
+    "skip_gate": ((0.9, 0.99), 0.05, 0.0),
+    "gates": ((0.9, 0.99), 1.0, 1.0),  # attention and value-embedding gates
+}
 
 
 @dataclass
@@ -72,9 +88,10 @@ class Hyperparameters:
     fp8: bool = True  # FP8 lm_head matmuls (torch._scaled_mm) on GPUs that have them; DISABLE_FP8=1 = False
     paired_head_layers: list[int] = field(default_factory=lambda: [0, 2, 5, 9])  # `none` = off
     value_embeds: bool = True  # the bank of value embeddings mixed into V (with gates)
-    value_embed_layers: list[int] = field(default_factory=lambda: [0, 1, 2, 9, 10])
+    value_embed_layers: list[int] = field(default_factory=lambda: [0, 1, 8, 9, 10])
     bigram_embeds: bool = True  # hashed (previous, current) token embeddings added to the residual
     skip_connections: bool = True  # gated U-net skip from skip_from's output to skip_to's input
+    skip_gate: bool = True  # the skip's gate per token: sigmoid(lambda) * 2 sigmoid(W x0[:12]); False = sigmoid(lambda)
     skip_from: int = 3
     skip_to: int = 6
     smear: bool = True  # gated copy of token t-1's embedding into token t
@@ -91,8 +108,12 @@ class Hyperparameters:
     optimizer: str = "normuon"  # normuon (banks) + Adam (rest) | adamw (everything)
     attention_backend: str = "auto"  # auto | fa3 | flex | sdpa
     attention_skip_layers: list[int] = field(default_factory=lambda: [6])
-    long_window_layers: list[int] = field(default_factory=lambda: [3, 7, 10])
-    attn_scale: float = 0.12
+    long_window_layers: list[int] = field(default_factory=lambda: [3, 10])
+    attn_scale: float = 0.1  # attention softmax scale at the start
+    yarn_attn_factor: float = 0.2  # each YaRN rescale (long window grown s times) multiplies the scale by this * ln(s) + 1
+    sa_lambdas: bool = True  # learned gains on each layer's QKV (start 0.5) and output (start 1.0) weights
+    residual_init: float = 1.1  # residual lambdas at the start
+    lm_head_init_std: float = 0.005  # head (and tied embedding) init N(0, this)
     # --- schedule (stages separated by ';', see schedule.py) ---
     seq_len: int = 2048  # longest document piece (documents are clipped to it)
     num_iterations: int = 1515  # scheduled steps, split evenly into the stages
@@ -104,19 +125,24 @@ class Hyperparameters:
     lr_schedule: str = "1.0;1.52;1.73;1.73"  # per-stage learning-rate multipliers
     cooldown_frac: float = 0.55  # lr decays over the final 55% of the scheduled steps ...
     final_lr_frac: float = 0.1  # ... toward this fraction
-    tie_embeddings: bool = True  # tied until the stage-2 boundary (forced onto an odd step), then untied
+    tie_embeddings: bool = True  # tied until untie_step, then untied; False = untied from the start
+    untie_step: int = -1  # odd; -1 = the first odd step at 2/3 of num_iterations (1011); >= the last step = tied throughout
     # --- optimizer ---
     muon_lr: float = 0.023
-    muon_momentum: float = 0.95
+    muon_momentum: float = 0.95  # the momentum between warmup and cooldown
+    muon_momentum_min: float = 0.85  # ... rising from this over momentum_warmup_steps, back to it over the last momentum_cooldown_steps
+    momentum_warmup_steps: int = 300
+    momentum_cooldown_steps: int = 50
     muon_beta2: float = 0.95
-    muon_weight_decay: float = 1.2
-    adam_lr: float = 0.008
+    muon_weight_decay: float = 1.2  # cautious; per step p -= wd * lr * lr_eff * p where update and p agree in sign
+    mlp_proj_lr_mul: float = 2.0  # NorMuon lr multiplier of the MLP down projections
+    adam_lr: float = 0.008  # times each group's lr_mul (ADAM_GROUPS)
     adam_eps: float = 1e-10
-    adam_weight_decay: float = 0.005
+    adam_weight_decay: float = 0.005  # cautious; per Adam step p -= lr^2 * this * wd_mul * p (ADAM_GROUPS)
     adamw_matrix_lr: float = 0.004  # optimizer=adamw: lr of the bank matrices
     # --- validation and stopping ---
     val_tokens: int = 10_485_760  # the first tokens of the val shard(s)
-    val_batch_tokens: int = 32_768  # tokens per validation forward per rank
+    val_batch_tokens: int = 262_144  # tokens per validation forward per rank (head in bf16, no fp8)
     val_every: int = 250  # steps; 0 = only at the end
     target_val_loss: float = 3.28  # the time it is first reached is recorded (the run goes on)
     # --- system ---
@@ -275,7 +301,9 @@ def schedule_of(hp: Hyperparameters) -> Schedule:
     """The run's schedule from its settings (raises ScheduleError on a bad one)."""
     return Schedule(hp.num_iterations, hp.extension_iterations, hp.seq_len, TOTAL_MICRO_STEPS, hp.batch_schedule,
                     hp.window_schedule, hp.mtp_schedule, hp.lr_schedule, hp.final_long_window, hp.cooldown_frac,
-                    hp.final_lr_frac, hp.mtp, hp.tie_embeddings)
+                    hp.final_lr_frac, hp.mtp, hp.tie_embeddings, hp.untie_step,
+                    Momentum(hp.muon_momentum_min, hp.muon_momentum, hp.momentum_warmup_steps,
+                             hp.momentum_cooldown_steps))
 
 
 # ---- runtime -------------------------------------------------------------------------------------------
@@ -388,20 +416,23 @@ class StepReadings:
 
 
 def build_optimizer(model: GPT, hp: Hyperparameters, rt: Runtime) -> SpeedrunOptimizer:
-    """Banks -> NorMuon (or AdamW); embeddings and head, gates, scalars -> Adam with per-group settings."""
-    embeddings = [model.embed] + [getattr(model, n) for n in ("value_embeds", "bigram_embed") if hasattr(model, n)]
-    gates = [model.attn_gate] + [getattr(model, n) for n in ("ve_gate", "smear_gate") if hasattr(model, n)]
-    wd = hp.adam_weight_decay
-    groups = [
-        AdamGroup("head", [model.lm_head_t], hp.adam_lr, (0.8, 0.95), wd),
-        AdamGroup("embeddings", embeddings, hp.adam_lr, (0.8, 0.95), wd),
-        AdamGroup("gates", gates, hp.adam_lr, (0.9, 0.99), 0.0),
-        AdamGroup("scalars", [model.scalars], 5 * hp.adam_lr, (0.9, 0.99), 0.0),
-    ]
+    """Banks -> NorMuon (or AdamW); embeddings and head, gates, scalars -> Adam with the published per-group
+    settings (ADAM_GROUPS)."""
+    members = {
+        "value_bigram": ["value_embeds", "bigram_embed"], "head": ["lm_head_t"], "embed": ["embed"],
+        "x0_lambdas": ["x0_lambdas"], "scalars": ["scalars"], "smear_gate": ["smear_gate"],
+        "skip_gate": ["skip_gate"], "gates": ["attn_gate", "ve_gate"],
+    }
+    groups = []
+    for name, (betas, lr_mul, wd_mul) in ADAM_GROUPS.items():
+        params = [getattr(model, n) for n in members[name] if hasattr(model, n)]
+        if params:
+            groups.append(AdamGroup(name, params, hp.adam_lr * lr_mul, betas, hp.adam_weight_decay * wd_mul))
     hd = hp.num_heads * hp.head_dim
+    mlp_matrices = model.mlp_bank.numel() // (model.hidden * hp.model_dim)  # [up_0, down_0, up_1, down_1, ...]
     banks = [BankSpec("attn_bank", model.attn_bank, (model.attn_bank.numel() // (hd * hp.model_dim), hd, hp.model_dim)),
-             BankSpec("mlp_bank", model.mlp_bank,
-                      (model.mlp_bank.numel() // (model.hidden * hp.model_dim), model.hidden, hp.model_dim))]
+             BankSpec("mlp_bank", model.mlp_bank, (mlp_matrices, model.hidden, hp.model_dim),
+                      lr_muls=[1.0, hp.mlp_proj_lr_mul] * (mlp_matrices // 2))]
     if hp.optimizer == "adamw":
         groups.append(AdamGroup("matrices", [b.param for b in banks], hp.adamw_matrix_lr, (0.9, 0.95), 0.0, every_step=True))
         banks = []
@@ -414,7 +445,7 @@ def build_optimizer(model: GPT, hp: Hyperparameters, rt: Runtime) -> SpeedrunOpt
 
 def window_inputs(model, short_window: int, long_window: int, device):
     """The attention windows as the forward takes them: 0-d tensors, which the compiled graph reads as inputs,
-    so the stages that differ only in windows (the last stage, the extension, the final validation) share
+    so the stages that differ only in windows (the last stage and the extension; every validation) share
     one graph; FlashAttention 3 takes its window as a Python int (then each window compiles its own)."""
     if model.attention_backend == "fa3":
         return short_window, long_window
@@ -442,58 +473,62 @@ def train_step(model, step_fn, optimizer, loader, plan, rt: Runtime):
     for _ in range(accumulation):
         batch = loader.next_batch()
         rows, scatter = embedding_rows(model, batch.inputs)
-        loss = step_fn(batch.inputs, batch.targets, short, long, mtp, float(plan.batch_tokens), batch.cu_seqlens, rows)
+        loss = step_fn(batch.inputs, batch.targets, short, long, mtp, LOSS_DIVISOR, batch.cu_seqlens, rows)
         loss.backward()
         model.add_row_grads(scatter)
         loss_total += loss.detach()
-    optimizer.step(plan.lr_multiplier, plan.adam_step)
+    optimizer.step(plan.lr_multiplier, plan.adam_step, plan.muon_momentum)
     if plan.untie_after:
         model.untie()
         optimizer.copy_adam_state(model.lm_head_t, model.embed, transform=lambda t: t.T if t.ndim == 2 else t)
     if rt.world_size > 1:
         dist.all_reduce(loss_total)
-    return loss_total
+    return loss_total * (LOSS_DIVISOR / plan.batch_tokens)  # the mean over the step's tokens
 
 
-def validate(model, eval_fn, val_files, hp: Hyperparameters, rt: Runtime, plan, long_window: int | None = None,
-             reuse_train_graph: bool = False, max_forwards: int | None = None) -> float:
-    """Mean next-token loss over the first val_tokens of the val shards (fresh loader each time), with the
-    attention windows of `plan` (the long one replaced by `long_window` for the final validation).
+def validate(model, eval_fn, val_files, hp: Hyperparameters, rt: Runtime, short_window: int, long_window: int,
+             max_forwards: int | None = None) -> float:
+    """Mean next-token loss over the first val_tokens of the val shards (fresh loader each time), in eval mode
+    (the head in bf16, no fp8), with the given attention windows, in forwards of val_batch_tokens per rank.
 
-    reuse_train_graph (compiled runs): call the model exactly as the training step does (same tokens per
-    forward, number of MTP terms, loss divisor, grad mode) with the extra MTP weights zeroed, so the compiled
-    training graph serves validation and the warmup compiles no separate evaluation graphs. Used when
-    val_tokens splits into forwards of the step's micro-batch size; else forwards of val_batch_tokens.
     The val tokens are read as one contiguous stream, as the speedrun validates (no BOS alignment, no clipping
     to seq_len): every run scores the same first val_tokens, whatever its forward size, and so does the
     baseline trainer (nanogpt.train), which makes their val losses comparable. The forward size still sets
-    where attention context restarts (a forward's first tokens see no earlier ones).
+    where attention context restarts (a forward's first tokens see no earlier ones): the published 262,144.
     """
-    micro_tokens = plan.batch_tokens // TOTAL_MICRO_STEPS
-    reuse = reuse_train_graph and hp.val_tokens % (micro_tokens * rt.world_size) == 0
-    per_forward = micro_tokens if reuse else hp.val_batch_tokens
+    per_forward = hp.val_batch_tokens
     steps = hp.val_tokens // (per_forward * rt.world_size)
     if max_forwards is not None:  # the warmup: compile, do not measure
         steps = min(steps, max_forwards)
-    weights = torch.zeros(len(plan.mtp_weights) if reuse else 1, device=rt.device)
-    weights[0] = 1.0
-    divisor = float(plan.batch_tokens) if reuse else 1.0
-    short, long = window_inputs(model, plan.short_window, plan.long_window if long_window is None else long_window,
-                                rt.device)
+    weights = torch.ones(1, device=rt.device)
+    short, long = window_inputs(model, short_window, long_window, rt.device)
     loader = SequentialLoader(val_files, per_forward, hp.val_tokens, hp.bos_id, rt.rank, rt.world_size, rt.device)
     total = torch.zeros((), device=rt.device, dtype=torch.float64)
+    model.eval()
     try:
-        with torch.set_grad_enabled(reuse):
+        with torch.no_grad():
             for _ in range(steps):
                 batch = loader.next_batch()
                 rows = embedding_rows(model, batch.inputs)[0]
-                loss = eval_fn(batch.inputs, batch.targets, short, long, weights, divisor, batch.cu_seqlens, rows)
-                total += loss.detach().double() * divisor
+                loss = eval_fn(batch.inputs, batch.targets, short, long, weights, float(per_forward), batch.cu_seqlens,
+                               rows)
+                total += loss.double() * per_forward
     finally:
+        model.train()
         loader.close()
     if rt.world_size > 1:
         dist.all_reduce(total)
     return total.item() / (steps * per_forward * rt.world_size)
+
+
+def validation_windows(model, schedule: Schedule, steps_done: int) -> tuple[int, int]:
+    """The windows of a validation after steps_done steps, with YaRN set for them: those of the next step, as the
+    published loop advances its schedule (YaRN included) before it validates; after the last step the last
+    stage's short window and final_long_window, without a YaRN rescale (the published final validation)."""
+    short, long = schedule.windows_at(steps_done)
+    if steps_done < schedule.total_steps:
+        model.set_long_window(long)
+    return short, long
 
 
 # ---- the run -------------------------------------------------------------------------------------------
@@ -554,6 +589,8 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
         raise ConfigError(str(e)) from None
     model.attention_backend = backend
     model.embedding_grads = hp.embedding_grads
+    if not hp.tie_embeddings:
+        model.untie()
     compiled = hp.compile and rt.device.type == "cuda"
     if compiled:
         torch._dynamo.config.cache_size_limit = 64
@@ -602,12 +639,11 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
             if schedule.untie_step is not None and plan.step > schedule.untie_step and model.is_tied:
                 model.untie()
             train_step(model, step_fn, optimizer, loader, plan, rt)
+            # Validation's eval-mode graph, tied and untied (flex: one for every window; FA3: one per window pair).
+            validate(model, step_fn, val_files, hp, rt, plan.short_window, plan.long_window, max_forwards=1)
             log(f"warmup: step shape of step {plan.step} (batch {plan.batch_tokens}, windows {plan.short_window},"
                 f"{plan.long_window}, {len(plan.mtp_weights)} MTP terms) compiled at {time.perf_counter() - t0:.0f}s")
-            validate(model, step_fn, val_files, hp, rt, plan, reuse_train_graph=True, max_forwards=1)
-        model.set_long_window(schedule.final_long_window)
-        validate(model, step_fn, val_files, hp, rt, schedule.at(total_steps - 1), schedule.final_long_window,
-                 reuse_train_graph=True, max_forwards=1)
+        validate(model, step_fn, val_files, hp, rt, *schedule.windows_at(total_steps), max_forwards=1)
         restore(saved_state, model, optimizer, loader)
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
@@ -667,11 +703,7 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
                 stop = take(queued) or stop
                 queued = None
             if validating:
-                long = None
-                if last:
-                    long = schedule.final_long_window
-                    model.set_long_window(long)
-                val_loss = validate(model, step_fn, val_files, hp, rt, plan, long, reuse_train_graph=compiled)
+                val_loss = validate(model, step_fn, val_files, hp, rt, *validation_windows(model, schedule, step))
                 state["last_val_loss"] = val_loss
                 if state["time_to_target_ms"] is None and val_loss <= hp.target_val_loss:
                     state["time_to_target_ms"] = state["train_time_ms"]

@@ -33,8 +33,8 @@ NOT_CONFIGURATION = {"seed", "run_dir", "data_dir", "init_from_dir", "device", "
                      "target_val_loss"}
 # The speedrun trainer's ablation switches (slurm/submit.py ABLATIONS) and their "off" values.
 ABLATION_OFF = {**{feature: False for feature in (
-    "value_embeds", "bigram_embeds", "skip_connections", "smear", "backout", "key_offset", "mtp", "softcap",
-    "qk_norm", "fp8")}, "paired_head_layers": [], "mlp_activation": "gelu", "optimizer": "adamw"}
+    "value_embeds", "bigram_embeds", "skip_connections", "skip_gate", "smear", "backout", "key_offset", "mtp", "softcap",
+    "qk_norm", "sa_lambdas", "fp8")}, "paired_head_layers": [], "mlp_activation": "gelu", "optimizer": "adamw"}
 BASELINE = "nanogpt"
 MODDED = "modded"
 

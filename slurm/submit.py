@@ -92,8 +92,8 @@ TRAINERS = {
 # The one table of ablations: a feature of the modded trainer -> the override that switches it off.
 ABLATIONS = {
     **{feature: f"--{feature}=False" for feature in (
-        "value_embeds", "bigram_embeds", "skip_connections", "smear", "backout", "key_offset", "mtp", "softcap",
-        "qk_norm", "fp8")},
+        "value_embeds", "bigram_embeds", "skip_connections", "skip_gate", "smear", "backout", "key_offset", "mtp",
+        "softcap", "qk_norm", "sa_lambdas", "fp8")},
     "paired_head_layers": "--paired_head_layers=none",
     "mlp_activation": "--mlp_activation=gelu",
     "optimizer": "--optimizer=adamw",

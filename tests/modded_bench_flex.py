@@ -67,10 +67,10 @@ from modded_nanogpt.model import BLOCK, ModelConfig, flex_block_mask
 STAGE3_POSITIONS = 24 * 2048  # tokens per micro-step at stage 3 (batch_schedule 24 sequences of seq_len)
 SEQ_LEN = 2048  # the loader clips documents to seq_len
 MICRO_STEPS = 8  # train_gpt.TOTAL_MICRO_STEPS: micro-steps per optimizer step (one GPU)
-ATTN_SCALE = 0.12  # ModelConfig.attn_scale
+ATTN_SCALE = 0.1  # ModelConfig.attn_scale
 DEVICE = "cuda"
-# The YaRN temperature after the long window grew 3 -> 7 -> 11 blocks (GPT.set_long_window).
-STAGE3_TEMPERATURE = (0.1 * math.log(7 / 3) + 1) * (0.1 * math.log(11 / 7) + 1)
+# The YaRN scale factor after the long window grew 3 -> 7 -> 11 blocks (GPT.set_long_window).
+STAGE3_TEMPERATURE = (0.2 * math.log(7 / 3) + 1) * (0.2 * math.log(11 / 7) + 1)
 
 
 def _bwd(m1, n1, m2, n2, stages, warps):
@@ -246,7 +246,7 @@ def build_problems(args, device):
     for n, (kind, layers) in enumerate(sorted(attention_kinds(cfg).items())):
         long, paired = kind
         positions_doc = doc.repeat_interleave(2) if paired else doc
-        mask = flex_block_mask(positions_doc, long_tokens if long else short_tokens, int(paired))
+        mask = flex_block_mask(positions_doc, long_tokens if long else short_tokens)
         P, H, D = positions_doc.numel(), cfg.num_heads // 2 if paired else cfg.num_heads, cfg.head_dim
         g = torch.Generator(device=device).manual_seed(args.seed * 100 + n)
         q, k, v = (torch.randn(P, H, D, device=device, generator=g, dtype=torch.bfloat16).requires_grad_()

@@ -2,12 +2,18 @@
 # The speedrun trainer on a lent H100: a 300+-step run on the local BPE corpus (compile + warmup time,
 # step_avg per stage, peak memory, val curve), then the GPU tests. Prepare the data first (here or there):
 #   python -m nanogpt.data.text_corpus --out data/stdlib_bpe50257 --tokenizer bpe --vocab_size 50257
-# Knobs: DATA (data dir), STEPS (scheduled steps), TESTS=0 to skip the tests, EXTRA (more --key=value),
+# The reference proxy corpus (../shared/tools/proxy_corpus.py, see its docstring) with the published vocabulary:
+#   DATA=/tmp/corpus/data/fineweb10B STEPS=450 VAL_TOKENS=10485760 EXTRA="--vocab_size=50304 --bos_id=50256" \
+#     TESTS=0 bash tests/modded_gpu_session.sh
+# Knobs: DATA (data dir), STEPS (scheduled steps), EXT (extension steps, 12), VAL_EVERY (50), TESTS=0 to skip
+# the tests, EXTRA (more --key=value),
 # NUM_GPUS (1 runs the trainer in this process; 2, 4 or 8 run it through modded_nanogpt/run.sh, torchrun),
 # OUT (each call writes a new run directory under it, so a second call never resumes the first's run).
 set -uo pipefail
 DATA=${DATA:-data/stdlib_bpe50257}
 STEPS=${STEPS:-300}
+EXT=${EXT:-12}
+VAL_EVERY=${VAL_EVERY:-50}
 TESTS=${TESTS:-1}
 EXTRA=${EXTRA:-}
 NUM_GPUS=${NUM_GPUS:-1}
@@ -25,8 +31,8 @@ else
 fi
 # shellcheck disable=SC2086
 "${launch[@]}" --data_dir="$DATA" --vocab_size=0 --bos_id=-1 --run_dir="$RUN" \
-  --num_iterations="$STEPS" --extension_iterations=12 --val_every=50 --val_tokens="$VAL_TOKENS" $EXTRA 2>&1 |
-  tee "$OUT/run.log" | awk '!/train_loss/ || /step:(1|2|3|50|100|101|150|200|201|250|300|304|312)\//'
+  --num_iterations="$STEPS" --extension_iterations="$EXT" --val_every="$VAL_EVERY" --val_tokens="$VAL_TOKENS" $EXTRA 2>&1 |
+  tee "$OUT/run.log" | awk '!/train_loss/ || /step:([0-9]*[05]0|1|2|3)\//'
 status=${PIPESTATUS[0]}
 if [[ $status != 0 || ! -s "$RUN/metrics.jsonl" ]]; then
   echo "error: the trainer exited with status $status (log: $OUT/run.log); no summary" >&2

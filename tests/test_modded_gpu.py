@@ -31,7 +31,7 @@ def test_flex_block_mask_matches_sdpa_with_explicit_mask(shift, window_blocks):
     q, k, v = (torch.randn(T, H >> shift, D, generator=g).to("cuda", torch.bfloat16) for _ in range(3))
     doc_positions = doc.repeat_interleave(1 << shift)
     window = window_blocks * 128
-    flex_mask, dense = (attention_mask(doc_positions, window, shift, b) for b in ("flex", "sdpa"))
+    flex_mask, dense = (attention_mask(doc_positions, window, b) for b in ("flex", "sdpa"))
     flex = attend(q, k, v, flex_mask, None, window, shift, 0.12, "flex")
     sdpa = attend(q.float(), k.float(), v.float(), dense, None, window, shift, 0.12, "sdpa")
     assert torch.isfinite(flex).all()

@@ -747,14 +747,17 @@ def test_gpu_embedding_rows_match_reference(tables, vocab, dim, tokens):
     assert rel_err(grad, start.double().index_add_(table.ndim - 2, index, fp32_rows.double())) < 1e-6
 
 
-def attention_inputs_case(T, H, D, dim, with_ve, seed):
+def attention_inputs_case(T, H, D, dim, with_ve, seed, paired=False):
+    """Inputs of attention_inputs (x, w, cos, sin, not_doc_start, ve, gate) and output gradients; paired: tables of
+    2 T positions, as a paired-head layer takes them."""
     from modded_nanogpt.model import rotary_frequencies, yarn_rescale
 
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(T, dim, generator=g, device="cuda").bfloat16()
     w = (dim**-0.5 * torch.randn(3 * H * D, dim, generator=g, device="cuda")).bfloat16()
     freqs = yarn_rescale(rotary_frequencies(D, 1024.0), 384, 1408)[0].cuda()
-    angles = torch.arange(T, device="cuda", dtype=torch.float32)[:, None] * freqs[None, :]
+    positions = 2 * T if paired else T
+    angles = torch.arange(positions, device="cuda", dtype=torch.float32)[:, None] * freqs[None, :]
     not_doc_start = (torch.rand(T, generator=g, device="cuda") > 0.02).bfloat16()
     not_doc_start[0] = 0
     ve = torch.randn(T, H * D, generator=g, device="cuda").bfloat16() if with_ve else None
@@ -765,23 +768,24 @@ def attention_inputs_case(T, H, D, dim, with_ve, seed):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T, H, D, dim", [(49152, 6, 128, 768), (333, 2, 32, 40)])
-@pytest.mark.parametrize("qk_norm, key_offset, with_ve", [(True, True, True), (True, False, False), (False, True, False),
-                                                          (True, True, False), (False, False, True)])
-def test_gpu_attention_inputs_match_reference(T, H, D, dim, qk_norm, key_offset, with_ve):
+@pytest.mark.parametrize("qk_norm, key_offset, with_ve, paired", [
+    (True, True, True, False), (True, False, False, False), (False, True, False, False), (True, True, False, False),
+    (False, False, True, False), (True, False, True, True), (False, False, False, True)])
+def test_gpu_attention_inputs_match_reference(T, H, D, dim, qk_norm, key_offset, with_ve, paired):
     """The fused op against model.attention_inputs computed in float32 from the same bf16 inputs: q, k, v and the
-    gradients of x, w, ve and the gate (bf16 outputs: rel. error ~4e-3; a wrong rotation, norm, shift or carry
-    across a document start is far above the bound)."""
+    gradients of x, w, ve and the gate (bf16 outputs: rel. error ~4e-3; a wrong rotation, norm, shift, carry
+    across a document start or paired-head position is far above the bound)."""
     from modded_nanogpt.model import attention_inputs
 
-    tensors, grads = attention_inputs_case(T, H, D, dim, with_ve, seed=40)
+    tensors, grads = attention_inputs_case(T, H, D, dim, with_ve, seed=40, paired=paired)
     poison_cuda_cache(T * 3 * H * D * 2)
     leaves = [t.clone().requires_grad_() if t is not None and t.dtype == torch.bfloat16 and i in (0, 1, 5, 6) else t
               for i, t in enumerate(tensors)]
-    out = kernels.attention_inputs(*leaves, H, qk_norm, key_offset)
+    out = kernels.attention_inputs(*leaves, H, qk_norm, key_offset, paired)
     torch.autograd.backward(out, grads)
     ref_leaves = [t.float().requires_grad_() if t is not None and i in (0, 1, 5, 6) else t
                   for i, t in enumerate(tensors)]
-    ref = attention_inputs(*ref_leaves, H, qk_norm, key_offset)
+    ref = attention_inputs(*ref_leaves, H, qk_norm, key_offset, paired)
     torch.autograd.backward(ref, [g.float() for g in grads])
     assert_finite(*out)
     for name, got, want in zip("qkv", out, ref, strict=True):

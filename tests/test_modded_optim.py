@@ -9,6 +9,8 @@ singular values, so it is at most 0.1411 when all of them lie in that interval; 
 singular values fall below 1e-3 * ||G||_F and are only partly lifted.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -85,47 +87,60 @@ def ref_orthogonalize(M):
     return X.T if rows > cols else X
 
 
-def ref_step(p, g, state, lr, wd, momentum=0.95, beta2=0.95, eps=1e-8):
-    """One NorMuon step on a single matrix p (float64), in place; state is a dict."""
+def ref_step(p, g, state, lr, wd, lr_mul=1.0, momentum=0.95, beta2=0.95):
+    """One NorMuon step on a single matrix p (float64), in place; state is a dict. The second
+    moment is per row when rows >= cols, else per column."""
     rows, cols = p.shape
+    per_row = rows >= cols
     buf = state.setdefault("buf", torch.zeros_like(p))
-    v = state.setdefault("v", [0.0] * rows)
+    v = state.setdefault("v", [0.0] * (rows if per_row else cols))
     buf.mul_(momentum).add_((1 - momentum) * g)
     nesterov = (1 - momentum) * g + momentum * buf
     ortho = ref_orthogonalize(nesterov)
     normed = torch.empty_like(ortho)
-    for i in range(rows):
-        row_mean_sq = sum(ortho[i, j].item() ** 2 for j in range(cols)) / cols
-        v[i] = beta2 * v[i] + (1 - beta2) * row_mean_sq
-        normed[i] = ortho[i] / (v[i] ** 0.5 + eps)
+    for k in range(len(v)):
+        line = ortho[k] if per_row else ortho[:, k]
+        mean_sq = sum(x * x for x in line.tolist()) / len(line)
+        v[k] = beta2 * v[k] + (1 - beta2) * mean_sq
+        scaled = line / math.sqrt(max(v[k], 1e-10))
+        if per_row:
+            normed[k] = scaled
+        else:
+            normed[:, k] = scaled
     normed *= torch.sqrt((ortho * ortho).sum()) / torch.sqrt((normed * normed).sum())
-    normed *= max(1.0, rows / cols) ** 0.5
+    lr_eff = lr * max(1.0, rows / cols) ** 0.5 * lr_mul
     for i in range(rows):
         for j in range(cols):
-            if normed[i, j] * p[i, j] > 0:
-                p[i, j] -= lr * wd * p[i, j]
-            p[i, j] -= lr * normed[i, j]
+            decay = wd * lr * lr_eff * p[i, j] if normed[i, j] * p[i, j] >= 0 else 0.0
+            p[i, j] = p[i, j] - decay - lr_eff * normed[i, j]
 
 
-@pytest.mark.parametrize("shape", [(12, 7), (6, 10), (2, 8, 5)])
-def test_normuon_matches_reference(shape):
+@pytest.mark.parametrize("shape, lr_muls", [((12, 7), None), ((6, 10), None), ((7, 7), None),
+                                            ((2, 8, 5), (1.0, 2.0)), ((3, 4, 9), (0.5, 1.0, 2.0))])
+def test_normuon_matches_reference(shape, lr_muls):
     gen = torch.Generator().manual_seed(3)
     p = torch.nn.Parameter(torch.randn(*shape, generator=gen, dtype=torch.float64))
     p_ref = p.detach().clone().reshape(-1, *shape[-2:])
     states = [{} for _ in range(p_ref.shape[0])]
-    opt = NorMuon([p], lr=0.05, weight_decay=0.5)
+    muls = lr_muls or (1.0,) * p_ref.shape[0]
+    lr_mul = 1.0 if lr_muls is None else torch.tensor(lr_muls, dtype=torch.float64).view(-1, 1, 1)
+    opt = NorMuon([p], lr=0.05, weight_decay=0.5, lr_mul=lr_mul)
     for _ in range(4):
         g = torch.randn(*shape, generator=gen, dtype=torch.float64)
         p.grad = g.clone()
         opt.step()
         for k, g_k in enumerate(g.reshape(-1, *shape[-2:])):
-            ref_step(p_ref[k], g_k, states[k], lr=0.05, wd=0.5)
+            ref_step(p_ref[k], g_k, states[k], lr=0.05, wd=0.5, lr_mul=muls[k])
     torch.testing.assert_close(p.detach(), p_ref.reshape(shape), rtol=1e-10, atol=1e-12)
+    rows, cols = shape[-2:]
+    moment_shape = (*shape[:-1], 1) if rows >= cols else (*shape[:-2], 1, cols)
+    assert opt.state[p]["second_moment"].shape == moment_shape
 
 
-def test_cautious_weight_decay_only_where_signs_agree():
+def test_cautious_weight_decay_where_signs_agree_or_the_update_is_zero():
     # A positive diagonal gradient has polar factor I, so the update is c * I with c > 0
-    # and exactly zero off the diagonal: only positive diagonal entries may decay.
+    # and exactly zero off the diagonal: the mask (N * p) >= 0 holds on the positive
+    # diagonal entries and everywhere off the diagonal.
     n, lr, wd = 6, 0.1, 1.2
     p0 = torch.randn(n, n, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     p0.diagonal().copy_(torch.tensor([1.0, -2.0, 0.5, -0.3, 3.0, -1.0]))
@@ -140,9 +155,67 @@ def test_cautious_weight_decay_only_where_signs_agree():
     assert torch.all(update.diagonal() > 0)
     off_diagonal = ~torch.eye(n, dtype=torch.bool)
     assert torch.all(update[off_diagonal] == 0)
-    expected_mask = torch.eye(n, dtype=torch.bool) & (p0 > 0)
+    expected_mask = off_diagonal | (p0 > 0)
     decay_applied = results[0.0] - results[wd]
-    torch.testing.assert_close(decay_applied, lr * wd * p0 * expected_mask, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(decay_applied, lr * lr * wd * p0 * expected_mask, rtol=1e-12, atol=1e-15)
+
+
+def decay_factor(shape, lr_mul, lr=0.023, wd=1.2):
+    """The part of one NorMuon step proportional to p, per entry, for a p whose signs agree with the
+    update everywhere. The update does not depend on p, so a first step from p = 0 gives it."""
+    grad = torch.randn(*shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    after = {}
+    for name, p0 in (("zero", torch.zeros(*shape, dtype=torch.float64)), ("agreeing", None)):
+        if p0 is None:  # N = -step / lr_eff, so p of the opposite sign to the step has N * p >= 0
+            gen = torch.Generator().manual_seed(8)
+            magnitude = torch.rand(*shape, generator=gen, dtype=torch.float64) + 0.5
+            p0 = torch.where(after["zero"] <= 0, magnitude, -magnitude)
+        p = torch.nn.Parameter(p0.clone())
+        p.grad = grad.clone()
+        NorMuon([p], lr=lr, weight_decay=wd, lr_mul=lr_mul).step()
+        after[name] = p.detach()
+    return (p0 + after["zero"] - after["agreeing"]) / p0
+
+
+@pytest.mark.parametrize("kind, shape, lr_mul, published", [
+    ("attention 768x768", (16, 16), 1.0, "6.3e-04"),
+    ("MLP up 3072x768", (32, 8), 1.0, "1.3e-03"),
+    ("MLP down 3072x768 stored", (32, 8), 2.0, "2.5e-03"),
+])
+def test_published_decay_factors(kind, shape, lr_mul, published):
+    """The record's decay per step at schedule multiplier 1 (lr 0.023, wd 1.2): wd * lr * lr_eff,
+    lr_eff = lr * max(1, rows / cols) ** 0.5 * lr_mul. Small shapes of the same aspect ratio."""
+    factor = decay_factor(shape, lr_mul)
+    exact = 1.2 * 0.023 * 0.023 * max(1.0, shape[0] / shape[1]) ** 0.5 * lr_mul
+    torch.testing.assert_close(factor, torch.full(shape, exact, dtype=torch.float64), rtol=1e-9, atol=0)
+    assert f"{exact:.1e}" == published, kind
+
+
+def test_bank_lr_mul_per_matrix_matches_separate_groups():
+    """A (2, rows, cols) bank with lr_mul (1, 2) per matrix steps as two matrices in groups of lr_mul 1
+    and 2."""
+    gen = torch.Generator().manual_seed(9)
+    bank = torch.nn.Parameter(torch.randn(2, 32, 8, generator=gen, dtype=torch.float64))
+    up, down = (torch.nn.Parameter(bank.detach()[k].clone()) for k in range(2))
+    opt_bank = NorMuon([bank], lr=0.023, lr_mul=torch.tensor([1.0, 2.0], dtype=torch.float64).view(2, 1, 1))
+    opt_split = NorMuon([{"params": [up]}, {"params": [down], "lr_mul": 2.0}], lr=0.023)
+    for _ in range(3):
+        g = torch.randn(2, 32, 8, generator=gen, dtype=torch.float64)
+        bank.grad, up.grad, down.grad = g.clone(), g[0].clone(), g[1].clone()
+        opt_bank.step()
+        opt_split.step()
+    split = torch.stack([up.detach(), down.detach()])
+    torch.testing.assert_close(bank.detach(), split, rtol=1e-12, atol=1e-14)
+
+
+def test_zero_gradient_only_decays():
+    """A zero gradient gives O = 0 and v = 0: the floor on v keeps N finite (zero), and the >= mask
+    decays every entry by wd * lr * lr_eff."""
+    p0 = torch.randn(8, 4, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    p = torch.nn.Parameter(p0.clone())
+    p.grad = torch.zeros_like(p)
+    NorMuon([p], lr=0.02, weight_decay=1.2).step()
+    torch.testing.assert_close(p.detach(), p0 * (1 - 1.2 * 0.02 * 0.02 * 2**0.5), rtol=1e-14, atol=0)
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 1.2])

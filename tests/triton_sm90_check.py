@@ -37,8 +37,8 @@ def cases():
                ve_ptr=BF16, gate_ptr=BF16, gqkv_ptr=BF16, gve_ptr=BF16, ggate_ptr=F32, T="i32", gq_t="i32",
                gk_t="i32", gv_t="i32", gq_h="i32", gk_h="i32", gv_h="i32", qkv_stride="i32", table_stride="i32",
                ve_stride="i32", gate_stride="i32", eps="fp32")
-    flags = [dict(H=6, HALF=64, QK_NORM=n, KEY_OFFSET=o, HAS_VE=v, BLOCK_T=32)
-             for n, o, v in itertools.product((True, False), repeat=3)]
+    flags = [dict(H=6, HALF=64, QK_NORM=n, KEY_OFFSET=o, HAS_VE=v, PAIRED=p, BLOCK_T=32)
+             for n, o, v, p in itertools.product((True, False), repeat=4) if not (o and p)]
     yield ("attention_inputs forward", kernels._attention_inputs_kernel, fwd,
            ["qkv_stride", "table_stride", "ve_stride"], flags, 4)
     yield ("attention_inputs backward", kernels._attention_inputs_backward_kernel, bwd,
