@@ -4,12 +4,12 @@
 
 What is timed mirrors `modded_nanogpt.model` at stage 3 (one micro-step of 24 * 2048 = 49,152 tokens, windows
 of 5 and 11 blocks of 128 tokens, default ModelConfig): the three mask kinds that `GPT.attention_masks` builds,
-each with its layer count (10 attention layers: short (1, 4, 8), long (3, 7, 10), short + paired heads (0, 2,
-5, 9), the paired ones on 2 * P positions with 3 heads). Documents have random lengths (1 + exponential, mean
+each with its layer count (10 attention layers: short (1, 4, 7, 8), long (3, 10), short + paired heads (0, 2,
+5, 9), the paired ones on 2 * P positions with 3 heads, their window counted in those positions). Documents have random lengths (1 + exponential, mean
 --mean_doc tokens, seeded, clipped to seq_len 2048 like the loader), doc ids as the model's forward builds them
 (cumsum of the BOS flags, repeat_interleave(2) for paired heads), windows as 0-d int64 tensors times BLOCK (as
 `train_gpt.window_inputs` passes them), masks from `flex_block_mask`, the score_mod `score * temperature` with
-a 0-d fp32 temperature (the YaRN factor stage 3 has reached) and scale 0.12; q, k, v are (P, H, D) bf16 and
+a 0-d fp32 temperature (the YaRN factor stage 3 has reached) and scale 0.1; q, k, v are (P, H, D) bf16 and
 transposed to (1, H, P, D) inside the compiled function, as `attend` does. Forward timings are of the training
 forward (inputs need grad: the kernel also writes the logsumexp). Per candidate the table gives each kind's
 median forward and forward+backward times (CUDA events, `--iters` calls after warmup), the compile time of its

@@ -32,8 +32,8 @@ def test_flex_block_mask_matches_sdpa_with_explicit_mask(shift, window_blocks):
     doc_positions = doc.repeat_interleave(1 << shift)
     window = window_blocks * 128
     flex_mask, dense = (attention_mask(doc_positions, window, b) for b in ("flex", "sdpa"))
-    flex = attend(q, k, v, flex_mask, None, window, shift, 0.12, "flex")
-    sdpa = attend(q.float(), k.float(), v.float(), dense, None, window, shift, 0.12, "sdpa")
+    flex = attend(q, k, v, flex_mask, None, window, shift, 0.1, "flex")
+    sdpa = attend(q.float(), k.float(), v.float(), dense, None, window, shift, 0.1, "sdpa")
     assert torch.isfinite(flex).all()
     assert rel_err(flex, sdpa) < 1e-2
 
