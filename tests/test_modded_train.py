@@ -611,6 +611,34 @@ def test_optimizer_flag_moves_the_banks_to_adamw():
     assert matrices.every_step and {id(p) for p in matrices.params} == {id(model.attn_bank), id(model.mlp_bank)}
 
 
+def test_the_trainer_builds_the_published_adam_groups_and_normuon_multipliers():
+    """build_optimizer with the defaults: for one parameter of each group, the published betas, learning rate
+    (0.008 x lr_mul) and decay per Adam step at multiplier 1 ((0.008 x lr_mul)^2 x 0.005 x wd_mul); the MLP
+    bank's down projections (odd matrices of [up_0, down_0, up_1, ...]) at 2x NorMuon's learning rate."""
+    hp = parse_hyperparameters(["--vocab_size=256", "--bos_id=0"])  # default model, a small vocabulary
+    model = GPT(model_config(hp))
+    opt = build_optimizer(model, hp, Runtime(0, 0, 1, torch.device("cpu")))
+    group_of = {id(p): g for g in opt.adam_groups for p in g.params}
+    published = {  # parameter: (betas, lr, decay per Adam step at lr multiplier 1)
+        "value_embeds": ((0.75, 0.95), 0.6, 9.0e-3), "bigram_embed": ((0.75, 0.95), 0.6, 9.0e-3),
+        "lm_head_t": ((0.5, 0.95), 0.008, 4.8e-5), "embed": ((0.5, 0.95), 0.008, 4.8e-5),
+        "x0_lambdas": ((0.65, 0.95), 0.04, 0.0), "scalars": ((0.9, 0.99), 0.04, 0.0),
+        "smear_gate": ((0.9, 0.99), 8e-5, 0.0), "skip_gate": ((0.9, 0.99), 4e-4, 0.0),
+        "attn_gate": ((0.9, 0.99), 0.008, 3.2e-7), "ve_gate": ((0.9, 0.99), 0.008, 3.2e-7),
+    }
+    adam_names = {n for n, p in model.named_parameters() if id(p) in group_of}
+    assert adam_names == set(published)
+    for name, (betas, lr, decay) in published.items():
+        group = group_of[id(getattr(model, name))]
+        assert group.betas == betas and group.lr == pytest.approx(lr), name
+        assert group.lr**2 * group.weight_decay == pytest.approx(decay, rel=1e-9, abs=1e-20), name
+    assert not group_of[id(model.embed)].every_step and opt.adam_eps == 1e-10
+    mlp = [b for b in opt.banks if b.name == "mlp_bank"][0]
+    assert mlp.shape == (24, 3072, 768) and list(mlp.lr_muls) == [1.0, 2.0] * 12
+    assert [b for b in opt.banks if b.name == "attn_bank"][0].lr_muls is None
+    assert opt.muon == dict(lr=0.023, momentum=0.95, beta2=0.95, weight_decay=1.2)
+
+
 def test_attention_backend_selection():
     from modded_nanogpt.model import fa3_available, select_attention_backend
 
