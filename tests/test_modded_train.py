@@ -639,6 +639,39 @@ def test_the_trainer_builds_the_published_adam_groups_and_normuon_multipliers():
     assert opt.muon == dict(lr=0.023, momentum=0.95, beta2=0.95, weight_decay=1.2)
 
 
+def test_micro_step_loss_is_the_token_sum_over_4_as_published(char_corpus):
+    """Published: a micro-batch's loss is the sum over its tokens times 2 / accumulation steps, gradients averaged
+    over ranks; here the sum / 4 (TOTAL_MICRO_STEPS / 2) with gradients summed over ranks: the same gradients at
+    every world size. The FP8 head's gradient scale follows: 0.75 / 448 / 4. train_step returns the mean."""
+    from modded_nanogpt.train_gpt import LOSS_DIVISOR
+    from modded_nanogpt.model import ModelConfig
+
+    assert TOTAL_MICRO_STEPS == 8 and LOSS_DIVISOR == 4.0
+    assert ModelConfig().fp8_grad_scale == 0.75 / 448
+    hp = parse_hyperparameters(tiny(char_corpus, "unused"))
+    train_files = resolve_data(hp)[0]
+    rt = Runtime(0, 0, 1, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = GPT(model_config(hp))
+    model.embedding_grads = "dense"
+    optimizer = build_optimizer(model, hp, rt)
+    plan = schedule_of(hp).at(0)
+    loader = DistributedBOSLoader(train_files, plan.batch_tokens // TOTAL_MICRO_STEPS, hp.seq_len, hp.bos_id)
+    seen = []
+
+    def spy(inputs, targets, short, long, mtp, divisor, *rest):
+        loss = model(inputs, targets, short, long, mtp, divisor, *rest)
+        summed = model(inputs, targets, short, long, mtp, 1.0, *rest).detach()
+        seen.append((divisor, loss.detach(), summed))
+        return loss
+
+    mean = train_step(model, spy, optimizer, loader, plan, rt)
+    assert [d for d, _, _ in seen] == [4.0] * 8
+    for _, loss, summed in seen:
+        torch.testing.assert_close(loss, summed / 4)
+    torch.testing.assert_close(mean, sum(summed for _, _, summed in seen) / plan.batch_tokens)
+
+
 def test_attention_backend_selection():
     from modded_nanogpt.model import fa3_available, select_attention_backend
 
