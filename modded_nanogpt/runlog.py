@@ -76,6 +76,27 @@ def collect_provenance(argv: list[str], world_size: int, attention_backend: str)
     }
 
 
+def _set_aside(path: Path) -> None:
+    """Keep an earlier run's file under the first free numbered name (name.1, name.2, ...), never overwriting."""
+    n = 1
+    while path.with_name(f"{path.name}.{n}").exists():
+        n += 1
+    os.replace(path, path.with_name(f"{path.name}.{n}"))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
+
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
@@ -98,7 +119,7 @@ class RunLog:
             for name in ("metrics.jsonl", "train.log"):  # a fresh start keeps an old run's files aside
                 old = self.dir / name
                 if old.exists():
-                    os.replace(old, old.with_name(name + ".1"))
+                    _set_aside(old)
         else:
             self.truncate_metrics_after(resumed_step)
         _write_json(self.dir / "config.json", config)
@@ -132,7 +153,10 @@ class RunLog:
         return last if last and last["kind"] == "end" and last.get("step") == total_steps else None
 
     def truncate_metrics_after(self, step: int) -> None:
-        """After a resume from `step`, records of later steps (written before the crash) are moved aside."""
+        """After a resume from `step`, records of later steps (written before the crash; they will be written
+        again) and lines cut by a kill go to metrics.dropped.jsonl; every record at or before `step` stays, the
+        stop records of earlier interruptions too (the job scripts and the launcher read them). The file is
+        rewritten atomically (temp file + rename)."""
         path = self.dir / "metrics.jsonl"
         if not path.exists():
             return
@@ -141,12 +165,16 @@ class RunLog:
             try:
                 record = json.loads(line)
             except ValueError:
-                continue  # a line cut by the crash
-            (dropped if record.get("step", 0) > step or record.get("kind") in ("stop", "end") else keep).append(line)
+                dropped.append(line)  # a line cut by the crash: kept aside, not lost
+                continue
+            later = isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step
+            (dropped if later or not isinstance(record, dict) else keep).append(line)
         if dropped:
             with open(self.dir / "metrics.dropped.jsonl", "a") as f:
                 f.write("\n".join(dropped) + "\n")
-        path.write_text("".join(line + "\n" for line in keep))
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
 
     def log(self, message: str) -> None:
         if not self.enabled:
@@ -182,6 +210,7 @@ class RunLog:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+            _fsync_dir(path.parent)  # the rename itself survives a crash of the node
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -280,14 +280,16 @@ launch() {
   run_forwarding_signals "${cmd[@]}"
 }
 
-# stop_records RUN_DIR: "COUNT REASON": how many "stop" records RUN_DIR/metrics.jsonl holds, and the reason of
-# the last one (it may hold spaces: read it last).
-stop_records() {
-  python - "$1/metrics.jsonl" <<'PY'
+# stop_since EPOCH RUN_DIR: the reason of the trainer's stop when the newest end/stop record of
+# RUN_DIR/metrics.jsonl is a "stop" written at or after EPOCH (seconds), else nothing. The newest record decides,
+# not a count: a resumed trainer may move records of later steps aside, and a stop of an earlier launch is not
+# this launch's.
+stop_since() {
+  python - "$1" "$2/metrics.jsonl" <<'PY'
 import json, sys
-count, reason = 0, "none"
+since, last = float(sys.argv[1]), None
 try:
-    lines = open(sys.argv[1], encoding="utf-8").read().splitlines()
+    lines = open(sys.argv[2], encoding="utf-8").read().splitlines()
 except OSError:
     lines = []
 for line in lines:
@@ -295,26 +297,28 @@ for line in lines:
         record = json.loads(line)
     except ValueError:
         continue
-    if isinstance(record, dict) and record.get("kind") == "stop":
-        count, reason = count + 1, str(record.get("reason", "")) or "unknown"
-print(count, reason)
+    if isinstance(record, dict) and record.get("kind") in ("end", "stop"):
+        last = record
+if last and last["kind"] == "stop" and float(last.get("time") or 0) >= since:
+    print(str(last.get("reason", "")) or "unknown")
 PY
 }
 
 EXIT_REQUEUED=75  # the status of a script that requeued its job (EX_TEMPFAIL: it runs again)
 
 # launch_trainer MODULE ARGS...: launch a trainer that honours the run directory contract, then act on how it
-# stopped. A new "stop" record in RUN_DIR/metrics.jsonl says it wrote a checkpoint and exited on a signal:
+# stopped. A "stop" record this launch wrote, as the newest end/stop record of RUN_DIR/metrics.jsonl (stop_since),
+# says it wrote a checkpoint and exited on a signal:
 # after SIGUSR1/SIGUSR2 (time limit or preemption notice) the job is requeued (REQUEUE=1) and exits
 # EXIT_REQUEUED, or, without requeue, the script ends with status 0 and says how to resume. Otherwise the
 # trainer's status is returned. (torchrun itself exits non-zero after passing a signal on, even when its
 # workers stopped cleanly, hence the run directory decides, not the status.)
 launch_trainer() {
-  local before after reason status=0
-  read -r before _ < <(stop_records "$RUN_DIR") || true
+  local started reason status=0
+  started=$(($(date +%s) - 2))  # 2 s of slack for the clock of another node (rank 0 writes the records)
   launch "$@" || status=$?
-  read -r after reason < <(stop_records "$RUN_DIR") || true
-  if ((${after:-0} <= ${before:-0})); then
+  reason=$(stop_since "$started" "$RUN_DIR") || true
+  if [[ -z $reason ]]; then
     return "$status"
   fi
   case $reason in

@@ -787,11 +787,18 @@ def cmd_status(args) -> int:
             shown = waiting
         time.sleep(args.poll)
     print(f"submission {manifest['submission']} ({manifest['cluster']}): {manifest_path}")
-    failed = 0
+    failed = unfinished = 0
     for entry, task in tasks:
         state = current[task["job_id"]]
-        print(f"  {task['job_id']:>12}  {task['label']:<36} {state:<11} {progress(task)}")
-        if state in TERMINAL_STATES and state != "COMPLETED":
+        stopped = state == "COMPLETED" and task.get("run_dir") and \
+            (jobs.last_record(task["run_dir"]) or {}).get("kind") == "stop"
+        # A job that ended well after its trainer stopped on a signal (and was not requeued) left the run unfinished.
+        print(f"  {task['job_id']:>12}  {task['label']:<36} {'UNFINISHED' if stopped else state:<11} {progress(task)}")
+        if stopped:
+            unfinished += 1
+            print(f"  {'':>12}  the run stopped before its last step; submitting the same training again with "
+                  f"RUN_DIR={task['run_dir']} resumes it")
+        elif state in TERMINAL_STATES and state != "COMPLETED":
             failed += 1
             print(f"  {'':>12}  {entry['name']} {state}: log {task['log']}")
             for line in failure_lines(task["log"]):
@@ -801,8 +808,9 @@ def cmd_status(args) -> int:
         return 1
     if failed:
         print(f"error: {failed} task(s) did not complete; see the logs named above", file=sys.stderr)
-        return 1
-    return 0
+    if unfinished:
+        print(f"error: {unfinished} run(s) stopped before their last step (UNFINISHED above)", file=sys.stderr)
+    return 1 if failed or unfinished else 0
 
 
 def waiting_line(tasks: list[tuple[dict, dict]], states: dict[str, str]) -> str:

@@ -672,6 +672,38 @@ def test_micro_step_loss_is_the_token_sum_over_4_as_published(char_corpus):
     torch.testing.assert_close(mean, sum(summed for _, _, summed in seen) / plan.batch_tokens)
 
 
+def test_three_fresh_starts_keep_three_sets_of_logs(tmp_path):
+    """A fresh start (no checkpoint) sets an earlier run's metrics and log aside under the first free number: a
+    third start used to overwrite the first one's files (always renamed to .1)."""
+    from modded_nanogpt.runlog import RunLog
+
+    for attempt in range(3):
+        run = RunLog(tmp_path, True)
+        run.start({"attempt": attempt}, {}, None)
+        run.metric("train", step=1, attempt=attempt)
+        run.log(f"attempt {attempt}")
+    logs = {name: (tmp_path / name).read_text() for name in ("train.log", "train.log.1", "train.log.2")}
+    assert logs == {"train.log": "attempt 2\n", "train.log.1": "attempt 0\n", "train.log.2": "attempt 1\n"}
+    attempts = [json.loads((tmp_path / name).read_text())["attempt"]
+                for name in ("metrics.jsonl.1", "metrics.jsonl.2", "metrics.jsonl")]
+    assert attempts == [0, 1, 2]
+
+
+def test_a_resume_keeps_the_records_up_to_its_step_and_sets_the_rest_aside(tmp_path):
+    """Records after the checkpoint's step and lines cut by a kill go to metrics.dropped.jsonl; every record at or
+    before it stays, the stop record of the interruption too (the job scripts read it). Nothing is lost."""
+    from modded_nanogpt.runlog import RunLog
+
+    lines = [json.dumps({"kind": "train", "step": i}) for i in (1, 2, 3)] + [
+        json.dumps({"kind": "stop", "step": 3, "reason": "signal SIGUSR1"}), json.dumps({"kind": "train", "step": 4}),
+        json.dumps({"kind": "val", "step": 4}), '{"kind": "train", "st']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    RunLog(tmp_path, True).truncate_metrics_after(3)
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == lines[:4]
+    assert (tmp_path / "metrics.dropped.jsonl").read_text().splitlines() == lines[4:]
+    assert not (tmp_path / "metrics.jsonl.tmp").exists()
+
+
 def test_attention_backend_selection():
     from modded_nanogpt.model import fa3_available, select_attention_backend
 

@@ -149,7 +149,7 @@ def curve(run_dir: Path) -> list[tuple]:
     out = []
     for m in read_metrics(run_dir):
         if m["kind"] == "val":
-            out.append(("val", m["step"], m["val_loss"], m["train_loss"]))
+            out.append(("val", m["step"], m["val_loss"], m.get("train_loss")))
         elif m["kind"] == "end":
             out.append(("end", m["step"], m["final_val_loss"], m["tokens"]))
     return out
@@ -194,6 +194,42 @@ def test_a_signal_outside_slurm_stops_after_a_checkpoint_and_the_rerun_resumes(t
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resumed from step {stop['step']}" in resumed.stdout
     assert read_metrics(run_dir)[-1]["kind"] == "end" and read_metrics(run_dir)[-1]["step"] == stop["step"] + 10
+
+
+def test_a_speedrun_stopped_twice_says_so_each_time_and_resumes_to_the_uninterrupted_run(tmp_path, char_corpus):
+    """The job script decides "the trainer stopped after a checkpoint" from the newest stop record this launch
+    wrote. A resumed speedrun used to move every earlier stop record aside, so a count of stop records did not
+    grow at the second stop: the script then said nothing and ended 0 as if the run were done (under Slurm: not
+    requeued, COMPLETED at step 380/502). Here: two SIGUSR1 stops, each announced; the third launch finishes
+    with the uninterrupted run's curve, and both stop records stay in metrics.jsonl."""
+    extra = "--num_iterations=60 --extension_iterations=0 --val_every=20 --val_tokens=2048"
+    knobs = dict(RECIPE="tiny_cpu", DATASET_DIR=char_corpus, DEVICE="cpu", RUNS_DIR=tmp_path / "runs", EXTRA_ARGS=extra)
+    whole = run_script("slurm/modded/train_speedrun.sh", RUN_NAME="whole", **knobs)
+    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "cut"
+    stops = []
+    for at in (12, 35):
+        job = subprocess.Popen(["bash", "slurm/modded/train_speedrun.sh"], cwd=REPO_ROOT,
+                               env=clean_env(RUN_NAME="cut", **knobs), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+        try:
+            wait_for_step(run_dir, at)
+            job.send_signal(signal.SIGUSR1)
+            stdout, stderr = job.communicate(timeout=120)
+        finally:
+            if job.poll() is None:
+                job.kill()
+        assert job.returncode == 0, stdout[-3000:] + stderr[-3000:]
+        assert "stopped on signal SIGUSR1 after a checkpoint; run the same command with " \
+               f"RUN_DIR={run_dir} to resume" in stdout, stdout[-3000:]
+        stops.append(read_metrics(run_dir)[-1])
+        assert stops[-1]["kind"] == "stop" and stops[-1]["step"] < 60, stops[-1]
+    last = run_script("slurm/modded/train_speedrun.sh", RUN_NAME="cut", **knobs)
+    assert last.returncode == 0 and f"resumed from step {stops[-1]['step']}" in last.stdout, last.stdout[-3000:]
+    assert "stopped on" not in last.stdout
+    kept = [m for m in read_metrics(run_dir) if m["kind"] == "stop"]
+    assert [m["step"] for m in kept] == [m["step"] for m in stops]
+    assert curve(run_dir) == curve(tmp_path / "runs" / "whole")
 
 
 @pytest.mark.parametrize(

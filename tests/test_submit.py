@@ -265,3 +265,29 @@ def test_local_cluster_failure_names_the_log(roots, char_corpus):
     assert "no_such_key" in Path(match.group(1)).read_text()
     status = launcher("status", "--runs-dir", roots["runs"])
     assert status.returncode == 1 and "FAILED" in status.stdout and match.group(1) in status.stdout
+
+
+def test_status_reports_a_run_that_stopped_unfinished(tmp_path):
+    """A job can end well (COMPLETED) after its trainer stopped on a signal without being requeued (requeue off,
+    or MAX_REQUEUES reached): the run is unfinished, and status says so, says how to resume, and exits 1
+    (it used to print COMPLETED and exit 0). A run whose newest record is its end stays COMPLETED."""
+    runs = tmp_path / "runs"
+    tasks = []
+    for label, records in (("finished", [{"kind": "stop", "step": 3}, {"kind": "end", "step": 9}]),
+                           ("stopped", [{"kind": "train", "step": 3}, {"kind": "stop", "step": 3,
+                                                                        "reason": "signal SIGUSR1"}])):
+        run_dir = runs / label
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        tasks.append({"label": label, "job_id": str(len(tasks) + 1), "run_dir": str(run_dir), "out_dir": None,
+                      "log": str(tmp_path / f"{label}.log"), "knobs": {}, "state": "COMPLETED"})
+    manifest = {"submission": "s1", "cluster": "local", "jobs": [{"name": "train", "tasks": tasks}]}
+    (runs / "submissions" / "s1").mkdir(parents=True)
+    (runs / "submissions" / "s1" / "manifest.json").write_text(json.dumps(manifest))
+    proc = launcher("status", "s1", "--runs-dir", runs)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert re.search(r"finished\s+COMPLETED\s+done at step 9", proc.stdout), proc.stdout
+    assert re.search(r"stopped\s+UNFINISHED\s+stopped at step 3 \(signal SIGUSR1\)", proc.stdout), proc.stdout
+    assert any(f"RUN_DIR={runs / 'stopped'} resumes it" in line for line in lines), proc.stdout
+    assert "1 run(s) stopped before their last step" in proc.stderr
