@@ -353,9 +353,10 @@ def init_runtime(hp: Hyperparameters) -> Runtime:
 
 
 class StopSignal:
-    """Remembers that SIGUSR1/SIGUSR2/SIGTERM arrived; the loop checkpoints and exits at a step boundary."""
+    """Remembers that SIGUSR1/SIGUSR2/SIGTERM/SIGINT arrived; the loop checkpoints and exits at a step boundary.
+    Ctrl-C (SIGINT) stops the same way; a second Ctrl-C aborts at once (KeyboardInterrupt, no checkpoint)."""
 
-    NAMES = ("SIGUSR1", "SIGUSR2", "SIGTERM")
+    NAMES = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")
 
     def __enter__(self):
         self.received, self._previous = None, {}
@@ -366,7 +367,13 @@ class StopSignal:
         return self
 
     def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and self.received == "SIGINT":
+            raise KeyboardInterrupt
+        if name == "SIGINT":
+            print("Ctrl-C: stopping after this step with a checkpoint (the same command resumes); Ctrl-C again "
+                  "aborts without one", file=sys.stderr, flush=True)
+        self.received = name
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -544,6 +551,18 @@ def restore(state, model, optimizer, loader) -> None:
     loader.load_state_dict(state["loader"])
 
 
+def check_not_a_baseline_dir(run_dir: Path) -> None:
+    """A run directory the baseline trainer made (its config.json has max_iters) is not this trainer's to resume
+    or overwrite: say so before anything is written (its checkpoints hold another model and format)."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(config, dict) and "max_iters" in config and "batch_schedule" not in config:
+        raise ConfigError(f"{run_dir} holds a run of the baseline trainer (nanogpt.train: its config.json has "
+                          "max_iters); give this speedrun its own --run_dir")
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     hp = parse_hyperparameters(argv)
@@ -571,6 +590,7 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
                           f"({hp.val_batch_tokens} * {rt.world_size})")
     if not hp.run_dir:
         hp.run_dir = str(Path(os.environ.get("RUNS_DIR", "runs")) / f"modded-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_not_a_baseline_dir(Path(hp.run_dir))
     total_steps = schedule.total_steps
     keep_steps = checkpoint_steps(hp.save_checkpoints, total_steps)
     log_run = RunLog(Path(hp.run_dir), rt.master)
@@ -750,6 +770,10 @@ def cli() -> int:
     except (ConfigError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before the training loop, or twice in it: nothing more was saved
+        print("interrupted (Ctrl-C): stopped without a checkpoint; checkpoints already written stay, and the same "
+              "command resumes from the newest", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import random
@@ -324,9 +325,10 @@ def build_model(cfg: TrainConfig, vocab_size: int, print_fn, data_vocab_size: in
 
 
 class StopSignal:
-    """Remembers that SIGUSR1/SIGUSR2/SIGTERM arrived; the loop checkpoints and exits at a step boundary."""
+    """Remembers that SIGUSR1/SIGUSR2/SIGTERM/SIGINT arrived; the loop checkpoints and exits at a step boundary.
+    Ctrl-C (SIGINT) stops the same way; a second Ctrl-C aborts at once (KeyboardInterrupt, no checkpoint)."""
 
-    SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")
+    SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")
 
     def __init__(self):
         self.received: str | None = None
@@ -340,7 +342,13 @@ class StopSignal:
         return self
 
     def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and self.received == "SIGINT":
+            raise KeyboardInterrupt
+        if name == "SIGINT":
+            print("Ctrl-C: stopping after this step with a checkpoint (the same command resumes); Ctrl-C again "
+                  "aborts without one", file=sys.stderr, flush=True)
+        self.received = name
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -411,6 +419,18 @@ def evaluate(model, loader: TokenLoader, num_batches: int, autocast, rt: Runtime
 
 # --- the training loop ------------------------------------------------------------------------
 
+def check_not_a_speedrun_dir(run_dir: Path) -> None:
+    """A run directory the speedrun trainer made (its config.json has num_iterations and batch_schedule) is not
+    this trainer's to resume or overwrite: say so before anything is written."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(config, dict) and "batch_schedule" in config and "max_iters" not in config:
+        raise ConfigError(f"{run_dir} holds a run of the speedrun trainer (modded_nanogpt.train_gpt: its config.json "
+                          "has num_iterations and batch_schedule); give this baseline run its own --run_dir")
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
@@ -426,6 +446,7 @@ def main(argv: list[str] | None = None) -> dict:
         TokenLoader(files, cfg.batch_size, cfg.block_size, order=order)  # validates every header and size
     vocab_size, data_meta = data_vocab(cfg)
     run_dir = Path(cfg.run_dir or default_run_dir())
+    check_not_a_speedrun_dir(run_dir)
     has_checkpoint = ckpt.newest(run_dir / "ckpt") is not None
     if cfg.init_from == "resume" and not has_checkpoint:
         raise ConfigError(f"init_from=resume but {run_dir / 'ckpt'} holds no checkpoint")
@@ -635,6 +656,10 @@ def cli() -> int:
     except (ConfigError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before the training loop, or twice in it: nothing more was saved
+        print("interrupted (Ctrl-C): stopped without a checkpoint; checkpoints already written stay, and the same "
+              "command resumes from the newest", file=sys.stderr)
+        return 130
     return 0
 
 

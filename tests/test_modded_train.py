@@ -137,8 +137,10 @@ def test_two_ranks_stop_together_and_resume_with_the_pending_adam_gradients(char
         torch.testing.assert_close(resumed["model"][name], tensor, rtol=1e-4, atol=1e-4, msg=name)
 
 
-def test_signal_checkpoints_and_the_resumed_run_matches(char_corpus, tmp_path):
-    """SIGUSR1 mid-run: checkpoint, exit 0; the same command resumes to the uninterrupted run's numbers (CPU: bitwise)."""
+@pytest.mark.parametrize("sig", ["SIGUSR1", "SIGINT"])
+def test_signal_checkpoints_and_the_resumed_run_matches(char_corpus, tmp_path, sig):
+    """SIGUSR1 or Ctrl-C (SIGINT) mid-run: checkpoint, exit 0; the same command resumes to the uninterrupted run's
+    numbers (CPU: bitwise)."""
     args = ["--num_iterations=14", "--extension_iterations=0", "--batch_schedule=1;1;1", "--window_schedule=1,1;1,2;2,3",
             "--mtp_schedule=1,0.5>0;1;1", "--lr_schedule=1;1.2;1.3", "--val_every=7"]
     run_module("modded_nanogpt.train_gpt", *tiny(char_corpus, tmp_path / "whole", *args))
@@ -151,11 +153,11 @@ def test_signal_checkpoints_and_the_resumed_run_matches(char_corpus, tmp_path):
         if metrics.exists() and any(json.loads(line)["step"] >= 3 for line in metrics.read_text().splitlines()):
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(getattr(signal, sig))
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, output
+    assert proc.returncode == 0 and "Traceback" not in output, output
     stop = read_metrics(run_dir)[-1]
-    assert stop["kind"] == "stop" and stop["reason"] == "signal SIGUSR1" and stop["step"] < 14, stop
+    assert stop["kind"] == "stop" and stop["reason"] == f"signal {sig}" and stop["step"] < 14, stop
     resumed = run_module("modded_nanogpt.train_gpt", *tiny(char_corpus, run_dir, *args))
     assert f"resumed from step {stop['step']}" in resumed.stdout
     whole, cut = read_metrics(tmp_path / "whole"), read_metrics(run_dir)
@@ -702,6 +704,28 @@ def test_a_resume_keeps_the_records_up_to_its_step_and_sets_the_rest_aside(tmp_p
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == lines[:4]
     assert (tmp_path / "metrics.dropped.jsonl").read_text().splitlines() == lines[4:]
     assert not (tmp_path / "metrics.jsonl.tmp").exists()
+
+
+def test_each_trainer_refuses_a_run_directory_of_the_other(char_corpus, tmp_path):
+    """The README's two tiny examples once shared runs/tiny: the speedrun died on a KeyError ('num_layers') in the
+    baseline's checkpoint, the baseline skipped the speedrun's checkpoint and trained over its directory. Each now
+    stops (exit 2) naming the directory and its trainer, and changes nothing there."""
+    baseline, speedrun = tmp_path / "baseline", tmp_path / "speedrun"
+    run_module("nanogpt.train", "tiny_cpu", f"--data_dir={char_corpus}", f"--run_dir={baseline}", "--max_iters=2",
+               "--eval_interval=2", "--eval_iters=1")
+    run_module("modded_nanogpt.train_gpt", *tiny(char_corpus, speedrun, *THREE_STEPS))
+    for run_dir in (baseline, speedrun):
+        before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+        if run_dir == baseline:
+            proc = run_module("modded_nanogpt.train_gpt", *tiny(char_corpus, run_dir, *THREE_STEPS), check=False)
+            message = f"{run_dir} holds a run of the baseline trainer (nanogpt.train"
+        else:
+            proc = run_module("nanogpt.train", "tiny_cpu", f"--data_dir={char_corpus}", f"--run_dir={run_dir}",
+                              "--max_iters=2", check=False)
+            message = f"{run_dir} holds a run of the speedrun trainer (modded_nanogpt.train_gpt"
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+        assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
 def test_attention_backend_selection():

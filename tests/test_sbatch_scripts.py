@@ -446,3 +446,38 @@ def test_sbatch_job_signalled_in_its_batch_shell_requeues_and_resumes_to_the_sam
     assert curve(run_dir) == curve(tmp_path / "runs" / "reference")
     assert curve(run_dir)[-1][:2] == ("end", 400)
     assert read_metrics(run_dir)[-1]["world_size"] == 2
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(900)
+def test_a_speedrun_preempted_three_times_requeues_each_time_and_ends_as_the_uninterrupted_run(
+        slurm_cluster, tmp_path, char_corpus):
+    """The speedrun under three preemption notices (what --signal=B:USR1@N sends before a time limit, by hand):
+    each stop is taken as one, the job requeues itself three times and the run finishes with the curve of an
+    uninterrupted run. (Before, the second stop of a resumed speedrun ended the job as COMPLETED, unfinished.)"""
+    knobs = dict(RECIPE="tiny_cpu", DATASET_DIR=char_corpus, DEVICE="cpu", RUNS_DIR=tmp_path / "runs",
+                 EXTRA_ARGS="--num_iterations=90 --extension_iterations=0 --val_every=30 --val_tokens=2048")
+    reference = sbatch_script(slurm_cluster, tmp_path, "slurm/modded/train_speedrun.sh", "--gres=gpu:a100:1",
+                              "--cpus-per-task=1", RUN_NAME="reference", **knobs)
+    preempted = sbatch_script(slurm_cluster, tmp_path, "slurm/modded/train_speedrun.sh", "--gres=gpu:h100:1",
+                              "--cpus-per-task=1", RUN_NAME="preempted", **knobs)
+    run_dir = tmp_path / "runs" / "preempted"
+    for n, at in enumerate((10, 35, 60), start=1):
+        wait_for_step(run_dir, at, timeout=400)  # from the second on: the requeued job has resumed and trained
+        subprocess.run(["scancel", "--signal=USR1", "--batch", str(preempted)], check=True, timeout=60)
+        deadline = time.monotonic() + 120
+        while sum(m["kind"] == "stop" for m in read_metrics(run_dir)) < n and time.monotonic() < deadline:
+            time.sleep(0.2)
+    for job_id in (reference, preempted):
+        assert slurm_cluster.wait(job_id, timeout=600) == "COMPLETED", job_log(tmp_path, job_id)
+    log = job_log(tmp_path, preempted)
+    stops = [m for m in read_metrics(run_dir) if m["kind"] == "stop"]
+    assert len(stops) == 3 and all(m["reason"] == "signal SIGUSR1" for m in stops), log
+    assert log.count(f"requeueing job {preempted}") == 3, log
+    for stop in stops:
+        assert f"resumed from step {stop['step']}" in log, log
+    history = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-j", str(preempted), "-o", "State"],
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert history == ["REQUEUED"] * 3 + ["COMPLETED"], history
+    assert curve(run_dir) == curve(tmp_path / "runs" / "reference")
+    assert curve(run_dir)[-1][:2] == ("end", 90)
