@@ -79,36 +79,36 @@ class Hyperparameters:
     vocab_size: int = 50304  # GPT-2's 50,257 padded to a multiple of 128; 0 = from data_dir/corpus.json, padded
     bos_id: int = 50256  # the document separator (GPT-2's <|endoftext|>); -1 = from data_dir/corpus.json
     # --- model size ---
-    num_layers: int = 11
-    model_dim: int = 768
-    num_heads: int = 6
-    head_dim: int = 128
-    mlp_ratio: int = 4
+    num_layers: int = 11  # transformer blocks
+    model_dim: int = 768  # residual stream width
+    num_heads: int = 6  # attention heads (an even number with paired heads)
+    head_dim: int = 128  # per head; num_heads * head_dim must equal model_dim
+    mlp_ratio: int = 4  # MLP hidden width / model_dim
     # --- architecture features (each off-switch leaves the plain model) ---
     fp8: bool = True  # FP8 lm_head matmuls (torch._scaled_mm) on GPUs that have them; DISABLE_FP8=1 = False
     paired_head_layers: list[int] = field(default_factory=lambda: [0, 2, 5, 9])  # `none` = off
     value_embeds: bool = True  # the bank of value embeddings mixed into V (with gates)
-    value_embed_layers: list[int] = field(default_factory=lambda: [0, 1, 8, 9, 10])
+    value_embed_layers: list[int] = field(default_factory=lambda: [0, 1, 8, 9, 10])  # layers that take a value embedding (one table each)
     bigram_embeds: bool = True  # hashed (previous, current) token embeddings added to the residual
     skip_connections: bool = True  # gated U-net skip from skip_from's output to skip_to's input
     skip_gate: bool = True  # the skip's gate per token: sigmoid(lambda) * 2 sigmoid(W x0[:12]); False = sigmoid(lambda)
-    skip_from: int = 3
-    skip_to: int = 6
+    skip_from: int = 3  # the skip connection's source layer (its output)
+    skip_to: int = 6  # ... and target layer (its input)
     smear: bool = True  # gated copy of token t-1's embedding into token t
     backout: bool = True  # x -= backout_lambda * x_backout before the head
-    backout_layer: int = 7
+    backout_layer: int = 7  # the layer whose output is backed out
     key_offset: bool = True  # long-window layers: stationary key dims shifted by one token
     mtp: bool = True  # multi-token prediction losses (weights from mtp_schedule); False = next token only
     softcap: bool = True  # logits -> 23 * sigmoid((logits + 5) / 7.5)
-    qk_norm: bool = True
+    qk_norm: bool = True  # RMSNorm on queries and keys
     mlp_activation: str = "relu2"  # relu2 | gelu
     mlp_kernel: str = "triton"  # relu2 MLP: triton (kernels.relu2_mlp, activation and its gradient in matmul epilogues) | torch (cuBLAS + Inductor)
     qkv_kernel: str = "triton"  # attention inputs (projection, q/k norm + rotary, key offset, value embeddings): triton (one fused op each way on CUDA bf16; elsewhere the torch code) | torch (Inductor)
     embedding_grads: str = "scatter"  # scatter (rows gathered outside the graph, their gradients scatter-added) | dense (autograd's)
     optimizer: str = "normuon"  # normuon (banks) + Adam (rest) | adamw (everything)
     attention_backend: str = "auto"  # auto | fa3 | flex | sdpa
-    attention_skip_layers: list[int] = field(default_factory=lambda: [6])
-    long_window_layers: list[int] = field(default_factory=lambda: [3, 10])
+    attention_skip_layers: list[int] = field(default_factory=lambda: [6])  # layers without attention (MLP only)
+    long_window_layers: list[int] = field(default_factory=lambda: [3, 10])  # layers with the long window (and the key offset)
     attn_scale: float = 0.1  # attention softmax scale at the start
     yarn_attn_factor: float = 0.2  # each YaRN rescale (long window grown s times) multiplies the scale by this * ln(s) + 1
     sa_lambdas: bool = True  # learned gains on each layer's QKV (start 0.5) and output (start 1.0) weights
@@ -128,16 +128,16 @@ class Hyperparameters:
     tie_embeddings: bool = True  # tied until untie_step, then untied; False = untied from the start
     untie_step: int = -1  # odd; -1 = the first odd step at 2/3 of num_iterations (1011); >= the last step = tied throughout
     # --- optimizer ---
-    muon_lr: float = 0.023
+    muon_lr: float = 0.023  # NorMuon learning rate (times the schedule's multiplier)
     muon_momentum: float = 0.95  # the momentum between warmup and cooldown
     muon_momentum_min: float = 0.85  # ... rising from this over momentum_warmup_steps, back to it over the last momentum_cooldown_steps
-    momentum_warmup_steps: int = 300
-    momentum_cooldown_steps: int = 50
-    muon_beta2: float = 0.95
+    momentum_warmup_steps: int = 300  # steps of NorMuon's momentum warmup (muon_momentum_min -> muon_momentum)
+    momentum_cooldown_steps: int = 50  # last steps of the run over which the momentum returns to muon_momentum_min
+    muon_beta2: float = 0.95  # NorMuon's second-moment EMA (per row or column)
     muon_weight_decay: float = 1.2  # cautious; per step p -= wd * lr * lr_eff * p where update and p agree in sign
     mlp_proj_lr_mul: float = 2.0  # NorMuon lr multiplier of the MLP down projections
     adam_lr: float = 0.008  # times each group's lr_mul (ADAM_GROUPS)
-    adam_eps: float = 1e-10
+    adam_eps: float = 1e-10  # Adam's epsilon
     adam_weight_decay: float = 0.005  # cautious; per Adam step p -= lr^2 * this * wd_mul * p (ADAM_GROUPS)
     adamw_matrix_lr: float = 0.004  # optimizer=adamw: lr of the bank matrices
     # --- validation and stopping ---
@@ -146,13 +146,13 @@ class Hyperparameters:
     val_every: int = 250  # steps; 0 = only at the end
     target_val_loss: float = 3.28  # the time it is first reached is recorded (the run goes on)
     # --- system ---
-    seed: int = 0
+    seed: int = 0  # model init and data order
     device: str = "auto"  # auto | cuda | cpu
     compile: bool = True  # torch.compile(fullgraph=True) on CUDA (ignored on CPU)
     warmup: bool = True  # untimed warmup of every step shape on CUDA (torch.compile, Triton autotuning), then state restored
     save_checkpoints: str = ""  # "" | "every:N" | "100,500,1000": checkpoints kept for studies
     max_train_minutes: float = 0.0  # > 0: checkpoint and stop after this much wall time (job limits)
-    log_every: int = 1
+    log_every: int = 1  # a step line every N steps
 
 
 class ConfigError(ValueError):
@@ -194,6 +194,46 @@ def _coerce(key: str, raw, tp):
         pass
     name = getattr(tp, "__name__", str(tp))
     raise ConfigError(f"--{key}: cannot read {raw!r} as {name}")
+
+
+def field_comments(cls) -> dict[str, str]:
+    """Each field's help text from the dataclass's source: the comment at the end of its line, else the comment
+    lines right above it (the settings are documented where they are declared)."""
+    import ast
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    lines = source.splitlines()
+    found = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            text = comments.get(node.lineno)
+            row = node.lineno - 1
+            above = []
+            while text is None and row >= 1 and lines[row - 1].lstrip().startswith("#") and row in comments:
+                above.insert(0, comments[row])
+                row -= 1
+            if text is None and above and not above[0].startswith("---"):
+                text = " ".join(above)
+            found[node.target.id] = text or ""
+    return found
+
+
+def settings_help() -> str:
+    """--help: the module's usage, then every setting with its default and description."""
+    hints = typing.get_type_hints(Hyperparameters)
+    docs = field_comments(Hyperparameters)
+    lines = [__doc__.strip(), "", "settings (--key=value; defaults shown):"]
+    for f in dataclasses.fields(Hyperparameters):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        name = getattr(hints[f.name], "__name__", str(hints[f.name]))
+        lines.append(f"  --{f.name}={default!r}  ({name})" + (f"\n      {docs[f.name]}" if docs.get(f.name) else ""))
+    return "\n".join(lines)
 
 
 def parse_hyperparameters(argv: list[str]) -> Hyperparameters:
@@ -565,6 +605,9 @@ def check_not_a_baseline_dir(run_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(settings_help())
+        return {}
     hp = parse_hyperparameters(argv)
     rt = init_runtime(hp)  # refuses world sizes other than 1/2/4/8 before anything is allocated
     try:

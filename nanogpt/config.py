@@ -156,11 +156,40 @@ def parse_config(cls, argv: list[str] | None, recipe_dir: Path = RECIPE_DIR):
     return cls(**values), recipe_path
 
 
+def field_comments(cls) -> dict[str, str]:
+    """Each field's help text from the dataclass's source: the comment at the end of its line, else the comment
+    lines right above it (the settings are documented where they are declared)."""
+    import ast
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    lines = source.splitlines()
+    found = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            text = comments.get(node.lineno)
+            row = node.lineno - 1
+            above = []
+            while text is None and row >= 1 and lines[row - 1].lstrip().startswith("#") and row in comments:
+                above.insert(0, comments[row])
+                row -= 1
+            if text is None and above and not above[0].startswith("---"):
+                text = " ".join(above)
+            found[node.target.id] = text or ""
+    return found
+
+
 def config_help(cls) -> str:
-    """One line per setting: name, type, default and the comment-like help in field metadata."""
+    """One line per setting: name, default and type, then its description (the comment beside its declaration)."""
     lines = []
+    docs = field_comments(cls)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        doc = f.metadata.get("help", "")
-        lines.append(f"  --{f.name}={default!r}  ({_describe(field_types(cls)[f.name])}) {doc}")
+        doc = f.metadata.get("help") or docs.get(f.name, "")
+        lines.append(f"  --{f.name}={default!r}  ({_describe(field_types(cls)[f.name])})" + (f"\n      {doc}" if doc else ""))
     return "\n".join(lines)

@@ -6,7 +6,7 @@ Examples (from the repository root):
     python -m nanogpt.train tiny_cpu --data_dir=data/stdlib_char --run_dir=runs/tiny
   nanoGPT's names work as overrides:
     python -m nanogpt.train --data_dir=DIR --run_dir=DIR --device=cpu --n_layer=2 --n_head=2 \\
-        --n_embd=64 --block_size=64 --batch_size=8 --max_iters=30 --eval_interval=10 --eval_iters=5 --compile=False
+        --n_embd=64 --block_size=64 --batch_size=8 --max_iters=30 --warmup_iters=3 --eval_interval=10 --eval_iters=5 --compile=False
   one GPU, GPT-2 124M on FineWeb:   python -m nanogpt.train train_gpt2_fineweb --data_dir=... --run_dir=...
   8 GPUs of one node:               torchrun --standalone --nproc_per_node=8 -m nanogpt.train train_gpt2_fineweb ...
   a cluster:                        sbatch slurm/nanogpt/train_gpt2.sh (see README)
@@ -54,12 +54,12 @@ class TrainConfig:
     run_dir: str = ""  # where config, provenance, metrics, log and checkpoints go; "" = $RUNS_DIR/nanogpt-<time>
     init_from: str = "scratch"  # scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | HF dir
     # --- model (GPT-2 124M by default) ----------------------------------------------------
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads
+    n_embd: int = 768  # residual stream width
     block_size: int = 1024  # context length in tokens
     vocab_size: int = 0  # 0 = from the data (corpus.json / meta.pkl), else GPT-2's 50304 (padded)
-    dropout: float = 0.0
+    dropout: float = 0.0  # dropout probability (0 for pre-training)
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2 had
     fused_loss: bool = True  # CUDA training: lm_head + cross-entropy as one op, logits' gradient in the forward (Triton)
     fused_mlp: bool = True  # CUDA on Hopper+: the MLP as one op, GELU in Triton matmul epilogues (others: unfused)
@@ -67,17 +67,17 @@ class TrainConfig:
     batch_size: int = 12  # sequences per micro-batch per process
     total_batch_size: int = 0  # tokens per optimizer step over all processes; 0 = one micro-batch each
     # --- AdamW ------------------------------------------------------------------------------
-    learning_rate: float = 6e-4
+    learning_rate: float = 6e-4  # peak AdamW learning rate
     max_iters: int = 600000  # optimizer steps
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    weight_decay: float = 0.1  # AdamW decoupled weight decay (2-D weights only)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # 0 = off
     # --- learning-rate schedule -------------------------------------------------------------
     lr_schedule: str = "cosine"  # cosine (nanoGPT) | wsd (warmup-stable-decay, llm.c style) | constant
-    warmup_iters: int = 2000
+    warmup_iters: int = 2000  # linear warmup steps (a warning if longer than max_iters)
     lr_decay_iters: int = 0  # step at which the decay ends; 0 = max_iters
-    min_lr: float = 6e-5
+    min_lr: float = 6e-5  # learning rate at the end of the decay
     cooldown_frac: float = 0.2  # wsd: fraction of lr_decay_iters spent decaying linearly to min_lr
     # --- evaluation and stopping ----------------------------------------------------------
     eval_interval: int = 2000  # evaluate every N steps (and at the first and last step)
@@ -99,7 +99,7 @@ class TrainConfig:
     backend: str = "auto"  # process-group backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     data_order: str = "auto"  # auto (random for train.bin, sequential for shards) | random | sequential
     attention: str = "auto"  # SDPA backend: auto | flash | cudnn | efficient | math
-    seed: int = 1337
+    seed: int = 1337  # model init, data order and dropout
 
     def __post_init__(self):
         choices = {
@@ -155,6 +155,22 @@ def learning_rate_at(step: int, cfg: TrainConfig) -> float:
         return peak
     progress = (step - cooldown_start) / max(1, decay_end - cooldown_start)
     return peak + progress * (cfg.min_lr - peak)
+
+
+def fused_paths(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> str:
+    """What the log says of the fused ops: whether each runs here, not only whether it is asked for (both run on
+    CUDA only; the fused MLP also needs TMA, compute capability 9+, and 16-bit activations)."""
+    cuda = device.type == "cuda"
+    loss = "on" if cfg.fused_loss and cuda else "off" if not cfg.fused_loss else "off (runs on CUDA only)"
+    if not cfg.fused_mlp:
+        mlp = "off"
+    elif not cuda:
+        mlp = "off (runs on CUDA only)"
+    elif torch.cuda.get_device_capability(device)[0] < 9:
+        mlp = "off (needs compute capability 9+)"
+    else:
+        mlp = "on" if dtype in (torch.bfloat16, torch.float16) else "off (needs bf16/fp16)"
+    return f"fused_loss {loss}, fused_mlp {mlp}"
 
 
 # --- distributed setup ------------------------------------------------------------------------
@@ -536,9 +552,14 @@ def _train(cfg, recipe, rt: Runtime, run_dir: Path, train_files, val_files, voca
 
     log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters (without position embeddings), vocab {vocab_size}, "
         f"device {rt.device_name} x{rt.world_size}, dtype {str(dtype).removeprefix('torch.')}, attention {cfg.attention}, "
-        f"fused_loss {cfg.fused_loss}, fused_mlp {cfg.fused_mlp}")
+        f"{fused_paths(cfg, torch.device(device), dtype)}")
     log(f"batch: {tokens_per_step:,} tokens/step = {cfg.batch_size} seq x {cfg.block_size} tok x {rt.world_size} proc "
         f"x {accumulation} accumulation; data order {order}; {train_loader.num_tokens:,} train tokens")
+    if not cfg.eval_only and cfg.warmup_iters >= cfg.max_iters and cfg.lr_schedule != "constant":
+        peak = max(learning_rate_at(s, cfg) for s in range(cfg.max_iters))
+        log(f"warning: warmup_iters={cfg.warmup_iters} is not shorter than the run (max_iters={cfg.max_iters}): the "
+            f"learning rate only reaches {peak:.2g} of learning_rate={cfg.learning_rate:g}; set --warmup_iters "
+            "(e.g. a tenth of max_iters)")
 
     def run_eval(step):
         val_loss = evaluate(raw_model, val_loader, cfg.eval_iters, autocast, rt, cfg.seed)

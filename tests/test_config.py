@@ -103,3 +103,33 @@ def test_wsd_schedule():
     assert lrs[90] == pytest.approx(0.5)  # halfway through the linear cooldown
     assert lrs[100] == 0.0
     assert TrainConfig(lr_schedule="constant", warmup_iters=0).learning_rate == learning_rate_at(5000, TrainConfig(lr_schedule="constant", warmup_iters=0))
+
+
+@pytest.mark.parametrize("module", ["nanogpt.train", "modded_nanogpt.train_gpt"])
+def test_help_lists_every_setting_with_its_default_and_description(module):
+    """--help prints each setting of the trainer's config dataclass with its default and a description (the
+    comment beside its declaration); the speedrun trainer had no --help, the baseline's descriptions were empty."""
+    import dataclasses
+    import importlib
+
+    from tests.fixtures import run_module
+
+    proc = run_module(module, "--help")
+    assert proc.returncode == 0, proc.stderr
+    cls = importlib.import_module(module).__dict__["TrainConfig" if module == "nanogpt.train" else "Hyperparameters"]
+    lines = proc.stdout.splitlines()
+    for f in dataclasses.fields(cls):
+        row = next(i for i, line in enumerate(lines) if line.startswith(f"  --{f.name}="))
+        assert lines[row + 1].startswith("      ") and len(lines[row + 1].strip()) > 3, (f.name, lines[row + 1])
+    assert "--warmup_iters=2000  (int)" in proc.stdout or "--untie_step=-1  (int)" in proc.stdout
+
+
+def test_the_two_field_comment_readers_are_the_same_code():
+    """DESIGN.md: a contract shared by the self-contained trainer packages is written once or kept as identical
+    copies guarded by a test. The --help text reader is such a copy."""
+    import inspect
+
+    from modded_nanogpt import train_gpt
+    from nanogpt import config
+
+    assert inspect.getsource(train_gpt.field_comments) == inspect.getsource(config.field_comments)

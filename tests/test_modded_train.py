@@ -645,8 +645,8 @@ def test_micro_step_loss_is_the_token_sum_over_4_as_published(char_corpus):
     """Published: a micro-batch's loss is the sum over its tokens times 2 / accumulation steps, gradients averaged
     over ranks; here the sum / 4 (TOTAL_MICRO_STEPS / 2) with gradients summed over ranks: the same gradients at
     every world size. The FP8 head's gradient scale follows: 0.75 / 448 / 4. train_step returns the mean."""
-    from modded_nanogpt.train_gpt import LOSS_DIVISOR
     from modded_nanogpt.model import ModelConfig
+    from modded_nanogpt.train_gpt import LOSS_DIVISOR
 
     assert TOTAL_MICRO_STEPS == 8 and LOSS_DIVISOR == 4.0
     assert ModelConfig().fp8_grad_scale == 0.75 / 448

@@ -395,3 +395,33 @@ def test_a_run_killed_before_its_end_record_gets_one(char_corpus, tmp_path):
     assert end["kind"] == "end" and end["step"] == 6 and end["peak_memory_bytes"] is None
     assert end["final_val_loss"] == json.loads(lines[-1])["final_val_loss"]
     assert (run_dir / "ckpt" / "step_0000006.pt").read_bytes() == checkpoint
+
+
+def readme_command(prefix: str) -> list[str]:
+    """The README's command that starts with `prefix`, its continuation lines joined, as arguments."""
+    lines = (REPO_ROOT / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(prefix))
+    text = lines[start]
+    while text.endswith("\\"):
+        start += 1
+        text = text[:-1] + " " + lines[start].strip()
+    return text.split()
+
+
+def test_the_readme_tiny_baseline_command_learns_and_a_too_long_warmup_is_named(char_corpus, tmp_path):
+    """The README's tiny CPU baseline, as written (data and run directories swapped for the test's): the loss must
+    fall. With the default warmup_iters (2000) for 30 steps the learning rate peaked at 9e-6 and the loss went 4.47
+    -> 4.45 without a word; that case now logs a warning naming warmup_iters."""
+    args = readme_command("python -m nanogpt.train --data_dir=data/mycorpus")[3:]
+    args = [f"--data_dir={char_corpus}" if a.startswith("--data_dir=") else
+            f"--run_dir={tmp_path / 'run'}" if a.startswith("--run_dir=") else a for a in args]
+    assert "--max_iters=30" in args
+    proc = run_module("nanogpt.train", *args)
+    assert "warning: warmup_iters" not in proc.stdout
+    # the log says what runs: the fused ops are CUDA-only (it printed "fused_loss True, fused_mlp True" on CPU)
+    assert "fused_loss off (runs on CUDA only), fused_mlp off (runs on CUDA only)" in proc.stdout
+    vals = [m["val_loss"] for m in read_metrics(tmp_path / "run") if m["kind"] == "val"]
+    assert vals[-1] < vals[0] - 0.5, vals
+    slow = [a for a in args if not a.startswith(("--warmup_iters=", "--run_dir="))] + [f"--run_dir={tmp_path / 'slow'}"]
+    proc = run_module("nanogpt.train", *slow)
+    assert "warning: warmup_iters=2000 is not shorter than the run (max_iters=30)" in proc.stdout
