@@ -216,6 +216,13 @@ class RunLog:
             raise
         return path
 
+    def remove_checkpoints_before(self, step: int, keep: set[int]) -> None:
+        """Delete the checkpoints of steps before `step`, except those in `keep` (kept for studies)."""
+        for path in self.checkpoints():
+            saved = int(_CKPT.match(path.name).group(1))
+            if saved < step and saved not in keep:
+                path.unlink(missing_ok=True)
+
     def load_newest(self, log=print) -> dict | None:
         """The newest checkpoint that loads; unreadable ones are named and skipped."""
         for path in reversed(self.checkpoints()):

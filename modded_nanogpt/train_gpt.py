@@ -151,6 +151,7 @@ class Hyperparameters:
     compile: bool = True  # torch.compile(fullgraph=True) on CUDA (ignored on CPU)
     warmup: bool = True  # untimed warmup of every step shape on CUDA (torch.compile, Triton autotuning), then state restored
     save_checkpoints: str = ""  # "" | "every:N" | "100,500,1000": checkpoints kept for studies
+    checkpoint_every: int = 250  # a checkpoint every N steps against crashes (untimed; only the newest stays); 0 = off
     max_train_minutes: float = 0.0  # > 0: checkpoint and stop after this much wall time (job limits)
     log_every: int = 1  # a step line every N steps
 
@@ -636,6 +637,9 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
     check_not_a_baseline_dir(Path(hp.run_dir))
     total_steps = schedule.total_steps
     keep_steps = checkpoint_steps(hp.save_checkpoints, total_steps)
+    if hp.checkpoint_every < 0:
+        raise ConfigError(f"--checkpoint_every must be >= 0 (0 = off), got {hp.checkpoint_every}")
+    periodic = set(range(hp.checkpoint_every, total_steps, hp.checkpoint_every)) if hp.checkpoint_every else set()
     log_run = RunLog(Path(hp.run_dir), rt.master)
     log = log_run.log
     finished = log_run.completed(total_steps)
@@ -690,6 +694,7 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
         ckpt = {"step": step, "state": state, "config": config, **snapshot(model, optimizer, loader)}
         if rt.master:
             log_run.save_checkpoint(ckpt, step)
+            log_run.remove_checkpoints_before(step, keep=keep_steps)  # the newest is enough to resume
 
     # --- warmup: compile every shape the schedule meets, untimed, then put everything back ---
     warmup_s = 0.0
@@ -762,7 +767,8 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
             stop = stop or (rt.world_size == 1 and asked)
             queued = current
             validating = last or (hp.val_every and step % hp.val_every == 0)
-            if validating or stop or step in keep_steps:
+            saving = step in keep_steps or step in periodic
+            if validating or stop or saving:
                 stop = take(queued) or stop
                 queued = None
             if validating:
@@ -777,14 +783,14 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
                                val_loss=val_loss)
                 sync()
                 clock = time.perf_counter()
-            if step in keep_steps and not last:
+            if saving and not last:  # outside the training clock, as validation
                 save(step)
                 clock = time.perf_counter()
             if stop and not last:
                 out_of_time = deadline is not None and time.time() >= deadline
                 reason = (f"signal {stop_signal.received}" if stop_signal.received
                           else "max_train_minutes" if out_of_time else "another rank asked to stop")
-                if step not in keep_steps:  # else saved just above
+                if not saving:  # else saved just above
                     save(step)
                 log(f"stopping at step {step}: {reason}; run the same command again to resume")
                 log_run.metric("stop", step=step, reason=reason, train_time_ms=state["train_time_ms"])

@@ -205,6 +205,31 @@ def test_save_checkpoints_every_n(char_corpus, tmp_path):
     assert sorted(p.name for p in (run_dir / "ckpt").iterdir()) == [f"step_{s:07d}.pt" for s in (2, 4, 6)]
 
 
+def test_a_killed_run_resumes_from_its_periodic_checkpoint(char_corpus, tmp_path):
+    """A run killed without warning (SIGKILL: a node lost, an OOM kill) resumes from its newest periodic checkpoint
+    (checkpoint_every, untimed; older ones are deleted) to the uninterrupted run's numbers. Before, the speedrun
+    saved only on a signal, at max_train_minutes and at the end: a crash lost the whole run."""
+    args = ["--num_iterations=12", "--extension_iterations=0", "--batch_schedule=1;1;1", "--window_schedule=1,1;1,2;2,3",
+            "--mtp_schedule=1,0.5>0;1;1", "--lr_schedule=1;1.2;1.3", "--val_every=6", "--checkpoint_every=4"]
+    run_module("modded_nanogpt.train_gpt", *tiny(char_corpus, tmp_path / "whole", *args))
+    assert sorted(p.name for p in (tmp_path / "whole" / "ckpt").iterdir()) == ["step_0000012.pt"]
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "modded_nanogpt.train_gpt", *tiny(char_corpus, run_dir, *args)],
+                            cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "ckpt" / "step_0000008.pt").exists():
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait(timeout=60)
+    saved = sorted(p.name for p in (run_dir / "ckpt").iterdir() if p.suffix == ".pt")
+    assert saved[-1] in ("step_0000008.pt",) and "step_0000004.pt" not in saved, saved
+    resumed = run_module("modded_nanogpt.train_gpt", *tiny(char_corpus, run_dir, *args))
+    assert "resumed from step 8" in resumed.stdout
+    whole, cut = read_metrics(tmp_path / "whole"), read_metrics(run_dir)
+    curve = lambda ms: [(m["step"], m.get("loss"), m.get("val_loss")) for m in ms if m["kind"] in ("train", "val")]
+    assert curve(cut) == curve(whole)
+
+
 # ---- bad input: a clear error, before any allocation or write ----------------------------------------------
 
 @pytest.mark.parametrize("extra, env, message", [
