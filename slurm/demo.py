@@ -223,8 +223,11 @@ def run_here(args, seeds: list[int]) -> int:
     print(f"[{total}/{total}] a sample from {first_baseline.name} (prompt: 'def '):", flush=True)
     stream([sys.executable, "-m", "nanogpt.sample", f"--run_dir={first_baseline}", "--start=def ", "--num_samples=1",
             "--max_new_tokens=200", "--temperature=0.8", f"--device={device}"], "  ", folder / "sample.log")
-    print(f"\nDone in {time.perf_counter() - t0:.0f}s. The comparison (baseline vs speedrun-style, {len(seeds)} "
-          f"seed(s) each, target val loss {args.target}):\n")
+    print(f"\nDone in {time.perf_counter() - t0:.0f}s.")
+    if args.quick:
+        print(f"SMOKE TEST (--quick): runs of a few dozen steps validated on {QUICK_VAL_TOKENS:,} tokens check that "
+              "every part works; their numbers compare nothing (run without --quick for a comparison).")
+    print(f"The comparison (baseline vs speedrun-style, {len(seeds)} seed(s) each, target val loss {args.target}):\n")
     print("\n".join(report_table(lines)))
     print(f"\nOpen {folder / 'report' / 'report.html'} in a browser (plots embedded).\n"
           f"Runs: {folder}/<trainer>-seed<N>/ (config.json, provenance.json, metrics.jsonl, train.log, ckpt/)\n"

@@ -33,6 +33,7 @@ def test_quick_demo_trains_both_trainers_over_seeds_and_reports(text_source, tmp
     assert steps == [str(i) for i in range(1, 8)]
     assert re.search(r"^  baseline seed 1 \| step 50/150", out, flags=re.M)
     assert re.search(r"^  modded seed 2 \| step:20/40 val_loss", out, flags=re.M)
+    assert "SMOKE TEST (--quick)" in out.split("The comparison")[0]  # --quick says its numbers compare nothing
     table = out.split("The comparison (baseline vs speedrun-style, 2 seed(s) each")[1]
     assert re.search(r"^nanogpt\s+2\s", table, flags=re.M) and re.search(r"^modded\s+2\s", table, flags=re.M)
     assert f"Open {folder / 'report' / 'report.html'}" in out
