@@ -4,7 +4,8 @@
 #   . ./activate_env.sh            # safe to source twice, and under `set -euo pipefail`
 #
 # Knobs (values you already set are kept):
-#   ENV_PATH   the environment made by setup_env.sh (default $HOME/conda_envs/nanogpt_env): a conda env
+#   ENV_PATH   the environment made by setup_env.sh (default: the one it recorded in .env_path, else
+#              $HOME/conda_envs/nanogpt_env): a conda env
 #              (has conda-meta/) or a venv (has bin/activate)
 #   CONDA_SH   conda's etc/profile.d/conda.sh, for a conda env (default: from `conda` on PATH, else
 #              $HOME/miniforge3)
@@ -15,7 +16,12 @@
 _nanogpt_activate() {
   local here env_path conda_sh
   here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-  env_path=${ENV_PATH:-$HOME/conda_envs/nanogpt_env}
+  # ENV_PATH, else the one setup_env.sh set up last (.env_path beside this file), else the default.
+  env_path=${ENV_PATH:-}
+  if [[ -z $env_path && -s $here/.env_path ]]; then
+    env_path=$(<"$here/.env_path")
+  fi
+  env_path=${env_path:-$HOME/conda_envs/nanogpt_env}
   if [[ -d $env_path/conda-meta ]]; then
     conda_sh=${CONDA_SH:-}
     if [[ -z $conda_sh ]] && command -v conda >/dev/null; then

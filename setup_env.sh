@@ -15,11 +15,15 @@
 #   3. installs torch (TORCH_SPEC, from TORCH_INDEX_URL if given, falling back to the default index if
 #      that cannot be reached), then the other pins; skipped when the stamp in ENV_PATH says this
 #      environment.yml + TORCH_SPEC + TORCH_INDEX_URL is already installed and every pin is present;
-#   4. prints the frozen package list.
+#   4. after an install, prints the frozen package list (also kept in ENV_PATH/pip_freeze.txt);
+#   5. remembers ENV_PATH in .env_path beside this script, so later runs, activate_env.sh and the Makefile
+#      use the same environment without ENV_PATH exported in every shell.
 set -euo pipefail
 
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ENV_PATH_FILE=$HERE/.env_path                         # the environment this script set up last (not tracked)
 CONDA_SH=${CONDA_SH:-}                                # conda's etc/profile.d/conda.sh; empty = find it
-ENV_PATH=${ENV_PATH:-$HOME/conda_envs/nanogpt_env}    # where the environment lives
+ENV_PATH=${ENV_PATH:-$( [[ -s $ENV_PATH_FILE ]] && cat "$ENV_PATH_FILE" || echo "$HOME/conda_envs/nanogpt_env")}  # where the environment lives
 ENV_BACKEND=${ENV_BACKEND:-auto}                      # auto | conda | venv
 PYTHON=${PYTHON:-python3}                             # the interpreter a venv is made from
 TORCH_SPEC=${TORCH_SPEC:-}                            # what pip installs for torch; default: environment.yml's pin
@@ -29,7 +33,6 @@ MINIFORGE_URL=${MINIFORGE_URL:-https://github.com/conda-forge/miniforge/releases
 CONNECT_TIMEOUT_S=${CONNECT_TIMEOUT_S:-10}            # give up on an unreachable download host this fast
 FORCE=${FORCE:-0}                                     # 1 = run pip even when the stamp says nothing changed
 
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ENV_YML=$HERE/environment.yml
 STAMP_NAME=.nanogpt_setup_stamp
 
@@ -226,13 +229,13 @@ main() {
     "$(env_python)" -m pip install --no-input "$TORCH_SPEC" "${OTHER_PINS[@]}"
     pins_installed "$TORCH_SPEC" "${OTHER_PINS[@]}" || die "pip finished but the pins above are not installed"
     echo "$want" >"$stamp_file"
+    "$(env_python)" -m pip freeze --all >"$ENV_PATH/pip_freeze.txt"
+    echo "---- frozen package list of $ENV_PATH ($BACKEND), kept in $ENV_PATH/pip_freeze.txt"
+    cat "$ENV_PATH/pip_freeze.txt"
+    echo "----"
   fi
-  echo "---- frozen package list of $ENV_PATH ($BACKEND)"
-  "$(env_python)" -m pip freeze --all
-  echo "----"
-  local activate=". ./activate_env.sh"
-  [[ $ENV_PATH == "$HOME/conda_envs/nanogpt_env" ]] || activate="ENV_PATH=$ENV_PATH $activate"
-  say "done ($SECONDS s). Activate with: $activate"
+  echo "$ENV_PATH" >"$ENV_PATH_FILE"
+  say "done ($SECONDS s). Activate with: . ./activate_env.sh (it reads ENV_PATH=$ENV_PATH from .env_path)"
 }
 
 main "$@"

@@ -306,6 +306,33 @@ def test_activate_env_is_idempotent_under_nounset_and_keeps_user_values(tmp_path
     assert "u" in proc.stdout.split("flags=")[1]  # nounset is back on
 
 
+def test_activate_env_uses_the_environment_setup_env_recorded(tmp_path):
+    """setup_env.sh records the environment it set up in .env_path beside it; activate_env.sh (and so the
+    Makefile) uses it when ENV_PATH is not exported, instead of pointing at the default and suggesting a
+    second environment. An exported ENV_PATH still wins."""
+    shutil.copy(REPO_ROOT / "activate_env.sh", tmp_path / "activate_env.sh")
+    (tmp_path / ".env_path").write_text(sys.prefix + "\n")
+    env = {k: v for k, v in clean_env(PATH=os.defpath).items() if k != "ENV_PATH"}
+    proc = bash(f'. {tmp_path}/activate_env.sh && echo "python=$(command -v python) env=$ENV_PATH"', env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"python={sys.prefix}/bin/python env={sys.prefix}" in proc.stdout
+    proc = bash(f'. {tmp_path}/activate_env.sh; echo "status=$?"', env={**env, "ENV_PATH": str(tmp_path / "other")})
+    assert "status=1" in proc.stdout and f"no environment at ENV_PATH={tmp_path}/other" in proc.stderr
+
+
+@pytest.mark.skipif(not (Path(sys.prefix) / ".nanogpt_setup_stamp").is_file(),
+                    reason="runs inside an environment setup_env.sh made (make test)")
+def test_setup_env_on_an_up_to_date_environment_prints_no_package_list():
+    """A second run of setup_env.sh changes nothing and says so in a few lines (it reprinted the whole pip
+    freeze every time)."""
+    env = clean_env(ENV_PATH=sys.prefix)
+    proc = subprocess.run(["bash", "setup_env.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing to install" in proc.stdout and "frozen package list" not in proc.stdout
+    assert len(proc.stdout.splitlines()) <= 4, proc.stdout
+    assert (REPO_ROOT / ".env_path").read_text().strip() == sys.prefix
+
+
 def test_activate_env_names_a_missing_environment(tmp_path):
     proc = bash(f'. {REPO_ROOT}/activate_env.sh; echo "status=$?"', env=clean_env(ENV_PATH=tmp_path / "none"))
     assert "status=1" in proc.stdout
