@@ -17,7 +17,8 @@
 #   gpu_fact GPU_TYPE COLUMN  one value from slurm/gpus.tsv
 #   sbatch_args               the sbatch options that the knobs ask for (used by SUBMIT=1)
 # Outside a Slurm job (bash slurm/...sh on a workstation) the same script runs the same trainer locally.
-# With SUBMIT=1 outside a job, the script instead submits itself: sbatch $(sbatch_args) $SBATCH_FLAGS SCRIPT.
+# With SUBMIT=1 outside a job, the script instead submits itself: sbatch $(sbatch_args) $SBATCH_FLAGS SCRIPT,
+# after a dry pass of the same script (CHECK_ONLY=1: every check, no launch) has passed.
 # In a batch job every launch is a job step (srun), so `scancel --signal=USR1 JOBID` reaches the trainer as
 # well as `scancel --signal=USR1 --batch JOBID` does. A script that needs no run directory (data
 # preparation, builds) sets NEEDS_RUN_DIR=0 before sourcing this file.
@@ -244,6 +245,10 @@ step_cpus() { echo "${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}"; }
 launch() {
   local module=$1 cmd node_cmd
   shift
+  if [[ ${CHECK_ONLY:-0} == 1 ]]; then  # SUBMIT=1's dry pass: every check passed, nothing runs here
+    echo "checks passed; would launch $module"
+    exit 0
+  fi
   local signals=--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2
   if ((NUM_NODES > 1)); then
     in_slurm_job || common_die "NUM_NODES=$NUM_NODES needs a Slurm job (sbatch --nodes=$NUM_NODES)"
@@ -378,6 +383,9 @@ REPO_DIR=$(cd "$REPO_DIR" && pwd)
 GPUS_TSV=$REPO_DIR/slurm/gpus.tsv
 [[ $SUBMIT == 0 || $SUBMIT == 1 ]] || common_die "SUBMIT must be 0 or 1, got '$SUBMIT'"
 if [[ $SUBMIT == 1 ]] && ! in_slurm_job; then
+  # First the script's own checks (knobs, data, environment) as a run would make them, without launching
+  # (CHECK_ONLY), so a request the job would refuse is refused here instead of after the queue wait.
+  SUBMIT=0 CHECK_ONLY=1 bash "$COMMON_SCRIPT" >/dev/null || common_die "not submitted: the check above failed"
   submit_self "$COMMON_SCRIPT"
 fi
 resolve_counts

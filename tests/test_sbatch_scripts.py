@@ -251,6 +251,21 @@ def test_train_speedrun_refuses_what_the_trainer_cannot_run(tmp_path, char_corpu
     assert "launch:" not in proc.stdout
 
 
+@pytest.mark.parametrize(("knobs", "message"), [
+    ({"GPUS_PER_NODE": "3"}, "the speedrun trainer runs on 1, 2, 4 or 8 GPUs (processes), got 3 GPUs"),
+    ({"ENV_PATH": "MISSING"}, "could not activate the environment"),
+    ({"DATASET_DIR": "MISSING"}, "DATASET_DIR="),
+])
+def test_submit_1_refuses_what_the_job_would_refuse_before_sbatch(tmp_path, char_corpus, knobs, message):
+    """SUBMIT=1 submitted at once, so a 3-GPU speedrun, a missing environment or data directory failed only in
+    the job, after the queue wait. Now a dry pass of the same script (CHECK_ONLY) runs its checks first."""
+    knobs = {"DATASET_DIR": char_corpus, **{k: (tmp_path / "missing" if v == "MISSING" else v) for k, v in knobs.items()}}
+    proc = run_script("slurm/modded/train_speedrun.sh", SUBMIT=1, GPU_TYPE="h100", RUNS_DIR=tmp_path / "runs", **knobs)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr and "not submitted: the check above failed" in proc.stderr, proc.stderr
+    assert "submitting:" not in proc.stdout
+
+
 def test_train_speedrun_runs_the_tiny_cpu_recipe_with_two_processes(tmp_path, char_corpus):
     proc = run_script("slurm/modded/train_speedrun.sh", RECIPE="tiny_cpu", DATASET_DIR=char_corpus, DEVICE="cpu",
                       NPROC_PER_NODE=2, RUNS_DIR=tmp_path / "runs", RUN_NAME="modded", EXTRA_ARGS=TINY_MODDED)

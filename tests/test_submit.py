@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -291,3 +292,29 @@ def test_status_reports_a_run_that_stopped_unfinished(tmp_path):
     assert re.search(r"stopped\s+UNFINISHED\s+stopped at step 3 \(signal SIGUSR1\)", proc.stdout), proc.stdout
     assert any(f"RUN_DIR={runs / 'stopped'} resumes it" in line for line in lines), proc.stdout
     assert "1 run(s) stopped before their last step" in proc.stderr
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "the header says"), ("magic", "header magic 12345 / version 1, expected 20240520 / 1"),
+])
+def test_a_damaged_shard_is_refused_before_submission(roots, tmp_path, char_corpus, damage, message):
+    """The launcher checks the headers and sizes of the token files a job would read (it found a truncated shard
+    or a bad magic only inside the job, after the queue wait): one line per bad file, nothing submitted."""
+    import numpy as np
+
+    data = tmp_path / "data_copy"
+    shutil.copytree(char_corpus, data)
+    shard = sorted(data.glob("*train*.bin"))[0]
+    if damage == "truncate":
+        with open(shard, "r+b") as f:
+            f.truncate(shard.stat().st_size - 100)
+    else:
+        header = np.fromfile(shard, dtype="<i4", count=256)
+        header[0] = 12345
+        with open(shard, "r+b") as f:
+            f.write(header.tobytes())
+    proc = launcher("train", "baseline", "--gpu-type", "h100", "--data-dir", data, "--runs-dir", roots["runs"],
+                    "--data-root", roots["data"])
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "bad token files" in proc.stderr and f"{shard}: {message}" in proc.stderr, proc.stderr
+    assert not (roots["runs"] / "submissions").exists()
