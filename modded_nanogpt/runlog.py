@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -74,6 +75,35 @@ def collect_provenance(argv: list[str], world_size: int, attention_backend: str)
         "slurm": {k: v for k, v in os.environ.items() if k.startswith("SLURM_")},
         "sources": trainer_sources(),
     }
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be written (read-only, full disk): one line naming the path and the cause."""
+
+
+def write_failure(error: BaseException, folder: Path) -> str:
+    """What went wrong in a few words: the OS's reason, and the free space where the disk is (nearly) full."""
+    reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[-1][:200]
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return reason
+    if free < 1 << 30 or "space" in reason.lower() or "unexpected pos" in reason:
+        return f"no space left on the device ({free / 2**20:.0f} MiB free there; {reason})"
+    return reason
+
+
+def check_writable(run_dir: Path) -> None:
+    """Create run_dir and write a file in it, before anything is computed: a read-only or missing parent fails
+    here, in one line, instead of in a traceback after the data and the model are loaded."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise RunDirError(f"cannot write to the run directory {run_dir}: {e.strerror or e}; give a writable "
+                          "--run_dir (or RUNS_DIR)") from None
 
 
 def _set_aside(path: Path) -> None:
@@ -211,6 +241,10 @@ class RunLog:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
             _fsync_dir(path.parent)  # the rename itself survives a crash of the node
+        except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError of its zip writer
+            tmp.unlink(missing_ok=True)
+            raise RunDirError(f"cannot write the checkpoint {path}: {write_failure(e, path.parent)}; the "
+                              "checkpoints already written stay") from None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

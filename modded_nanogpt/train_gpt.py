@@ -42,12 +42,13 @@ from modded_nanogpt.data.loader import (
     SequentialLoader,
     ShardError,
     check_shard_header,
+    check_token_ids,
     find_shards,
     to_device_async,
 )
 from modded_nanogpt.dist_optim import AdamGroup, BankSpec, SpeedrunOptimizer
 from modded_nanogpt.model import GPT, ModelConfig, select_attention_backend
-from modded_nanogpt.runlog import RunLog, collect_provenance
+from modded_nanogpt.runlog import RunDirError, RunLog, check_writable, collect_provenance
 from modded_nanogpt.schedule import Momentum, Schedule, ScheduleError
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
@@ -635,7 +636,11 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
     if not hp.run_dir:
         hp.run_dir = str(Path(os.environ.get("RUNS_DIR", "runs")) / f"modded-{time.strftime('%Y%m%d-%H%M%S')}")
     check_not_a_baseline_dir(Path(hp.run_dir))
+    if rt.master:
+        check_writable(Path(hp.run_dir))
     total_steps = schedule.total_steps
+    check_token_ids(val_files, hp.vocab_size)
+    check_token_ids(train_files, hp.vocab_size, sum(schedule.at(s).batch_tokens for s in range(total_steps)))
     keep_steps = checkpoint_steps(hp.save_checkpoints, total_steps)
     if hp.checkpoint_every < 0:
         raise ConfigError(f"--checkpoint_every must be >= 0 (0 = off), got {hp.checkpoint_every}")
@@ -819,6 +824,9 @@ def cli() -> int:
     except (ConfigError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunDirError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C before the training loop, or twice in it: nothing more was saved
         print("interrupted (Ctrl-C): stopped without a checkpoint; checkpoints already written stay, and the same "
               "command resumes from the newest", file=sys.stderr)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,22 @@ _NAME = re.compile(r"^step_(\d+)\.pt$")
 
 def path_for(ckpt_dir: Path, step: int) -> Path:
     return Path(ckpt_dir) / f"step_{step:07d}.pt"
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be written (read-only, full disk): one line naming the path and the cause."""
+
+
+def write_failure(error: BaseException, folder: Path) -> str:
+    """What went wrong in a few words: the OS's reason, and the free space where the disk is (nearly) full."""
+    reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[-1][:200]
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return reason
+    if free < 1 << 30 or "space" in reason.lower() or "unexpected pos" in reason:
+        return f"no space left on the device ({free / 2**20:.0f} MiB free there; {reason})"
+    return reason
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -99,7 +116,12 @@ def save(ckpt_dir: Path, step: int, model, optimizer, scaler, state: dict, model
             "world_size": rt.world_size,
             "rank_states": gathered,
         }
-        atomic_torch_save(payload, path_for(ckpt_dir, step))
+        path = path_for(ckpt_dir, step)
+        try:
+            atomic_torch_save(payload, path)
+        except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError of its zip writer
+            raise RunDirError(f"cannot write the checkpoint {path}: {write_failure(e, Path(ckpt_dir))}; the "
+                              "checkpoints already written stay") from None
         for old in complete_checkpoints(ckpt_dir)[:-keep]:
             old.unlink(missing_ok=True)
     if rt.distributed:

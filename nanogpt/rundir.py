@@ -79,6 +79,22 @@ def provenance(argv: list[str], device_names: list[str], world_size: int) -> dic
     return info
 
 
+RunDirError = ckpt.RunDirError  # the run directory cannot be written (defined beside the checkpoint writer)
+
+
+def check_writable(run_dir: Path) -> None:
+    """Create run_dir and write a file in it, before anything is computed: a read-only or missing parent fails
+    here, in one line, instead of in a traceback after the data and the model are loaded."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise RunDirError(f"cannot write to the run directory {run_dir}: {e.strerror or e}; give a writable "
+                          "--run_dir (or RUNS_DIR)") from None
+
+
 class RunDir:
     def __init__(self, path: Path, enabled: bool = True):
         self.path = Path(path)

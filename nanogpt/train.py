@@ -38,9 +38,9 @@ import torch
 from nanogpt import checkpoint as ckpt
 from nanogpt.config import ConfigError, config_help, parse_config
 from nanogpt.data.loader import TokenLoader
-from nanogpt.data.shards import ShardError, find_split, read_meta
+from nanogpt.data.shards import ShardError, check_token_ids, find_split, read_meta
 from nanogpt.model import GPT, GPT2_SIZES, SDPA_BACKENDS, GPTConfig, select_sdpa_backend
-from nanogpt.rundir import RunDir, format_step_line
+from nanogpt.rundir import RunDir, RunDirError, check_writable, format_step_line
 
 
 def _help(text: str):
@@ -461,8 +461,11 @@ def main(argv: list[str] | None = None) -> dict:
     for files, order in ((train_files, data_order(cfg, train_files)), (val_files, "sequential")):
         TokenLoader(files, cfg.batch_size, cfg.block_size, order=order)  # validates every header and size
     vocab_size, data_meta = data_vocab(cfg)
+    check_token_ids(train_files + val_files, vocab_size)
     run_dir = Path(cfg.run_dir or default_run_dir())
     check_not_a_speedrun_dir(run_dir)
+    if os.environ.get("RANK", "0") == "0":
+        check_writable(run_dir)
     has_checkpoint = ckpt.newest(run_dir / "ckpt") is not None
     if cfg.init_from == "resume" and not has_checkpoint:
         raise ConfigError(f"init_from=resume but {run_dir / 'ckpt'} holds no checkpoint")
@@ -677,6 +680,9 @@ def cli() -> int:
     except (ConfigError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunDirError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C before the training loop, or twice in it: nothing more was saved
         print("interrupted (Ctrl-C): stopped without a checkpoint; checkpoints already written stay, and the same "
               "command resumes from the newest", file=sys.stderr)

@@ -1037,6 +1037,14 @@ def run(argv: list[str]) -> int:
     if ctx.dry_run:
         print_plan(job_list, ctx, skipped)
         return 0
+    try:  # the submission record, the code snapshot and the runs go here: a read-only place fails now, in a line
+        ctx.runs_dir.mkdir(parents=True, exist_ok=True)
+        probe = ctx.runs_dir / f".write_test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise LaunchError(f"cannot write to the runs directory {ctx.runs_dir}: {e.strerror or e}; give a writable "
+                          "--runs-dir (or RUNS_DIR)") from None
     manifest = submit_all(job_list, ctx, argv)
     print_submitted(manifest, ctx.submission_dir / "manifest.json")
     return 0

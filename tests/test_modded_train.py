@@ -753,6 +753,57 @@ def test_each_trainer_refuses_a_run_directory_of_the_other(char_corpus, tmp_path
         assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.parametrize("module", ["modded_nanogpt.train_gpt", "nanogpt.train"])
+def test_a_token_id_outside_the_vocabulary_and_an_unwritable_run_dir_are_named(char_corpus, tmp_path, module):
+    """Each in one line, exit non-zero, before training: a shard holding a token id the vocabulary lacks (it
+    failed as an IndexError at the first evaluation, a device-side assert on a GPU, or a misleading loader
+    error), and a run directory that cannot be created (here: under a file; root ignores read-only bits)."""
+    import numpy as np
+
+    data = tmp_path / "data"
+    shutil.copytree(char_corpus, data)
+    val = sorted(data.glob("*val*.bin"))[0]
+    tokens = np.memmap(val, dtype="<u2", mode="r+", offset=1024)
+    tokens[100] = 60000
+    tokens.flush()
+    del tokens
+    base = (["--recipe=tiny_cpu", *THREE_STEPS]
+            if module.startswith("modded") else ["tiny_cpu", "--max_iters=2"])
+    proc = run_module(module, *base, f"--data_dir={data}", f"--run_dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"{val}: token id 60000 is outside the vocabulary of" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "a_file").write_text("")
+    proc = run_module(module, *base, f"--data_dir={char_corpus}", f"--run_dir={tmp_path / 'a_file' / 'run'}",
+                      check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"cannot write to the run directory {tmp_path / 'a_file' / 'run'}: Not a directory" in proc.stderr
+
+
+def test_a_checkpoint_that_cannot_be_written_is_named_with_the_free_space(char_corpus, tmp_path, monkeypatch):
+    """A full disk ended in torch's "RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos",
+    naming neither the file nor the cause. Now: the checkpoint's path, the reason and the free space, and
+    the checkpoints already written stay."""
+    from modded_nanogpt.runlog import RunDirError
+
+    real_save = torch.save
+    calls = []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 4000")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RunDirError) as err:
+        main(tiny(char_corpus, run_dir, "--num_iterations=4", "--extension_iterations=0", "--val_every=0",
+                  "--save_checkpoints=2,3"))
+    assert f"cannot write the checkpoint {run_dir / 'ckpt' / 'step_0000003.pt'}: " in str(err.value)
+    assert "unexpected pos" in str(err.value) and "free there" in str(err.value)
+    assert sorted(p.name for p in (run_dir / "ckpt").iterdir()) == ["step_0000002.pt"]
+
+
 def test_attention_backend_selection():
     from modded_nanogpt.model import fa3_available, select_attention_backend
 

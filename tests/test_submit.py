@@ -318,3 +318,15 @@ def test_a_damaged_shard_is_refused_before_submission(roots, tmp_path, char_corp
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "bad token files" in proc.stderr and f"{shard}: {message}" in proc.stderr, proc.stderr
     assert not (roots["runs"] / "submissions").exists()
+
+
+def test_an_unwritable_runs_directory_is_refused_in_one_line(roots, tmp_path, char_corpus):
+    """--runs-dir that cannot be written (here: under a file; root ignores read-only bits) used to end in a
+    traceback of the launcher; now one line, nothing submitted."""
+    (tmp_path / "a_file").write_text("")
+    runs = tmp_path / "a_file" / "runs"
+    proc = launcher("train", "baseline", "--gpu-type", "h100", "--cluster", "local", "--data-dir", char_corpus,
+                    "--runs-dir", runs, "--data-root", roots["data"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"cannot write to the runs directory {runs}: Not a directory" in proc.stderr
+    assert proc.stderr.rstrip().endswith("error: nothing was submitted")

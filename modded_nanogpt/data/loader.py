@@ -81,6 +81,24 @@ def read_shard(path: str | os.PathLike) -> np.ndarray:
     return tokens.astype(np.uint16, copy=False)
 
 
+def check_token_ids(files: list[Path], vocab_size: int, tokens_needed: int | None = None,
+                    chunk: int = 1 << 26) -> None:
+    """The token ids of `files` are below vocab_size, read once in chunks, file after file until tokens_needed
+    tokens are covered (None: every file): an id the embedding cannot look up otherwise fails as a device-side
+    assert, or as a misleading loader error, far from its cause. The error names the file and the id."""
+    covered = 0
+    for path in files:
+        if tokens_needed is not None and covered >= tokens_needed:
+            return
+        count = check_shard_header(path)
+        tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
+        largest = max((int(tokens[i:i + chunk].max()) for i in range(0, count, chunk)), default=-1)
+        if largest >= vocab_size:
+            raise ShardError(f"{path}: token id {largest} is outside the vocabulary of {vocab_size} (a shard of "
+                             "another tokenizer? set --vocab_size, or prepare the data again)")
+        covered += count
+
+
 def find_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
     """The shards of one split ('train' or 'val') in `data_dir`, sorted by name."""
     data_dir = Path(data_dir)

@@ -126,6 +126,18 @@ def open_tokens(path: Path) -> np.memmap:
     return open_bin(path) if path.name in ("train.bin", "val.bin") else open_shard(path)
 
 
+def check_token_ids(files: list[Path], vocab_size: int, chunk: int = 1 << 26) -> None:
+    """Every token id of `files` is below vocab_size (one pass over the files, in chunks): an id the
+    embedding cannot look up otherwise fails later as an IndexError (a device-side assert on a GPU) far
+    from its cause. The error names the file, the largest id and the vocabulary."""
+    for path in files:
+        tokens = open_tokens(path)
+        largest = max((int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk)), default=-1)
+        if largest >= vocab_size:
+            raise ShardError(f"{path}: token id {largest} is outside the vocabulary of {vocab_size} (a shard of "
+                             "another tokenizer? set --vocab_size, or prepare the data again)")
+
+
 def read_meta(data_dir: str | os.PathLike) -> dict:
     """Vocabulary facts of a data directory: from corpus.json (text_corpus) or meta.pkl (NanoGPT).
 
