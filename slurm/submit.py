@@ -8,6 +8,7 @@ training of either trainer on 1-8 GPUs and several nodes, seed arrays, ablations
     python -m slurm.submit ablate --features value_embeds,smear --seeds 3 --gpu-type h100 --num-gpus 8
     python -m slurm.submit compare --gpu-type h100 --num-gpus 8 --seeds 3
     python -m slurm.submit status [SUBMISSION] [--wait]      # also: logs [--tail N], cancel
+    python -m slurm.submit resume [SUBMISSION] [--job LABEL] [--time T]   # runs that stopped unfinished go on
   add --dry-run to print what would be submitted (no cluster needed), --cluster local to run on this
   machine, --device cpu --recipe tiny_cpu --data text for tiny CPU runs (a test cluster's fake GPUs).
 
@@ -831,8 +832,8 @@ def cmd_status(args) -> int:
         print(f"  {task['job_id']:>12}  {task['label']:<36} {'UNFINISHED' if stopped else state:<11} {progress(task)}")
         if stopped:
             unfinished += 1
-            print(f"  {'':>12}  the run stopped before its last step; submitting the same training again with "
-                  f"RUN_DIR={task['run_dir']} resumes it")
+            print(f"  {'':>12}  the run stopped before its last step; python -m slurm.submit resume "
+                  f"{manifest['submission']} --job {task['label']} resumes it (RUN_DIR={task['run_dir']})")
         elif state in TERMINAL_STATES and state != "COMPLETED":
             failed += 1
             print(f"  {'':>12}  {entry['name']} {state}: log {task['log']}")
@@ -859,6 +860,63 @@ def waiting_line(tasks: list[tuple[dict, dict]], states: dict[str, str]) -> str:
         parts.append(f"{task['label']} {state}" + (f" ({detail})" if detail else ""))
     done = len(tasks) - len(parts)
     return "; ".join(parts) + (f"  [{done}/{len(tasks)} done]" if done else "")
+
+
+def cmd_resume(args) -> int:
+    """Submit again the training tasks of a submission whose runs stopped before their last step (a stop record
+    last, or no end record), with their recorded script, knobs and code snapshot: each resumes from its run
+    directory's newest checkpoint. --job picks one task; --time replaces the recorded time limit."""
+    import submitit
+
+    manifest_path = find_manifest(resolve_runs_dir(args), args.submission)
+    manifest = json.loads(manifest_path.read_text())
+    cluster = manifest["cluster"]
+    states = {}
+    if cluster == "slurm":
+        states = scheduler_states([t["job_id"] for e in manifest["jobs"] for t in e["tasks"]])
+    chosen = []
+    for entry in manifest["jobs"]:
+        if entry.get("role") != "train" or not entry.get("script"):
+            continue
+        for task in entry["tasks"]:
+            if args.job and args.job not in (task["label"], entry["name"], task["job_id"]):
+                continue
+            last = jobs.last_record(task["run_dir"]) if task.get("run_dir") else None
+            state = states.get(task["job_id"], task.get("state", "COMPLETED"))
+            if last and last.get("kind") == "end":
+                print(f"  {task['label']}: finished (step {last.get('step')}); nothing to resume")
+            elif state not in TERMINAL_STATES:
+                print(f"  {task['label']}: job {task['job_id']} is {state}; it resumes by itself")
+            else:
+                chosen.append((entry, task, last))
+    if args.job and not chosen and not any(args.job in (t["label"], e["name"], t["job_id"])
+                                           for e in manifest["jobs"] for t in e["tasks"]):
+        raise LaunchError(f"--job {args.job}: no task of submission {manifest['submission']} has that label, job "
+                          "name or job id")
+    if not chosen:
+        print(f"submission {manifest['submission']}: no stopped run to resume")
+        return 0
+    submission_dir = manifest_path.parent
+    code_dir = Path(manifest["code"]["snapshot"])
+    with code_on_path(code_dir):
+        for entry, task, last in chosen:
+            params = dict(entry["parameters"])
+            if args.time:
+                params["timeout_min"] = parse_time_min(args.time)
+            params.pop("slurm_array_parallelism", None)
+            executor = submitit.AutoExecutor(folder=submission_dir / "jobs" / "%j", cluster=cluster)
+            executor.update_parameters(**params)
+            handle = executor.submit(jobs.ScriptJob(entry["script"], task["knobs"], task["label"]))
+            task.setdefault("previous", []).append({k: task.get(k) for k in ("job_id", "log", "state")})
+            task.update(job_id=str(handle.job_id), log=str(handle.paths.stdout))
+            task.pop("state", None)
+            where = f"from step {last.get('step')}" if last else "from its newest checkpoint"
+            print(f"  {task['label']}: resubmitted as job {task['job_id']}, resuming {where} in {task['run_dir']}")
+            write_json(manifest_path, manifest)
+            if cluster in ("local", "debug"):
+                wait_local(handle, task, manifest_path, manifest)
+    print(f"follow it: python -m slurm.submit status {manifest['submission']} [--wait]")
+    return 0
 
 
 def cmd_logs(args) -> int:
@@ -981,7 +1039,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modded-set", action="append", metavar="KEY=VALUE", help="a modded-only setting")
 
     for name, text in (("status", "the state of a submission's jobs and runs"),
-                       ("logs", "the log files of a submission's jobs"), ("cancel", "scancel a submission's jobs")):
+                       ("logs", "the log files of a submission's jobs"), ("cancel", "scancel a submission's jobs"),
+                       ("resume", "submit again the training runs of a submission that stopped unfinished")):
         p = sub.add_parser(name, parents=[where], help=text)
         p.add_argument("submission", nargs="?", help="its id (default: the latest) or manifest path")
         if name == "status":
@@ -991,6 +1050,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "logs":
             p.add_argument("--tail", type=int, default=0, help="also print the last N lines of each")
             p.add_argument("--job", help="only this task label, job name or job id")
+        if name == "resume":
+            p.add_argument("--job", help="only this task label, job name or job id")
+            p.add_argument("--time", help="time limit of the new jobs (default: the recorded one)")
     return parser
 
 
@@ -1022,6 +1084,8 @@ def run(argv: list[str]) -> int:
         return cmd_logs(args)
     if args.command == "cancel":
         return cmd_cancel(args)
+    if args.command == "resume":
+        return cmd_resume(args)
     ctx = make_context(args)
     job_list, errors, gpu_requests = plan(args, ctx)
     skipped = None

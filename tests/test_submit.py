@@ -257,6 +257,33 @@ def test_local_cluster_prepares_then_trains_a_seed_array_from_the_snapshot(roots
     assert logs.returncode == 0 and tasks[2]["log"] in logs.stdout and tasks[1]["log"] not in logs.stdout
 
 
+def test_resume_submits_a_stopped_run_again_and_it_goes_on(roots, char_corpus):
+    """A run that stopped unfinished (max_train_minutes here; a time limit without requeue on a cluster) is
+    continued by `resume`: the recorded script, knobs and snapshot run again and resume from the newest
+    checkpoint; finished runs are left alone. There was no launcher path to continue a stopped run."""
+    proc = launcher("train", "modded", "--cluster", "local", "--gpu-type", "h100", "--runs-dir", roots["runs"],
+                    "--data-dir", char_corpus, "--device", "cpu", "--recipe", "tiny_cpu", "--set", "num_iterations=60",
+                    "--set", "extension_iterations=0", "--set", "val_every=0", "--set", "val_tokens=2048",
+                    "--set", "max_train_minutes=0.003")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    manifest_path = next(roots["runs"].glob("submissions/*/manifest.json"))
+    submission = json.loads(manifest_path.read_text())["submission"]
+    task = json.loads(manifest_path.read_text())["jobs"][0]["tasks"][0]
+    first = read_metrics(Path(task["run_dir"]))[-1]
+    assert first["kind"] == "stop" and first["reason"] == "max_train_minutes" and first["step"] < 60, first
+    assert launcher("status", submission, "--runs-dir", roots["runs"]).returncode == 1  # UNFINISHED
+    resumed = launcher("resume", submission, "--runs-dir", roots["runs"], "--job", "modded")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "modded: resubmitted as job" in resumed.stdout and f"resuming from step {first['step']}" in resumed.stdout
+    task = json.loads(manifest_path.read_text())["jobs"][0]["tasks"][0]
+    assert task["previous"][0]["job_id"] != task["job_id"]
+    assert f"resumed from step {first['step']}" in Path(task["log"]).read_text()
+    second = read_metrics(Path(task["run_dir"]))[-1]
+    assert second["kind"] in ("stop", "end") and second["step"] > first["step"], second
+    bad = launcher("resume", submission, "--runs-dir", roots["runs"], "--job", "no-such-task")
+    assert bad.returncode == 2 and "--job no-such-task: no task of submission" in bad.stderr
+
+
 def test_local_cluster_failure_names_the_log(roots, char_corpus):
     proc = launcher("train", "baseline", "--cluster", "local", "--gpu-type", "h100", "--runs-dir", roots["runs"],
                     "--data-dir", char_corpus, "--device", "cpu", "--recipe", "tiny_cpu", "--set", "no_such_key=1")
@@ -290,7 +317,8 @@ def test_status_reports_a_run_that_stopped_unfinished(tmp_path):
     lines = proc.stdout.splitlines()
     assert re.search(r"finished\s+COMPLETED\s+done at step 9", proc.stdout), proc.stdout
     assert re.search(r"stopped\s+UNFINISHED\s+stopped at step 3 \(signal SIGUSR1\)", proc.stdout), proc.stdout
-    assert any(f"RUN_DIR={runs / 'stopped'} resumes it" in line for line in lines), proc.stdout
+    assert any(f"python -m slurm.submit resume s1 --job stopped resumes it (RUN_DIR={runs / 'stopped'})" in line
+               for line in lines), proc.stdout
     assert "1 run(s) stopped before their last step" in proc.stderr
 
 
