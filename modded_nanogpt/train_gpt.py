@@ -593,6 +593,14 @@ def restore(state, model, optimizer, loader) -> None:
     loader.load_state_dict(state["loader"])
 
 
+def parameter_counts(model: GPT) -> dict:
+    """provenance.json's "parameters": every parameter, and those outside the embedding tables (token, value,
+    bigram) and the output head, the part that does the compute per token (reports show both)."""
+    tables = {"embed", "lm_head_t", "value_embeds", "bigram_embed"}
+    total = sum(p.numel() for p in model.parameters())
+    return {"total": total, "non_embedding": sum(p.numel() for n, p in model.named_parameters() if n not in tables)}
+
+
 def check_not_a_baseline_dir(run_dir: Path) -> None:
     """A run directory the baseline trainer made (its config.json has max_iters) is not this trainer's to resume
     or overwrite: say so before anything is written (its checkpoints hold another model and format)."""
@@ -683,7 +691,8 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
         restore(saved, model, optimizer, loader)
         start_step, state = saved["step"], saved["state"]
     config = dataclasses.asdict(hp)
-    log_run.start(config, collect_provenance(argv, rt.world_size, backend), start_step if saved else None)
+    log_run.start(config, collect_provenance(argv, rt.world_size, backend) | {"parameters": parameter_counts(model)},
+                  start_step if saved else None)
     log(f"modded_nanogpt: world_size {rt.world_size} | {TOTAL_MICRO_STEPS // rt.world_size} micro-steps/rank "
         f"| attention {backend} | compile {compiled} | params {sum(p.numel() for p in model.parameters()):,} | run {hp.run_dir}")
     log(f"lm head: {lm_head_mode(hp.fp8, rt.device)}")

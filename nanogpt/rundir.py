@@ -129,6 +129,17 @@ class RunDir:
         _write_json(self.path / "config.json", config)
         _write_json(previous, prov)
 
+    def add_provenance(self, **values):
+        """Merge facts known only once the model exists (e.g. its parameter counts) into provenance.json."""
+        if not self.enabled:
+            return
+        path = self.path / "provenance.json"
+        try:
+            prov = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            prov = {}
+        _write_json(path, prov | values)
+
     def log(self, message: str):
         if not self.enabled:
             return

@@ -553,6 +553,9 @@ def _train(cfg, recipe, rt: Runtime, run_dir: Path, train_files, val_files, voca
     if compile_enabled(cfg, rt):
         log("compiled the model (torch.compile); the first step includes compilation and is not timed")
 
+    # Reports show both counts: every parameter, and those outside the (tied) token and position embeddings.
+    run.add_provenance(parameters={"total": raw_model.num_params(non_embedding=False),
+                                   "non_embedding": raw_model.num_params() - raw_model.transformer.wte.weight.numel()})
     log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters (without position embeddings), vocab {vocab_size}, "
         f"device {rt.device_name} x{rt.world_size}, dtype {str(dtype).removeprefix('torch.')}, attention {cfg.attention}, "
         f"{fused_paths(cfg, torch.device(device), dtype)}")

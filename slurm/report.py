@@ -329,6 +329,7 @@ def group_stats(name: str, runs: list[Run], target: float) -> dict:
         "tokens_per_s": describe(tokens_per_s)["mean"], "mfu": describe(mfus)["mean"],
         "peak_memory_bytes": max(memory) if memory else None,
         "device": ", ".join(sorted({device_text(r) for r in runs})),
+        "parameters": runs[0].provenance.get("parameters") or {},
     }
 
 

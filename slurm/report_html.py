@@ -9,7 +9,7 @@ import base64
 import html
 from pathlib import Path
 
-COLUMNS = ["group", "runs", "steps", "tokens", "time to target", "tokens to target", "final val loss",
+COLUMNS = ["group", "params (non-emb.)", "runs", "steps", "tokens", "time to target", "tokens to target", "final val loss",
            "p (loss < target)", "tokens/s", "MFU", "peak memory", "device"]
 
 
@@ -41,9 +41,17 @@ def span(stats: dict) -> str:
     return human(low) if low == high else f"{human(low)}–{human(high)}"
 
 
+def parameters(counts: dict) -> str:
+    """'1.9M (0.33M)': every parameter and, in brackets, those outside the embedding tables and the head."""
+    if not counts.get("total"):
+        return "n/a"
+    inner = counts.get("non_embedding")
+    return human(counts["total"]) + (f" ({human(inner)})" if inner is not None else "")
+
+
 def group_row(g: dict) -> list[str]:
     return [
-        g["name"], str(g["n_runs"]) + (f" ({g['n_runs'] - g['finished']} unfinished)" if g["finished"] < g["n_runs"] else ""),
+        g["name"], parameters(g.get("parameters") or {}), str(g["n_runs"]) + (f" ({g['n_runs'] - g['finished']} unfinished)" if g["finished"] < g["n_runs"] else ""),
         span(g["steps"]), span(g["tokens"]),
         spread(g["time_to_target_ms"], seconds, g["n_runs"]),
         spread(g["tokens_to_target"], human, g["n_runs"]),
@@ -129,9 +137,11 @@ def html_table(columns: list[str], rows: list[list[str]]) -> str:
 def sections(summary: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
     """(title, note, columns, rows) of each table of the report."""
     target = summary["target"]
-    found = [("Groups", f"Target val loss {target}. Time and tokens to target: linear interpolation between the "
-              "evaluations that bracket the target, mean ± std over the runs that reached it. p: one-sided t-test "
-              "of the final val losses against the target (n/a with fewer than 2 runs).",
+    found = [("Groups", f"Target val loss {target}. Params: every parameter (in brackets: without the embedding "
+              "tables and the output head; models of different sizes are not a like-for-like comparison). Time and "
+              "tokens to target: linear interpolation between the evaluations that bracket the target, mean ± std "
+              "over the runs that reached it. p: one-sided t-test of the final val losses against the target (n/a "
+              "with fewer than 2 runs).",
               COLUMNS, [group_row(g) for g in summary["groups"].values()])]
     if summary["speedups"]:
         found.append(("Speedup over the baseline", f"Baseline group: {summary['baseline']}. Ratio of the baseline's "

@@ -123,7 +123,7 @@ def test_groups_statistics_speedups_and_ablations(study, tmp_path):
     assert nomtp["time_to_target_ms"]["mean"] == pytest.approx(np.mean([3200, 6400]))
 
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "| group | runs |" in md and "## Ablations" in md and "## Speedup over the baseline" in md
+    assert "| group | params (non-emb.) | runs |" in md and "## Ablations" in md and "## Speedup over the baseline" in md
 
 
 def test_broken_runs_are_named_and_the_rest_reported(tmp_path, capsys):
@@ -217,8 +217,16 @@ def test_report_over_real_runs(real_runs, tmp_path):
     assert summary["groups"]["nanogpt"]["steps"]["values"] == [20, 20]
     assert summary["groups"]["modded"]["p_value"] is not None
 
+    # Parameter counts come from each run's provenance (both trainers record them), shown beside the group.
+    for name, group in summary["groups"].items():
+        counts = group["parameters"]
+        assert 0 < counts["non_embedding"] < counts["total"], (name, counts)
+    assert summary["groups"]["nanogpt"]["parameters"] != summary["groups"]["modded"]["parameters"]
     md = (out / "report.md").read_text()
-    assert "| group | runs | steps | tokens | time to target |" in md and "| nanogpt |" in md and "| modded |" in md
+    assert "| group | params (non-emb.) | runs | steps | tokens | time to target |" in md
+    assert "| nanogpt |" in md and "| modded |" in md
+    total = summary["groups"]["modded"]["parameters"]["total"]
+    assert f"| modded | {total / 1e6:.3g}M (" in md or f"| modded | {total / 1e3:.3g}k (" in md
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2
     for png in summary["files"]["plots"]:
