@@ -87,6 +87,26 @@ ABLATION_COLUMNS = ["switched off", "group", "against", "Δ final val loss", "95
 
 
 # ---- plots ----------------------------------------------------------------------------------------------------
+def mean_curve(runs: list, axis: str, scale: float) -> tuple[list[float], list[float], list[float], list[float]]:
+    """(x, mean y, lowest y, highest y) at the evaluation steps every run of a group has, x the runs' mean there:
+    one curve and a band for the seeds of a configuration."""
+    per_run = [{r["step"]: (r[axis] * scale, r["val_loss"]) for r in run.val if r.get(axis) is not None} for run in runs]
+    steps = sorted(set.intersection(*(set(points) for points in per_run))) if per_run else []
+    xs = [sum(points[s][0] for points in per_run) / len(per_run) for s in steps]
+    ys = [[points[s][1] for points in per_run] for s in steps]
+    return xs, [sum(v) / len(v) for v in ys], [min(v) for v in ys], [max(v) for v in ys]
+
+
+def loss_range(named: dict, target: float) -> tuple[float, float]:
+    """The plots' y range: every evaluation after step 0 and the target, with a margin. The step-0 loss (about
+    ln(vocabulary size)) squeezed the comparison into a corner of the plot."""
+    values = [r["val_loss"] for runs in named.values() for run in runs for r in run.val if r.get("step", 0) > 0]
+    values = values or [r["val_loss"] for runs in named.values() for run in runs for r in run.val]
+    low, high = min(values + [target]), max(values + [target])
+    margin = 0.05 * (high - low or 1.0)
+    return low - margin, high + margin
+
+
 def plot_curves(summary: dict, named: dict, out: Path) -> list[Path]:
     import matplotlib
 
@@ -99,16 +119,24 @@ def plot_curves(summary: dict, named: dict, out: Path) -> list[Path]:
                                           ("tokens", "tokens", 1.0, "val_loss_vs_tokens.png")):
         fig, ax = plt.subplots(figsize=(8, 5))
         for index, (name, runs) in enumerate(named.items()):
-            for n, run in enumerate(runs):
+            color = colors[index % len(colors)]
+            several = len(runs) > 1
+            for run in runs:  # each seed thin when there are several; the group's mean and band on top
                 points = [(r[axis] * scale, r["val_loss"]) for r in run.val if r.get(axis) is not None]
                 if points:
                     xs, ys = zip(*points, strict=True)
-                    ax.plot(xs, ys, marker="o", markersize=3, color=colors[index % len(colors)],
-                            label=name if n == 0 else None)
+                    ax.plot(xs, ys, marker="o", markersize=2 if several else 3, linewidth=0.8 if several else 1.5,
+                            alpha=0.35 if several else 1.0, color=color, label=None if several else name)
+            if several:
+                xs, mean, low, high = mean_curve(runs, axis, scale)
+                if xs:
+                    ax.plot(xs, mean, color=color, linewidth=2, label=f"{name} (mean of {len(runs)} seeds, band: min-max)")
+                    ax.fill_between(xs, low, high, color=color, alpha=0.15, linewidth=0)
         ax.axhline(summary["target"], color="black", linestyle="--", linewidth=1, label=f"target {summary['target']}")
+        ax.set_ylim(*loss_range(named, summary["target"]))
         ax.set_xlabel(xlabel)
         ax.set_ylabel("val loss")
-        ax.set_title(f"val loss vs {xlabel.split(' (')[0]}")
+        ax.set_title(f"val loss vs {xlabel.split(' (')[0]} (step 0 left out of the y range)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
         fig.tight_layout()

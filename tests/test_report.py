@@ -241,3 +241,23 @@ def test_html_is_self_contained(study, tmp_path):
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.IGNORECASE)
     assert not re.search(r"<(script|link)\b", page, re.IGNORECASE) and "@import" not in page
     assert page.count("<img") == 2 and page.count("src='data:image/png;base64,") == 2
+
+
+def test_plots_leave_step_0_out_of_the_y_range_and_draw_seeds_as_a_mean_with_a_band():
+    """The step-0 evaluation (about ln(vocabulary)) set the y range and squeezed the curves into a quarter of the
+    plot; seeds were unlabelled lines of one colour. Now the range covers the evaluations after step 0 and the
+    target, and a group's seeds get a mean curve (x: the runs' mean at each shared step) with a min-max band."""
+    from types import SimpleNamespace
+
+    from slurm.report_html import loss_range, mean_curve
+
+    def run(points):
+        return SimpleNamespace(val=[{"step": s, "train_time_ms": t, "val_loss": v} for s, t, v in points])
+
+    a = run([(0, 0, 10.8), (10, 1000, 4.0), (20, 2000, 3.5)])
+    b = run([(0, 0, 10.9), (10, 3000, 4.4), (20, 4000, 3.3), (30, 5000, 3.2)])
+    low, high = loss_range({"g": [a, b]}, target=3.28)
+    assert low < 3.2 and 4.4 < high < 4.5  # 10.8 and 10.9 (step 0) are outside
+    xs, mean, lowest, highest = mean_curve([a, b], "train_time_ms", 1e-3)
+    assert xs == [0.0, 2.0, 3.0]  # steps 0, 10, 20: the ones both runs have; x in seconds, averaged
+    assert mean == pytest.approx([10.85, 4.2, 3.4]) and lowest == [10.8, 4.0, 3.3] and highest == [10.9, 4.4, 3.5]
