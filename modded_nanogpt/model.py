@@ -556,6 +556,18 @@ class GPT(nn.Module):
         rows: the embedding rows of these inputs from gather_rows (else the tables are read here).
         In eval mode (model.eval(), validation) the head runs in the compute dtype, without fp8, as the
         published validation does."""
+        return self.loss(self.states(inputs, short_window, long_window, cu_seqlens, rows), targets, mtp_weights,
+                         loss_divisor)
+
+    @torch.no_grad()
+    def next_token_logits(self, inputs, short_window: int, long_window: int) -> torch.Tensor:
+        """The (softcapped) logits of the token after the last one of `inputs` (for sampling; no fp8)."""
+        x = self.states(inputs, short_window, long_window)[-1:]
+        logits = (x @ self.lm_head_t.to(x.dtype)).float()
+        return 23 * torch.sigmoid((logits + 5) / 7.5) if self.config.softcap else logits
+
+    def states(self, inputs, short_window, long_window, cu_seqlens=None, rows=None):
+        """The normalized states the head reads, one per position of the packed sequence `inputs`."""
         c = self.config
         dtype = torch.bfloat16 if inputs.is_cuda else torch.float32
         is_doc_start = inputs == c.bos_id
@@ -615,8 +627,7 @@ class GPT(nn.Module):
         if c.backout:
             # Backout: take back a learned share of an intermediate state before the head.
             x = x - s[self.scalar_index["backout"]] * backout
-        x = norm(x)
-        return self.loss(x, targets, mtp_weights, loss_divisor)
+        return norm(x)
 
     def loss(self, x, targets, mtp_weights, loss_divisor):
         c = self.config

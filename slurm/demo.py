@@ -13,7 +13,7 @@ On this machine (the default):
    once per seed, on the same data and validated on the same first tokens of the val split;
 4. the report (python -m slurm.report): time and tokens to the target val loss, final loss with a t-test,
    speedups; report.md, report.html and PNGs in <demo folder>/report;
-5. a sample from the first baseline run.
+5. a sample from the first baseline run and from the first speedrun-style run.
 Everything runs on the GPU when there is one, else on the CPU. The trainers, the corpus preparer and the
 report run through their command lines (as the launcher runs them); the demo folder is
 $RUNS_DIR/demo-<time>, or --name.
@@ -220,9 +220,14 @@ def run_here(args, seeds: list[int]) -> int:
     lines = stream([sys.executable, "-m", "slurm.report", str(folder), "--out", str(folder / "report"),
                     "--target", str(args.target)], "  ", folder / "report.log")
     first_baseline = runs[0][1]
-    print(f"[{total}/{total}] a sample from {first_baseline.name} (prompt: 'def '):", flush=True)
-    stream([sys.executable, "-m", "nanogpt.sample", f"--run_dir={first_baseline}", "--start=def ", "--num_samples=1",
-            "--max_new_tokens=200", "--temperature=0.8", f"--device={device}"], "  ", folder / "sample.log")
+    first_modded = next(run_dir for name, run_dir, _ in runs if name.startswith("modded"))
+    print(f"[{total}/{total}] a sample from {first_baseline.name} and from {first_modded.name} (prompt: 'def '):",
+          flush=True)
+    for module, run_dir in (("nanogpt.sample", first_baseline), ("modded_nanogpt.sample", first_modded)):
+        print(f"  {run_dir.name}:", flush=True)
+        stream([sys.executable, "-m", module, f"--run_dir={run_dir}", "--start=def ", "--num_samples=1",
+                "--max_new_tokens=200", "--temperature=0.8", f"--device={device}"], "  ",
+               folder / f"sample-{run_dir.name}.log")
     print(f"\nDone in {time.perf_counter() - t0:.0f}s.")
     if args.quick:
         print(f"SMOKE TEST (--quick): runs of a few dozen steps validated on {QUICK_VAL_TOKENS:,} tokens check that "

@@ -41,7 +41,8 @@ def test_quick_demo_trains_both_trainers_over_seeds_and_reports(text_source, tmp
     assert f"Open {folder / 'report' / 'report.html'}" in out
     for name in ("report.html", "report.md", "val_loss_vs_time.png", "val_loss_vs_tokens.png"):
         assert (folder / "report" / name).stat().st_size > 0
-    assert "--- sample 1/1 ---" in out
+    assert out.count("--- sample 1/1 ---") == 2  # one from each trainer
+    assert "  baseline-seed1:" in out and "  modded-seed1:" in out
     # Each step's full output is kept beside the runs.
     assert "step 150/150" in (folder / "baseline-seed2.log").read_text()
 

@@ -904,3 +904,31 @@ def test_the_log_says_how_the_lm_head_runs(monkeypatch):
         assert lm_head_mode(False, torch.device("cpu")) == "float32 (fp8 off)"
     finally:
         kernels.has_fp8_tensor_cores.cache_clear()  # the real device's answer, not a faked one, from now on
+
+
+def test_sampling_from_a_speedrun_run_and_its_errors(char_corpus, tmp_path):
+    """python -m modded_nanogpt.sample: from a run's newest checkpoint or a checkpoint file, the same text for the
+    same seed, continuing the prompt; the speedrun's checkpoints had no sampler (nanogpt.sample refuses them).
+    Bad requests are named; a baseline checkpoint is pointed to nanogpt.sample."""
+    from modded_nanogpt import sample
+    from nanogpt.config import ConfigError
+
+    run_dir = tmp_path / "run"
+    main(tiny(char_corpus, run_dir, *THREE_STEPS))
+    args = ["--start=def ", "--num_samples=2", "--max_new_tokens=20", "--device=cpu"]
+    from_run = sample.main([f"--run_dir={run_dir}", *args])
+    from_file = sample.main([f"--checkpoint={run_dir / 'ckpt' / 'step_0000003.pt'}", *args])
+    assert from_run == from_file and len(from_run) == 2
+    assert all(text.startswith("def ") and len(text) > len("def ") for text in from_run)
+    assert from_run[0] != from_run[1]  # two draws, not one repeated
+    proc = run_module("modded_nanogpt.sample", f"--run_dir={run_dir}", "--num_samples=1", "--max_new_tokens=5",
+                      "--device=cpu")
+    assert "--- sample 1/1 ---" in proc.stdout
+    baseline = tmp_path / "baseline"
+    run_module("nanogpt.train", "tiny_cpu", f"--data_dir={char_corpus}", f"--run_dir={baseline}", "--max_iters=2",
+               "--eval_interval=2", "--eval_iters=1")
+    for bad, message in (([], "exactly one of --run_dir or --checkpoint"),
+                         ([f"--run_dir={tmp_path / 'none'}"], "not found"),
+                         ([f"--run_dir={baseline}"], "not a checkpoint of the speedrun trainer (for the baseline")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            sample.main(bad + args)

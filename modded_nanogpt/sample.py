@@ -1,0 +1,127 @@
+"""Sample text from a speedrun run's newest checkpoint (or a given checkpoint file).
+
+  python -m modded_nanogpt.sample --run_dir=runs/modded_tiny --start="def " --num_samples=2 --max_new_tokens=200
+  python -m modded_nanogpt.sample --checkpoint=runs/x/ckpt/step_0001555.pt --start=FILE:prompt.txt --top_k=50
+
+The model attends with the run's final windows (the last stage's short window, final_long_window), rotary
+frequencies as the checkpoint holds them, the head in float32 (bf16 on a GPU) without fp8. Each new token
+runs the whole sequence again (no cache): meant for a look at what a run learned, not for throughput. The
+tokenizer is the one of the run's data directory (corpus.json, via nanogpt.data.tokenizer), or GPT-2's.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from modded_nanogpt.model import GPT
+from modded_nanogpt.runlog import RunLog
+from modded_nanogpt.train_gpt import Hyperparameters, model_config
+
+
+@dataclass
+class SampleConfig:
+    run_dir: str = ""  # sample from this run's newest readable checkpoint
+    checkpoint: str = ""  # or from this checkpoint file
+    data_dir: str = ""  # where the tokenizer is; default: the run's data_dir
+    start: str = "\n"  # the prompt, or FILE:path to read it from a file
+    num_samples: int = 2
+    max_new_tokens: int = 200
+    temperature: float = 0.8  # < 1 sharper, > 1 more random
+    top_k: int = 200  # keep only the k most likely tokens (0 = all)
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+def load(cfg: SampleConfig) -> tuple[GPT, Hyperparameters]:
+    """The model of the checkpoint and the run's settings."""
+    from nanogpt.config import ConfigError
+
+    if bool(cfg.run_dir) == bool(cfg.checkpoint):
+        raise ConfigError("give exactly one of --run_dir or --checkpoint")
+    if cfg.run_dir:
+        if not Path(cfg.run_dir).is_dir():
+            raise ConfigError(f"run_dir {cfg.run_dir}: not found")
+        payload = RunLog(Path(cfg.run_dir), False).load_newest(log=lambda m: print(m, file=sys.stderr))
+        if payload is None:
+            raise ConfigError(f"{Path(cfg.run_dir) / 'ckpt'}: no checkpoint to sample from")
+    else:
+        if not Path(cfg.checkpoint).is_file():
+            raise ConfigError(f"checkpoint {cfg.checkpoint}: not found")
+        payload = torch.load(cfg.checkpoint, map_location="cpu", weights_only=False)
+    if not isinstance(payload, dict) or "config" not in payload or "batch_schedule" not in payload["config"]:
+        raise ConfigError("not a checkpoint of the speedrun trainer (for the baseline: python -m nanogpt.sample)")
+    known = Hyperparameters.__dataclass_fields__
+    hp = Hyperparameters(**{k: v for k, v in payload["config"].items() if k in known})
+    model = GPT(model_config(hp))
+    model.load_state_dict(payload["model"])
+    return model, hp
+
+
+def final_windows(hp: Hyperparameters) -> tuple[int, int]:
+    """The last stage's short window and the final validation's long window, in blocks."""
+    last = hp.window_schedule.split(";")[-1]
+    return int(last.split(",")[0]), hp.final_long_window
+
+
+def sample(model: GPT, ids: list[int], hp: Hyperparameters, cfg: SampleConfig, generator, device) -> list[int]:
+    short, long = final_windows(hp)
+    tokens = torch.tensor(ids, dtype=torch.int32, device=device)
+    for _ in range(cfg.max_new_tokens):
+        logits = model.next_token_logits(tokens, short, long)[0] / cfg.temperature
+        logits = logits[: hp.vocab_size]
+        if cfg.top_k:
+            kth = torch.topk(logits, min(cfg.top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+        tokens = torch.cat([tokens, nxt.to(tokens.dtype)])
+    return tokens.tolist()[len(ids):]
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    from nanogpt.config import ConfigError, config_help, parse_config
+    from nanogpt.data.tokenizer import gpt2_tokenizer, load_tokenizer
+
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__ + "\nsettings:\n" + config_help(SampleConfig))
+        return []
+    cfg, _ = parse_config(SampleConfig, argv)
+    if cfg.num_samples <= 0 or cfg.max_new_tokens <= 0 or cfg.temperature <= 0 or cfg.top_k < 0:
+        raise ConfigError("num_samples, max_new_tokens and temperature must be positive, top_k >= 0")
+    prompt = cfg.start
+    if prompt.startswith("FILE:"):
+        if not Path(prompt[5:]).is_file():
+            raise ConfigError(f"prompt file {prompt[5:]}: not found")
+        prompt = Path(prompt[5:]).read_text()
+    model, hp = load(cfg)
+    data_dir = cfg.data_dir or hp.data_dir
+    tokenizer = load_tokenizer(data_dir) if data_dir and Path(data_dir).is_dir() else gpt2_tokenizer()
+    ids = [hp.bos_id] + tokenizer.encode(prompt)  # a new document, as the speedrun trains on them
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model.eval().to(device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    samples = []
+    for n in range(cfg.num_samples):
+        text = tokenizer.decode([t for t in sample(model, ids, hp, cfg, generator, device) if t < tokenizer.vocab_size])
+        samples.append(prompt + text)
+        print(f"--- sample {n + 1}/{cfg.num_samples} ---\n{prompt}{text}", flush=True)
+    return samples
+
+
+def cli() -> int:
+    from nanogpt.config import ConfigError
+
+    try:
+        main()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
