@@ -35,7 +35,7 @@ NOT_CONFIGURATION = {"seed", "run_dir", "data_dir", "init_from_dir", "device", "
 ABLATION_OFF = {**{feature: False for feature in (
     "value_embeds", "bigram_embeds", "skip_connections", "skip_gate", "smear", "backout", "key_offset", "mtp", "softcap",
     "qk_norm", "sa_lambdas", "fp8")}, "paired_head_layers": [], "mlp_activation": "gelu", "optimizer": "adamw"}
-BASELINE = "nanogpt"
+BASELINE = "baseline"  # the baseline trainer (nanogpt.train), named as slurm.submit and the demo name it
 MODDED = "modded"
 
 

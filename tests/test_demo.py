@@ -36,7 +36,7 @@ def test_quick_demo_trains_both_trainers_over_seeds_and_reports(text_source, tmp
     assert "SMOKE TEST (--quick)" in out.split("The comparison")[0]  # --quick says its numbers compare nothing
     table = out.split("The comparison (baseline vs speedrun-style, 2 seed(s) each")[1]
     # group, parameters (all, and without embeddings and head), runs
-    for group in ("nanogpt", "modded"):
+    for group in ("baseline", "modded"):  # one name for the baseline, as in the run names
         assert re.search(rf"^{group}\s+[\d.]+[kM]? \([\d.]+[kM]?\)\s+2\s", table, flags=re.M), table
     assert f"Open {folder / 'report' / 'report.html'}" in out
     for name in ("report.html", "report.md", "val_loss_vs_time.png", "val_loss_vs_tokens.png"):

@@ -90,9 +90,9 @@ def study(tmp_path) -> Path:
 def test_groups_statistics_speedups_and_ablations(study, tmp_path):
     summary = report.main([str(study), "--out", str(tmp_path / "out")])
     groups = summary["groups"]
-    assert sorted(groups) == ["modded", "modded mtp=False", "nanogpt", "nanogpt n_layer=24"]
-    base, full, nomtp = groups["nanogpt"], groups["modded"], groups["modded mtp=False"]
-    assert base["n_runs"] == 3 and sorted(base["seeds"]) == [1, 2, 3] and groups["nanogpt n_layer=24"]["n_runs"] == 1
+    assert sorted(groups) == ["baseline", "baseline n_layer=24", "modded", "modded mtp=False"]
+    base, full, nomtp = groups["baseline"], groups["modded"], groups["modded mtp=False"]
+    assert base["n_runs"] == 3 and sorted(base["seeds"]) == [1, 2, 3] and groups["baseline n_layer=24"]["n_runs"] == 1
 
     losses = [3.25, 3.27, 3.22]
     assert base["final_val_loss"]["mean"] == pytest.approx(np.mean(losses))
@@ -106,7 +106,7 @@ def test_groups_statistics_speedups_and_ablations(study, tmp_path):
     assert base["time_to_target_ms"]["mean"] == pytest.approx(np.mean(base_times))
     assert base["time_to_target_ms"]["std"] == pytest.approx(np.std(base_times, ddof=1))
     speedup = {s["group"]: s for s in summary["speedups"]}["modded"]
-    assert summary["baseline"] == "nanogpt"
+    assert summary["baseline"] == "baseline"
     assert speedup["time_ratio"] == pytest.approx(np.mean(base_times) / np.mean(full_times))
     assert speedup["tokens_ratio"] == pytest.approx(2.0)  # the baseline's curve is stretched 2x in tokens
 
@@ -212,26 +212,26 @@ def test_report_over_real_runs(real_runs, tmp_path):
     out = tmp_path / "out"
     proc = run_module("slurm.report", real_runs, "--out", out, "--target", "3.9")
     summary = report.main([str(real_runs), "--out", str(out), "--target", "3.9"])
-    assert sorted(summary["groups"]) == ["modded", "nanogpt"]
+    assert sorted(summary["groups"]) == ["baseline", "modded"]
     assert all(g["n_runs"] == 2 for g in summary["groups"].values())
-    assert summary["groups"]["nanogpt"]["steps"]["values"] == [20, 20]
+    assert summary["groups"]["baseline"]["steps"]["values"] == [20, 20]
     assert summary["groups"]["modded"]["p_value"] is not None
 
     # Parameter counts come from each run's provenance (both trainers record them), shown beside the group.
     for name, group in summary["groups"].items():
         counts = group["parameters"]
         assert 0 < counts["non_embedding"] < counts["total"], (name, counts)
-    assert summary["groups"]["nanogpt"]["parameters"] != summary["groups"]["modded"]["parameters"]
+    assert summary["groups"]["baseline"]["parameters"] != summary["groups"]["modded"]["parameters"]
     md = (out / "report.md").read_text()
     assert "| group | params (non-emb.) | runs | steps | tokens | time to target |" in md
-    assert "| nanogpt |" in md and "| modded |" in md
+    assert "| baseline |" in md and "| modded |" in md
     total = summary["groups"]["modded"]["parameters"]["total"]
     assert f"| modded | {total / 1e6:.3g}M (" in md or f"| modded | {total / 1e3:.3g}k (" in md
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2
     for png in summary["files"]["plots"]:
         assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Path(png).stat().st_size > 1000
-    assert "group" in proc.stdout and "nanogpt" in proc.stdout and str(out / "report.html") in proc.stdout
+    assert "group" in proc.stdout and "baseline" in proc.stdout and str(out / "report.html") in proc.stdout
     assert str(out / "val_loss_vs_time.png") in proc.stdout
 
 
