@@ -12,6 +12,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -83,13 +84,16 @@ RunDirError = ckpt.RunDirError  # the run directory cannot be written (defined b
 
 
 def check_writable(run_dir: Path) -> None:
-    """Create run_dir and write a file in it, before anything is computed: a read-only or missing parent fails
-    here, in one line, instead of in a traceback after the data and the model are loaded."""
+    """Whether run_dir can be written, before anything is computed, leaving nothing behind: a read-only place
+    or a file in the path fails here, in one line, instead of in a traceback after the data and the model are
+    loaded (and a run refused later for another reason creates no directory)."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
+        tempfile.TemporaryDirectory(dir=existing).cleanup()
     except OSError as e:
         raise RunDirError(f"cannot write to the run directory {run_dir}: {e.strerror or e}; give a writable "
                           "--run_dir (or RUNS_DIR)") from None

@@ -129,8 +129,9 @@ def test_demo_on_slurm_runs_the_comparison_as_jobs(slurm_cluster, text_source, t
     for name in ("baseline", "modded"):
         (task,) = next(job for job in manifest["jobs"] if job["name"] == name)["tasks"]
         assert read_metrics(Path(task["run_dir"]))[-1]["kind"] == "end"
-    # Groups carry the submission's task labels here (baseline, modded).
-    assert re.search(r"^  baseline\s+1\s", out, flags=re.M) and re.search(r"^  modded\s+1\s", out, flags=re.M)
+    # Groups carry the submission's task labels here (baseline, modded), then their parameter counts.
+    for group in ("baseline", "modded"):
+        assert re.search(rf"^  {group}\s+[\d.]+[kM]? \([\d.]+[kM]?\)\s+1\s", out, flags=re.M), out
     assert (manifest_path.parent / "report" / "report.html").is_file()
     shutil.rmtree(tmp_path / "runs", ignore_errors=True)
 
