@@ -133,3 +133,15 @@ def test_the_two_field_comment_readers_are_the_same_code():
     from nanogpt import config
 
     assert inspect.getsource(train_gpt.field_comments) == inspect.getsource(config.field_comments)
+
+
+def test_the_two_run_directory_write_checks_are_the_same_code():
+    """Like the help reader: the run-directory write check and the write-failure text of the two trainer
+    packages (self-contained on purpose, DESIGN.md) are identical copies."""
+    import inspect
+
+    from modded_nanogpt import runlog
+    from nanogpt import checkpoint, rundir
+
+    assert inspect.getsource(runlog.check_writable) == inspect.getsource(rundir.check_writable)
+    assert inspect.getsource(runlog.write_failure) == inspect.getsource(checkpoint.write_failure)
