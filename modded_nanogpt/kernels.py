@@ -448,6 +448,11 @@ def _check_ce_args(logits, targets, mtp_weights, cap, reduction):
         raise ValueError(f"cap must be > 0, got {cap}")
 
 
+def softcap(logits, cap=23.0, shift=5.0, div=7.5):
+    """cap * sigmoid((logits + shift) / div), in at least float32: the speedrun's bounded logits."""
+    return cap * torch.sigmoid((logits.to(torch.promote_types(logits.dtype, torch.float32)) + shift) / div)
+
+
 def softcapped_cross_entropy_reference(logits, targets, mtp_weights, cap=23.0, shift=5.0, div=7.5,
                                        reduction="sum"):
     """The loss of softcapped_cross_entropy in plain PyTorch, at least fp32, autograd by torch.
@@ -456,7 +461,7 @@ def softcapped_cross_entropy_reference(logits, targets, mtp_weights, cap=23.0, s
     """
     _check_ce_args(logits, targets, mtp_weights, cap, reduction)
     rows = logits.shape[0]
-    capped = cap * torch.sigmoid((logits.to(torch.promote_types(logits.dtype, torch.float32)) + shift) / div)
+    capped = softcap(logits, cap, shift, div)
     log_probs = torch.log_softmax(capped, dim=-1)
     loss = log_probs.new_zeros(())
     for k in range(min(len(mtp_weights), rows)):

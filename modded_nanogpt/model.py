@@ -564,7 +564,7 @@ class GPT(nn.Module):
         """The (softcapped) logits of the token after the last one of `inputs` (for sampling; no fp8)."""
         x = self.states(inputs, short_window, long_window)[-1:]
         logits = (x @ self.lm_head_t.to(x.dtype)).float()
-        return 23 * torch.sigmoid((logits + 5) / 7.5) if self.config.softcap else logits
+        return kernels.softcap(logits) if self.config.softcap else logits
 
     def states(self, inputs, short_window, long_window, cu_seqlens=None, rows=None):
         """The normalized states the head reads, one per position of the packed sequence `inputs`."""
@@ -572,10 +572,11 @@ class GPT(nn.Module):
         dtype = torch.bfloat16 if inputs.is_cuda else torch.float32
         is_doc_start = inputs == c.bos_id
         doc = torch.cumsum(is_doc_start.to(torch.int32), 0)
-        cos, sin = rotary_table(self.rotary_freqs, inputs.numel())
-        paired_cos = paired_sin = None
-        if any(layer in self.attn_slot for layer in c.paired_head_layers):
-            paired_cos, paired_sin = rotary_table(self.rotary_freqs, 2 * inputs.numel())  # positions 0 .. 2T - 1
+        # Paired-head layers rotate by positions 0 .. 2T - 1; the others read the first T rows of the same table.
+        paired = any(layer in self.attn_slot for layer in c.paired_head_layers)
+        T = inputs.numel()
+        paired_cos, paired_sin = rotary_table(self.rotary_freqs, 2 * T if paired else T)
+        cos, sin = paired_cos[:T], paired_sin[:T]
         short_tokens, long_tokens = short_window * BLOCK, long_window * BLOCK
         ctx = {"cu_seqlens": cu_seqlens, "short_window": short_tokens, "long_window": long_tokens,
                "masks": self.attention_masks(doc, short_tokens, long_tokens),

@@ -136,8 +136,9 @@ def normuon_update(p, grad, state, lr, momentum, beta2, weight_decay, nesterov=T
         state["second_moment"] = torch.zeros(moment_shape, dtype=state_dtype, device=p.device)
     buf, second_moment = state["momentum_buffer"], state["second_moment"]
 
-    buf.lerp_(grad.to(buf.dtype), 1 - momentum)
-    update = grad.to(buf.dtype).lerp(buf, momentum) if nesterov else buf
+    grad = grad.to(buf.dtype)
+    buf.lerp_(grad, 1 - momentum)
+    update = grad.lerp(buf, momentum) if nesterov else buf
     ortho = polar_express(update, ns_steps, dtype=ortho_dtype).to(buf.dtype)
 
     second_moment.lerp_(ortho.square().mean(dim=reduce_dim, keepdim=True), 1 - beta2)

@@ -82,21 +82,16 @@ def sample(model: GPT, ids: list[int], hp: Hyperparameters, cfg: SampleConfig, g
 
 
 def main(argv: list[str] | None = None) -> list[str]:
-    from nanogpt.config import ConfigError, config_help, parse_config
+    from nanogpt.config import config_help, parse_config
     from nanogpt.data.tokenizer import gpt2_tokenizer, load_tokenizer
+    from nanogpt.sample import sampling_prompt
 
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__ + "\nsettings:\n" + config_help(SampleConfig))
         return []
     cfg, _ = parse_config(SampleConfig, argv)
-    if cfg.num_samples <= 0 or cfg.max_new_tokens <= 0 or cfg.temperature <= 0 or cfg.top_k < 0:
-        raise ConfigError("num_samples, max_new_tokens and temperature must be positive, top_k >= 0")
-    prompt = cfg.start
-    if prompt.startswith("FILE:"):
-        if not Path(prompt[5:]).is_file():
-            raise ConfigError(f"prompt file {prompt[5:]}: not found")
-        prompt = Path(prompt[5:]).read_text()
+    prompt = sampling_prompt(cfg)
     model, hp = load(cfg)
     data_dir = cfg.data_dir or hp.data_dir
     tokenizer = load_tokenizer(data_dir) if data_dir and Path(data_dir).is_dir() else gpt2_tokenizer()

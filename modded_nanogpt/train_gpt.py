@@ -288,6 +288,8 @@ def check_choices(hp: Hyperparameters) -> None:
     if hp.num_heads * hp.head_dim != hp.model_dim:
         raise ConfigError(f"num_heads * head_dim ({hp.num_heads} * {hp.head_dim}) must equal model_dim ({hp.model_dim}) (square attention banks)")
     checkpoint_steps(hp.save_checkpoints, 1)  # raises on a bad spec
+    if hp.checkpoint_every < 0:
+        raise ConfigError(f"--checkpoint_every must be >= 0 (0 = off), got {hp.checkpoint_every}")
 
 
 def checkpoint_steps(spec: str, total_steps: int) -> set[int]:
@@ -650,8 +652,6 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
     check_token_ids(val_files, hp.vocab_size)
     check_token_ids(train_files, hp.vocab_size, sum(schedule.at(s).batch_tokens for s in range(total_steps)))
     keep_steps = checkpoint_steps(hp.save_checkpoints, total_steps)
-    if hp.checkpoint_every < 0:
-        raise ConfigError(f"--checkpoint_every must be >= 0 (0 = off), got {hp.checkpoint_every}")
     periodic = set(range(hp.checkpoint_every, total_steps, hp.checkpoint_every)) if hp.checkpoint_every else set()
     log_run = RunLog(Path(hp.run_dir), rt.master)
     log = log_run.log

@@ -66,20 +66,26 @@ def load_model(cfg: SampleConfig) -> tuple[GPT, str]:
     return model, cfg.data_dir or payload["config"]["data_dir"]
 
 
+def sampling_prompt(cfg) -> str:
+    """Check the sampling settings (of either trainer's sampler) and return the prompt: --start, or the text of
+    the file named by --start=FILE:path."""
+    if cfg.num_samples <= 0 or cfg.max_new_tokens <= 0 or cfg.temperature <= 0 or cfg.top_k < 0:
+        raise ConfigError("num_samples, max_new_tokens and temperature must be positive, top_k >= 0")
+    if not cfg.start.startswith("FILE:"):
+        return cfg.start
+    path = Path(cfg.start[5:])
+    if not path.is_file():
+        raise ConfigError(f"prompt file {path}: not found")
+    return path.read_text()
+
+
 def main(argv: list[str] | None = None) -> list[str]:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__ + "\nsettings:\n" + config_help(SampleConfig))
         return []
     cfg, _ = parse_config(SampleConfig, argv)
-    if cfg.num_samples <= 0 or cfg.max_new_tokens <= 0 or cfg.temperature <= 0 or cfg.top_k < 0:
-        raise ConfigError("num_samples, max_new_tokens and temperature must be positive, top_k >= 0")
-    prompt = cfg.start
-    if prompt.startswith("FILE:"):
-        path = Path(prompt[5:])
-        if not path.is_file():
-            raise ConfigError(f"prompt file {path}: not found")
-        prompt = path.read_text()
+    prompt = sampling_prompt(cfg)
     model, data_dir = load_model(cfg)
     tokenizer = load_tokenizer(data_dir) if data_dir else gpt2_tokenizer()
     ids = tokenizer.encode(prompt)

@@ -341,33 +341,18 @@ def data_plan(args, ctx: Context, dataset: str | None = None) -> tuple[Path, Job
     return path, job, ready
 
 
-SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 256 * 4  # DESIGN.md contract 2
-
-
 def check_token_files(path: Path) -> None:
-    """The headers and sizes of the token files a job would read (contract 2: 256 int32 of header, magic
-    20240520, version 1, token count, then the uint16 tokens; NanoGPT's headerless train.bin / val.bin: an
-    even size), checked before submission instead of inside the job after its queue wait. Reads 1 KiB a file."""
-    import struct
+    """The headers and sizes of the token files a job would read (contract 2, read by nanogpt.data.shards as the
+    trainers read it: no tokens, a few bytes a file), checked before submission instead of inside the job after
+    its queue wait."""
+    from nanogpt.data.shards import ShardError, open_tokens
 
     bad = []
     for file in sorted(path.glob("*.bin")):
-        size = file.stat().st_size
-        if file.name in ("train.bin", "val.bin"):
-            if size == 0 or size % 2:
-                bad.append(f"{file}: {size} bytes, not a whole number of uint16 tokens")
-            continue
-        with open(file, "rb") as f:
-            head = f.read(12)
-        if len(head) < 12:
-            bad.append(f"{file}: {size} bytes, shorter than the 1,024-byte header")
-            continue
-        magic, version, count = struct.unpack("<3i", head)
-        if magic != SHARD_MAGIC or version != SHARD_VERSION:
-            bad.append(f"{file}: header magic {magic} / version {version}, expected {SHARD_MAGIC} / {SHARD_VERSION}")
-        elif size != SHARD_HEADER_BYTES + 2 * count:
-            bad.append(f"{file}: the header says {count:,} tokens ({SHARD_HEADER_BYTES + 2 * count:,} bytes), the file "
-                       f"has {size:,} bytes (truncated or still being written?)")
+        try:
+            open_tokens(file)
+        except ShardError as e:
+            bad.append(str(e))
     if bad:
         raise LaunchError("bad token files, nothing to train on:\n  " + "\n  ".join(bad))
 

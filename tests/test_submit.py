@@ -323,7 +323,7 @@ def test_status_reports_a_run_that_stopped_unfinished(tmp_path):
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("truncate", "the header says"), ("magic", "header magic 12345 / version 1, expected 20240520 / 1"),
+    ("truncate", "header says"), ("magic", "bad magic number 12345 (expected 20240520)"),
 ])
 def test_a_damaged_shard_is_refused_before_submission(roots, tmp_path, char_corpus, damage, message):
     """The launcher checks the headers and sizes of the token files a job would read (it found a truncated shard
