@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU tier on a lent GPU: versions, the gpu-marked tests, then a throughput sweep of
+# The GPU tier on a GPU machine: versions, the gpu-marked tests, then a throughput sweep of
 # `python -m nanogpt.bench` for GPT-2 124M (sequence 1024, bf16, compiled, 524,288 tokens/step),
 # ending with a short table. Results go to $OUT (or ./gpu_out) as JSON and logs.
 #   bash tests/gpu_session.sh                 # everything

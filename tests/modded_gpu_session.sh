@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The speedrun trainer on a lent H100: a 300+-step run on the local BPE corpus (compile + warmup time,
+# The speedrun trainer on one GPU machine: a scaled run on the local BPE corpus (compile + warmup time,
 # step_avg per stage, peak memory, val curve), then the GPU tests. Prepare the data first (here or there):
 #   python -m nanogpt.data.text_corpus --out data/stdlib_bpe50257 --tokenizer bpe --vocab_size 50257
 # The reference proxy corpus (../shared/tools/proxy_corpus.py, see its docstring) with the published vocabulary:
@@ -17,7 +17,7 @@ VAL_EVERY=${VAL_EVERY:-50}
 TESTS=${TESTS:-1}
 EXTRA=${EXTRA:-}
 NUM_GPUS=${NUM_GPUS:-1}
-# Val tokens split into whole forwards on every rank: 294,912 (earlier sessions' figure) on one GPU; 262,144 (the
+# Val tokens split into whole forwards on every rank: 294,912 on one GPU; 262,144 (the
 # largest multiple of 8 x 32,768 within the stdlib corpus's 326,226 val tokens) on several.
 VAL_TOKENS=${VAL_TOKENS:-$([[ $NUM_GPUS == 1 ]] && echo 294912 || echo 262144)}
 OUT=${OUT:-/tmp/modded_gpu_session}

@@ -4,7 +4,7 @@
     python -m tests.modded_profile --bench_head [--rows=49152]
 
 Synthetic packed batches (random tokens, a BOS every ~800 tokens; --blocking_loader copies them from pageable
-memory, as the loaders did before session 5) or, with --data_dir=DIR, the trainer's loader on real shards; the
+memory, as a loader without pinned buffers does) or, with --data_dir=DIR, the trainer's loader on real shards; the
 trainer's own model, optimizer and step function. Prints the median step time, then the profiler's top CUDA
 kernels for two steps and the GPU's busy time against the wall time (the difference: the GPU waiting).
 --host_profile adds Python's profile of the host queuing two steps (where its time goes when it is the bottleneck).

@@ -1,7 +1,7 @@
 """GPU tier: the baseline trainer's CUDA paths (bf16 + compile, fp16 + GradScaler, attention backends).
 
-Skipped without CUDA (see conftest.py); results of the last run on a lent H100 are in the closing
-note of the issue that changed them.
+Skipped without CUDA (see conftest.py); run them with `python -m pytest -m gpu` on a CUDA machine
+(`bash tests/gpu_session.sh` runs them with the throughput sweep).
 """
 
 import pytest

@@ -1,4 +1,4 @@
-"""GPU checks of the speedrun model (skipped without CUDA; run on a lent H100, results in the closing note):
+"""GPU checks of the speedrun model (skipped without CUDA; `python -m pytest -m gpu` on a CUDA machine):
 FlexAttention with the block masks built here against SDPA with the explicit mask, the compiled model
 (FlexAttention, Triton kernels) against the eager SDPA/reference path, and causality of the compiled path."""
 

@@ -860,7 +860,7 @@ def test_a_finished_run_run_again_is_left_as_it_is(char_corpus, tmp_path):
 
 
 def test_the_benchmark_session_script_on_two_cpu_ranks(char_corpus, tmp_path):
-    """tests/modded_gpu_session.sh (the one-call benchmark on a lent GPU) through torchrun on 2 CPU ranks with
+    """tests/modded_gpu_session.sh (the one-call benchmark on a GPU machine) through torchrun on 2 CPU ranks with
     the tiny recipe: a summary row per stage; a second call writes a new run directory instead of finding the
     first run ended; a trainer that fails makes the script fail and say so (not a traceback from the summary)."""
     env = dict(os.environ, OUT=str(tmp_path / "out"), NUM_GPUS="2", DATA=str(char_corpus), STEPS="9", TESTS="0",
