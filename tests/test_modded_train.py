@@ -104,7 +104,7 @@ def test_world_sizes_one_and_two_give_the_same_parameters(char_corpus, tmp_path)
     # difference of a near-zero gradient into up to ~lr * 1e-3; the value and bigram tables take 75x Adam's lr
     # (measured: 4.2e-4 on one of 81,920 bigram entries, whose values reach 1.1; 3.7e-9 on the head).
     for name, tensor in one["model"].items():
-        atol = 7.5e-3 if name in ("value_embeds", "bigram_embed") else 1e-4
+        atol = 1e-3 if name in ("value_embeds", "bigram_embed") else 1e-4
         torch.testing.assert_close(two["model"][name], tensor, rtol=1e-4, atol=atol, msg=name)
     for bank, state in one["optimizer"]["muon"].items():
         for key, value in state.items():
