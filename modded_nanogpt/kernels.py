@@ -454,7 +454,7 @@ def softcap(logits, cap=23.0, shift=5.0, div=7.5):
 
 
 def softcapped_cross_entropy_reference(logits, targets, mtp_weights, cap=23.0, shift=5.0, div=7.5,
-                                       reduction="sum"):
+                                       reduction="sum", with_next_token=False):
     """The loss of softcapped_cross_entropy in plain PyTorch, at least fp32, autograd by torch.
 
     float64 logits are computed in float64, so torch.autograd.gradcheck applies.
@@ -464,13 +464,18 @@ def softcapped_cross_entropy_reference(logits, targets, mtp_weights, cap=23.0, s
     capped = softcap(logits, cap, shift, div)
     log_probs = torch.log_softmax(capped, dim=-1)
     loss = log_probs.new_zeros(())
+    next_token = None
     for k in range(min(len(mtp_weights), rows)):
         picked = log_probs[: rows - k].gather(1, targets[k:, None].long()).squeeze(1)
         loss = loss - mtp_weights[k] * picked.sum()
-    return loss / rows if reduction == "mean" else loss
+        if k == 0:
+            next_token = -picked.detach().sum()
+    scale = 1 / rows if reduction == "mean" else 1
+    return (loss * scale, next_token * scale) if with_next_token else loss * scale
 
 
-def softcapped_cross_entropy(logits, targets, mtp_weights, cap=23.0, shift=5.0, div=7.5, reduction="sum"):
+def softcapped_cross_entropy(logits, targets, mtp_weights, cap=23.0, shift=5.0, div=7.5, reduction="sum",
+                             with_next_token=False):
     """Multi-token-prediction cross-entropy on softcapped logits, an fp32 scalar.
 
     s = cap * sigmoid((logits + shift) / div) bounds the logits to (0, cap). The loss is
@@ -484,6 +489,10 @@ def softcapped_cross_entropy(logits, targets, mtp_weights, cap=23.0, shift=5.0, 
     Under torch.compile floats are baked into the graph, so changing them recompiles; a
     tensor's values can change freely (only a change of its length recompiles).
 
+    with_next_token=True returns (loss, next_token_loss): the second is the unweighted k = 0 term
+    alone (sum over rows of CE(s_t, targets[t]), same reduction), without gradient, the loss a
+    trainer logs next to its MTP objective. The fused kernel writes it in the same pass.
+
     The fused forward makes one pass over each row (softcap, running max, log-sum-exp, and the
     target terms) and keeps only the row's log-sum-exp; the backward recomputes the softcap
     from the logits rather than saving an (N, V) gradient in the forward, so evaluation
@@ -492,15 +501,17 @@ def softcapped_cross_entropy(logits, targets, mtp_weights, cap=23.0, shift=5.0, 
     """
     _check_ce_args(logits, targets, mtp_weights, cap, reduction)
     if not use_triton(logits):
-        return softcapped_cross_entropy_reference(logits, targets, mtp_weights, cap, shift, div, reduction)
+        return softcapped_cross_entropy_reference(logits, targets, mtp_weights, cap, shift, div, reduction,
+                                                  with_next_token)
     if isinstance(mtp_weights, torch.Tensor):
         weights, weight_values = mtp_weights, []
     else:
         weights, weight_values = None, [float(w) for w in mtp_weights]
-    row_losses, _ = torch.ops.modded_nanogpt.softcapped_cross_entropy(
+    row_losses, _, row_next = torch.ops.modded_nanogpt.softcapped_cross_entropy(
         logits, targets, weights, weight_values, float(cap), float(shift), float(div))
-    loss = row_losses.sum()
-    return loss / logits.shape[0] if reduction == "mean" else loss
+    scale = 1 / logits.shape[0] if reduction == "mean" else 1
+    loss = row_losses.sum() * scale
+    return (loss, row_next.detach().sum() * scale) if with_next_token else loss
 
 
 @functools.lru_cache(maxsize=64)
@@ -520,8 +531,9 @@ def _mtp_weight_tensor(weights, weight_values, device):
 @torch.library.custom_op("modded_nanogpt::softcapped_cross_entropy", mutates_args=())
 def _softcapped_ce_op(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None,
                       weight_values: list[float], cap: float, shift: float,
-                      div: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row_losses, row_lse), both fp32 (N,): each row's weighted loss terms and log-sum-exp.
+                      div: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row_losses, row_lse, row_next), fp32 (N,): each row's weighted loss terms, its log-sum-exp and its
+    unweighted next-token loss (no gradient flows through row_lse or row_next).
 
     The MTP weights come either as a tensor (weights) or as floats (weight_values, weights None).
     """
@@ -534,17 +546,18 @@ def _softcapped_ce_forward(logits, targets, weights, weight_values, cap, shift, 
     weights = _mtp_weight_tensor(weights, weight_values, logits.device)
     row_losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
     row_lse = torch.empty_like(row_losses)
+    row_next = torch.empty_like(row_losses)
     _softcapped_ce_forward_kernel[(rows,)](
-        logits, logits.stride(0), targets.contiguous(), weights, row_losses, row_lse,
+        logits, logits.stride(0), targets.contiguous(), weights, row_losses, row_lse, row_next,
         rows, vocab, cap, shift, 1.0 / div, N_MTP=weights.numel(), FAST=_fast_sigmoid(logits),
     )
-    return row_losses, row_lse
+    return row_losses, row_lse, row_next
 
 
 @_softcapped_ce_op.register_fake
 def _(logits, targets, weights, weight_values, cap, shift, div):
     row_losses = logits.new_empty(logits.shape[:1], dtype=torch.float32)
-    return row_losses, torch.empty_like(row_losses)
+    return row_losses, torch.empty_like(row_losses), torch.empty_like(row_losses)
 
 
 @torch.library.custom_op("modded_nanogpt::softcapped_cross_entropy_backward", mutates_args=())
@@ -576,7 +589,7 @@ def _softcapped_ce_setup_context(ctx, inputs, output):
     ctx.args = (weight_values, cap, shift, div)
 
 
-def _softcapped_ce_backward(ctx, grad_rows, _grad_lse):
+def _softcapped_ce_backward(ctx, grad_rows, _grad_lse, _grad_next):
     logits, targets, weights, row_lse = ctx.saved_tensors
     weight_values, cap, shift, div = ctx.args
     grad_logits = torch.ops.modded_nanogpt.softcapped_cross_entropy_backward(
@@ -592,39 +605,42 @@ _softcapped_ce_op.register_autograd(_softcapped_ce_backward, setup_context=_soft
 # ---------------------------------------------------------------------------------------------
 
 def fp8_softcapped_cross_entropy(x, weight_t, targets, mtp_weights, x_scale, w_scale, grad_scale,
-                                 cap=23.0, shift=5.0, div=7.5):
+                                 cap=23.0, shift=5.0, div=7.5, with_next_token=False):
     """softcapped_cross_entropy(fp8_linear(x, weight_t, x_scale, w_scale, grad_scale), targets,
     mtp_weights), reduction "sum": the same function, with half the memory traffic in backward.
 
     Apart, the loss's backward writes the logits' gradient in bf16 and fp8_linear's backward reads it
     back to quantize it (bytes moved per element: 2 + 2 + 2 + 2 + 1 + 1); here one kernel reads the
     logits, computes each gradient element, rounds it to bf16 (so the codes are those of the two ops
-    apart) and writes its e5m2 code in both layouts the products take (2 + 1 + 1). x (N, K), weight_t (K, V), targets (N,). Elsewhere than on fp8 tensor cores it is the
-    composition of the two ops.
+    apart) and writes its e5m2 code in both layouts the products take (2 + 1 + 1). x (N, K), weight_t (K, V),
+    targets (N,). Elsewhere than on fp8 tensor cores it is the composition of the two ops.
+    with_next_token: as in softcapped_cross_entropy.
     """
     _check_fp8_shapes(x, weight_t)
     if not (use_triton(x) and x.ndim == 2 and has_fp8_tensor_cores(x.device.index)):
         logits = fp8_linear(x, weight_t, x_scale, w_scale, grad_scale)
-        return softcapped_cross_entropy(logits, targets, mtp_weights, cap, shift, div, reduction="sum")
+        return softcapped_cross_entropy(logits, targets, mtp_weights, cap, shift, div, reduction="sum",
+                                        with_next_token=with_next_token)
     _check_ce_args(x, targets, mtp_weights, cap, "sum")
     if isinstance(mtp_weights, torch.Tensor):
         weights, weight_values = mtp_weights, []
     else:
         weights, weight_values = None, [float(w) for w in mtp_weights]
-    row_losses, *_ = torch.ops.modded_nanogpt.fp8_softcapped_cross_entropy(
+    row_losses, _, row_next, *_ = torch.ops.modded_nanogpt.fp8_softcapped_cross_entropy(
         x, weight_t, targets, weights, weight_values, float(x_scale), float(w_scale), float(grad_scale),
         float(cap), float(shift), float(div))
-    return row_losses.sum()
+    return (row_losses.sum(), row_next.detach().sum()) if with_next_token else row_losses.sum()
 
 
 @torch.library.custom_op("modded_nanogpt::fp8_softcapped_cross_entropy", mutates_args=())
 def _fp8_ce_op(x: torch.Tensor, weight_t: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None,
                weight_values: list[float], x_scale: float, w_scale: float, grad_scale: float, cap: float,
-               shift: float, div: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row_losses, row_lse, logits, x_fp8^T, weight_t_fp8); the last three are kept for backward."""
+               shift: float, div: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                  torch.Tensor, torch.Tensor]:
+    """(row_losses, row_lse, row_next, logits, x_fp8^T, weight_t_fp8); the last three are kept for backward."""
     logits, x_fp8_t, w_fp8 = _fp8_linear_forward(x, weight_t, x_scale, w_scale)
-    row_losses, row_lse = _softcapped_ce_forward(logits, targets, weights, weight_values, cap, shift, div)
-    return row_losses, row_lse, logits, x_fp8_t, w_fp8
+    row_losses, row_lse, row_next = _softcapped_ce_forward(logits, targets, weights, weight_values, cap, shift, div)
+    return row_losses, row_lse, row_next, logits, x_fp8_t, w_fp8
 
 
 @_fp8_ce_op.register_fake
@@ -632,7 +648,8 @@ def _(x, weight_t, targets, weights, weight_values, x_scale, w_scale, grad_scale
     row_losses = x.new_empty(x.shape[:1], dtype=torch.float32)
     logits = x.new_empty((x.shape[0], weight_t.shape[1]), dtype=torch.bfloat16)
     x_fp8_t = x.new_empty((x.shape[1], x.shape[0]), dtype=_FLOAT8_E4M3)
-    return row_losses, torch.empty_like(row_losses), logits, x_fp8_t, weight_t.new_empty(weight_t.shape, dtype=_FLOAT8_E4M3)
+    return (row_losses, torch.empty_like(row_losses), torch.empty_like(row_losses), logits, x_fp8_t,
+            weight_t.new_empty(weight_t.shape, dtype=_FLOAT8_E4M3))
 
 
 @torch.library.custom_op("modded_nanogpt::fp8_softcapped_cross_entropy_backward", mutates_args=())
@@ -673,7 +690,7 @@ def _softcapped_ce_grad_fp8(grad_rows, logits, targets, weights, weight_values, 
 
 def _fp8_ce_setup_context(ctx, inputs, output):
     x, weight_t, targets, weights, weight_values, x_scale, w_scale, grad_scale, cap, shift, div = inputs
-    _, row_lse, logits, x_fp8_t, w_fp8 = output
+    _, row_lse, _, logits, x_fp8_t, w_fp8 = output
     ctx.save_for_backward(logits, targets, weights, row_lse, x_fp8_t, w_fp8)
     ctx.args = (weight_values, x_scale, w_scale, grad_scale, cap, shift, div, x.dtype, weight_t.dtype)
 
@@ -1136,8 +1153,10 @@ if triton is not None:
     @triton.autotune(configs=_ROW_CONFIGS, key=["V", "N_MTP"])
     @triton.jit(do_not_specialize=["N_MTP"])
     def _softcapped_ce_forward_kernel(logits_ptr, stride_row, targets_ptr, weights_ptr, row_loss_ptr, row_lse_ptr,
-                                      N, V, cap, shift, inv_div, N_MTP, BLOCK_V: tl.constexpr, FAST: tl.constexpr):
-        """One program per row: log-sum-exp of the softcapped row, then its weighted target terms."""
+                                      row_next_ptr, N, V, cap, shift, inv_div, N_MTP, BLOCK_V: tl.constexpr,
+                                      FAST: tl.constexpr):
+        """One program per row: log-sum-exp of the softcapped row, then its weighted target terms and its
+        unweighted next-token term (the loss the trainer logs)."""
         row = tl.program_id(0)
         row_ptr = logits_ptr + row.to(tl.int64) * stride_row
         # Online log-sum-exp. Softcapped values lie in (0, cap), so 0 is a safe starting max.
@@ -1161,6 +1180,8 @@ if triton is not None:
             z_target = tl.load(row_ptr + target).to(tl.float32)
             capped_target = cap * _sigmoid((z_target + shift) * inv_div, FAST)
             loss += tl.where(valid, tl.load(weights_ptr + k) * (lse - capped_target), 0.0)
+        z_next = tl.load(row_ptr + tl.load(targets_ptr + row)).to(tl.float32)
+        tl.store(row_next_ptr + row, lse - cap * _sigmoid((z_next + shift) * inv_div, FAST))
         tl.store(row_loss_ptr + row, loss)
         tl.store(row_lse_ptr + row, lse)
 

@@ -549,15 +549,17 @@ class GPT(nn.Module):
         return masks
 
     def forward(self, inputs, targets, short_window, long_window, mtp_weights=(1.0,),
-                loss_divisor: float = 1.0, cu_seqlens=None, rows=None):
+                loss_divisor: float = 1.0, cu_seqlens=None, rows=None, with_next_token: bool = False):
         """Loss of one packed sequence: sum over positions t and k of mtp_weights[k] * CE(logits_t,
         targets[t + k]), divided by loss_divisor. Windows in blocks of 128 tokens: ints, or 0-d integer
         tensors (flex, sdpa), which a compiled graph takes as inputs instead of specializing on them.
         rows: the embedding rows of these inputs from gather_rows (else the tables are read here).
         In eval mode (model.eval(), validation) the head runs in the compute dtype, without fp8, as the
-        published validation does."""
+        published validation does. with_next_token=True returns (loss, next_token_loss): the second is the
+        sum of the plain next-token terms CE(logits_t, targets[t]) / loss_divisor, without gradient (what the
+        trainer logs as train_loss, comparable with val_loss)."""
         return self.loss(self.states(inputs, short_window, long_window, cu_seqlens, rows), targets, mtp_weights,
-                         loss_divisor)
+                         loss_divisor, with_next_token)
 
     @torch.no_grad()
     def next_token_logits(self, inputs, short_window: int, long_window: int) -> torch.Tensor:
@@ -630,22 +632,30 @@ class GPT(nn.Module):
             x = x - s[self.scalar_index["backout"]] * backout
         return norm(x)
 
-    def loss(self, x, targets, mtp_weights, loss_divisor):
+    def loss(self, x, targets, mtp_weights, loss_divisor, with_next_token: bool = False):
         c = self.config
         if not self.training:
-            return self.eval_loss(x, targets, mtp_weights, loss_divisor)
+            loss = self.eval_loss(x, targets, mtp_weights, loss_divisor)
+            return (loss, loss.detach()) if with_next_token else loss
         if c.fp8 and c.softcap and x.is_cuda:
             # One op: its backward writes the logits' gradient straight in fp8 (kernels.py says why).
-            return kernels.fp8_softcapped_cross_entropy(
+            out = kernels.fp8_softcapped_cross_entropy(
                 x, self.lm_head_t, targets, mtp_weights, c.fp8_x_scale, c.fp8_w_scale,
-                c.fp8_grad_scale / loss_divisor) / loss_divisor
-        if c.fp8 and x.is_cuda:
-            logits = kernels.fp8_linear(x, self.lm_head_t, c.fp8_x_scale, c.fp8_w_scale, c.fp8_grad_scale / loss_divisor)
+                c.fp8_grad_scale / loss_divisor, with_next_token=with_next_token)
         else:
-            logits = x @ self.lm_head_t.to(x.dtype)
-        if c.softcap:
-            return kernels.softcapped_cross_entropy(logits, targets, mtp_weights, reduction="sum") / loss_divisor
-        return plain_cross_entropy(logits, targets, mtp_weights) / loss_divisor
+            if c.fp8 and x.is_cuda:
+                logits = kernels.fp8_linear(x, self.lm_head_t, c.fp8_x_scale, c.fp8_w_scale,
+                                            c.fp8_grad_scale / loss_divisor)
+            else:
+                logits = x @ self.lm_head_t.to(x.dtype)
+            if c.softcap:
+                out = kernels.softcapped_cross_entropy(logits, targets, mtp_weights, reduction="sum",
+                                                       with_next_token=with_next_token)
+            else:
+                out = plain_cross_entropy(logits, targets, mtp_weights, with_next_token)
+        if with_next_token:
+            return out[0] / loss_divisor, out[1] / loss_divisor
+        return out / loss_divisor
 
     def eval_loss(self, x, targets, mtp_weights, loss_divisor, rows_per_chunk: int = EVAL_HEAD_ROWS):
         """The loss with the head in the compute dtype (bf16 on GPU), no fp8, next-token only (validation calls
@@ -665,13 +675,17 @@ class GPT(nn.Module):
         return total / loss_divisor
 
 
-def plain_cross_entropy(logits, targets, mtp_weights):
-    """sum over t and k of mtp_weights[k] * CE(logits_t, targets[t + k]), in float32, without a softcap."""
+def plain_cross_entropy(logits, targets, mtp_weights, with_next_token: bool = False):
+    """sum over t and k of mtp_weights[k] * CE(logits_t, targets[t + k]), in float32, without a softcap;
+    with_next_token: (that, the k = 0 sum unweighted and without gradient)."""
     logits = logits.float()
-    total = 0
+    total = next_token = 0
     for k in range(len(mtp_weights)):
-        total = total + mtp_weights[k] * F.cross_entropy(logits[: logits.size(0) - k], targets[k:], reduction="sum")
-    return total
+        term = F.cross_entropy(logits[: logits.size(0) - k], targets[k:], reduction="sum")
+        total = total + mtp_weights[k] * term
+        if k == 0:
+            next_token = term.detach()
+    return (total, next_token) if with_next_token else total
 
 
 def validate_config(c: ModelConfig):

@@ -12,7 +12,10 @@ Lists are comma-separated (`--paired_head_layers=0,2` or `none`); stage schedule
 A run: validate everything -> build the model, compile it -> an untimed warmup that runs one step of
 every shape the schedule will meet (and the validations), then restores model, optimizer and data
 state -> the timed run (synchronized clock that excludes warmup, validation and checkpoints), with
-`step:N/T train_time:Xms step_avg:Yms` per step and `val_loss` per validation. The run directory
+`step:N/T train_loss:L train_mtp_loss:M train_time:Xms step_avg:Yms` per step and `val_loss` per validation.
+train_loss is the next-token cross-entropy per token (the quantity val_loss measures, so the two compare);
+train_mtp_loss is the objective the step minimizes, the multi-token-prediction weighted sum per token (equal
+to train_loss once the schedule's MTP weights are (1.0,), in the last stage). The run directory
 (runlog.py) gets config.json, provenance.json, metrics.jsonl, train.log and ckpt/; the same command
 resumes from the newest checkpoint. SIGUSR1/SIGUSR2/SIGTERM and max_train_minutes checkpoint and exit 0.
 """
@@ -425,14 +428,15 @@ class StopSignal:
 
 
 class StepReadings:
-    """A step's loss and its all-ranks stop flag, read one step late so the host never waits for the GPU
+    """A step's losses and its all-ranks stop flag, read one step late so the host never waits for the GPU
     between steps (with a per-step `.item()` the GPU idles while the host launches the next step's first
     kernels: ~1 ms per stage-3 step on an H200, more where the host is slower).
 
-    `queue(loss, stop)` is called right after a step is queued: it reduces the stop flag over the ranks
-    (MAX, queued on the stream like everything else), copies loss and flag to pinned host memory without
+    `queue(losses, stop)` is called right after a step is queued: it reduces the stop flag over the ranks
+    (MAX, queued on the stream like everything else), copies losses and flag to pinned host memory without
     waiting, and records an event. `wait(record)` blocks on that event only, typically while the GPU is
-    already running the next step, and returns (time it finished, loss, any rank asked to stop). Every rank
+    already running the next step, and returns (time it finished, the losses as floats, any rank asked to
+    stop). Every rank
     reads the same reduced flag for the same step, so all ranks stop at the same step. On CPU everything
     has already happened.
     """
@@ -440,27 +444,28 @@ class StepReadings:
     def __init__(self, rt: Runtime):
         self.rt = rt
 
-    def queue(self, loss: torch.Tensor, stop: bool) -> dict:
-        values = loss.detach().float().reshape(1)
+    def queue(self, losses: torch.Tensor, stop: bool) -> dict:
+        values = losses.detach().float().reshape(-1)
+        count = values.numel()
         if self.rt.world_size > 1:
             flag = to_device_async(torch.tensor([float(stop)]), self.rt.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             values = torch.cat([values, flag])
         if self.rt.device.type != "cuda":
-            return {"values": values, "stop": stop, "event": None}
+            return {"values": values, "count": count, "stop": stop, "event": None}
         host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
         host.copy_(values, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return {"values": host, "stop": stop, "event": event}
+        return {"values": host, "count": count, "stop": stop, "event": event}
 
     @staticmethod
-    def wait(record: dict) -> tuple[float, float, bool]:
+    def wait(record: dict) -> tuple[float, list[float], bool]:
         if record["event"] is not None:
             record["event"].synchronize()
         now = time.perf_counter()
-        values = record["values"].tolist()
-        return now, values[0], values[1] > 0 if len(values) > 1 else record["stop"]
+        values, count = record["values"].tolist(), record["count"]
+        return now, values[:count], values[count] > 0 if len(values) > count else record["stop"]
 
 
 # ---- optimizer -----------------------------------------------------------------------------------------
@@ -512,7 +517,8 @@ def embedding_rows(model, inputs) -> tuple[dict | None, list]:
 
 
 def train_step(model, step_fn, optimizer, loader, plan, rt: Runtime):
-    """Forward/backward over this rank's micro-steps, then the optimizer; returns the step's loss (a tensor)."""
+    """Forward/backward over this rank's micro-steps, then the optimizer; returns the step's mean losses per
+    token, a tensor [next-token loss, MTP-weighted loss] (still on the device: reading it waits for the GPU)."""
     accumulation = TOTAL_MICRO_STEPS // rt.world_size
     micro_tokens = plan.batch_tokens // TOTAL_MICRO_STEPS
     loader.tokens_per_rank = micro_tokens
@@ -520,21 +526,25 @@ def train_step(model, step_fn, optimizer, loader, plan, rt: Runtime):
     # A tensor, so the weights can move every step without a recompile (their count changes per stage).
     mtp = to_device_async(torch.tensor(plan.mtp_weights, dtype=torch.float32), rt.device)
     short, long = window_inputs(model, plan.short_window, plan.long_window, rt.device)
+    next_total = torch.zeros((), device=rt.device)
     loss_total = torch.zeros((), device=rt.device)
     for _ in range(accumulation):
         batch = loader.next_batch()
         rows, scatter = embedding_rows(model, batch.inputs)
-        loss = step_fn(batch.inputs, batch.targets, short, long, mtp, LOSS_DIVISOR, batch.cu_seqlens, rows)
+        loss, next_token = step_fn(batch.inputs, batch.targets, short, long, mtp, LOSS_DIVISOR, batch.cu_seqlens,
+                                   rows, with_next_token=True)
         loss.backward()
         model.add_row_grads(scatter)
         loss_total += loss.detach()
+        next_total += next_token
     optimizer.step(plan.lr_multiplier, plan.adam_step, plan.muon_momentum)
     if plan.untie_after:
         model.untie()
         optimizer.copy_adam_state(model.lm_head_t, model.embed, transform=lambda t: t.T if t.ndim == 2 else t)
+    totals = torch.stack([next_total, loss_total])
     if rt.world_size > 1:
-        dist.all_reduce(loss_total)
-    return loss_total * (LOSS_DIVISOR / plan.batch_tokens)  # the mean over the step's tokens
+        dist.all_reduce(totals)
+    return totals * (LOSS_DIVISOR / plan.batch_tokens)  # the means over the step's tokens
 
 
 def validate(model, eval_fn, val_files, hp: Hyperparameters, rt: Runtime, short_window: int, long_window: int,
@@ -747,19 +757,19 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
         rank asked to stop by then."""
         nonlocal clock
         done_step, done_plan, tokens, record = entry
-        now, loss_value, stop = readings.wait(record)
+        now, (loss_value, mtp_loss_value), stop = readings.wait(record)
         state["train_time_ms"] += 1000 * (now - clock)
         clock = now
         if done_step % hp.log_every == 0 or done_step == total_steps:
             step_avg = state["train_time_ms"] / done_step
-            log(f"step:{done_step}/{total_steps} train_loss:{loss_value:.4f} train_time:{state['train_time_ms']:.0f}ms "
-                f"step_avg:{step_avg:.2f}ms")
+            log(f"step:{done_step}/{total_steps} train_loss:{loss_value:.4f} train_mtp_loss:{mtp_loss_value:.4f} "
+                f"train_time:{state['train_time_ms']:.0f}ms step_avg:{step_avg:.2f}ms")
             log_run.metric("train", step=done_step, tokens=tokens, train_time_ms=state["train_time_ms"],
-                           loss=loss_value, lr_multiplier=done_plan.lr_multiplier, stage=done_plan.stage,
+                           loss=loss_value, mtp_loss=mtp_loss_value, lr_multiplier=done_plan.lr_multiplier, stage=done_plan.stage,
                            batch_tokens=done_plan.batch_tokens, windows=[done_plan.short_window, done_plan.long_window],
                            mtp_weights=list(done_plan.mtp_weights), step_avg_ms=step_avg)
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss is {loss_value} at step {done_step}")
+            if not (math.isfinite(loss_value) and math.isfinite(mtp_loss_value)):
+                raise FloatingPointError(f"loss is {loss_value} (MTP-weighted {mtp_loss_value}) at step {done_step}")
         return stop
 
     with StopSignal() as stop_signal:

@@ -63,7 +63,7 @@ def bench_head(rows: int):
     logits = (3 * torch.randn(rows, vocab, generator=g, device="cuda")).bfloat16()
     targets = torch.randint(0, vocab, (rows,), generator=g, device="cuda")
     weights = torch.tensor([1.0], device="cuda")
-    _, lse = kernels._softcapped_ce_forward(logits, targets, weights, [], 23.0, 5.0, 7.5)
+    _, lse, _ = kernels._softcapped_ce_forward(logits, targets, weights, [], 23.0, 5.0, 7.5)
     grad_rows = torch.full((1,), 1.0 / rows, device="cuda").expand(rows)
     scale = 2.0**-10 / rows
 
@@ -162,14 +162,14 @@ def main(argv):
     # The trainer's steps alternate: Adam updates on odd steps only (NorMuon every step). Profiled steps do too.
     plans = [dataclasses.replace(plan, untie_after=False, adam_step=odd) for odd in (False, True)]
     t0 = time.perf_counter()
-    train_step(model, step_fn, optimizer, loader, plans[1], rt).item()
+    train_step(model, step_fn, optimizer, loader, plans[1], rt).tolist()
     print(f"stage {stage}: {plan.batch_tokens} tokens/step, windows {plan.short_window},{plan.long_window}; "
           f"compile + first step {time.perf_counter() - t0:.1f}s", flush=True)
     times = []
     for i in range(steps):
         torch.cuda.synchronize()
         t = time.perf_counter()
-        train_step(model, step_fn, optimizer, loader, plans[i % 2], rt).item()
+        train_step(model, step_fn, optimizer, loader, plans[i % 2], rt).tolist()
         times.append(1000 * (time.perf_counter() - t))
     print(f"median step {statistics.median(times):.1f} ms over {steps} steps: {[round(t) for t in times]}", flush=True)
     # As the trainer runs: no wait between steps (it reads each step's loss one step late).
@@ -195,7 +195,7 @@ def main(argv):
         return
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for i in range(2):
-            train_step(model, step_fn, optimizer, loader, plans[i % 2], rt).item()
+            train_step(model, step_fn, optimizer, loader, plans[i % 2], rt).tolist()
     averages = prof.key_averages()
     print(averages.table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=110))
     kernels_only = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]

@@ -122,6 +122,9 @@ def test_help_lists_every_setting_with_its_default_and_description(module):
         row = next(i for i, line in enumerate(lines) if line.startswith(f"  --{f.name}="))
         assert lines[row + 1].startswith("      ") and len(lines[row + 1].strip()) > 3, (f.name, lines[row + 1])
     assert "--warmup_iters=2000  (int)" in proc.stdout or "--untie_step=-1  (int)" in proc.stdout
+    if module == "modded_nanogpt.train_gpt":  # what the two logged training losses are
+        assert "train_loss is the next-token cross-entropy" in proc.stdout
+        assert "train_mtp_loss is the objective the step minimizes" in proc.stdout
 
 
 def test_the_two_field_comment_readers_are_the_same_code():

@@ -284,6 +284,19 @@ def test_softcapped_ce_weights_as_tensor_equal_weights_as_floats():
     torch.testing.assert_close(as_floats, as_tensor, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_softcapped_ce_with_next_token_returns_the_unweighted_first_term(reduction):
+    """with_next_token: the loss unchanged, plus CE(s_t, targets[t]) alone (what the trainer logs), no gradient."""
+    logits, targets = ce_inputs(9, 17, torch.float32, seed=18)
+    logits.requires_grad_()
+    weights = (0.8, 0.5, 0.25)  # a first weight other than 1: the logged loss is unweighted
+    loss, next_token = softcapped_cross_entropy(logits, targets, weights, reduction=reduction, with_next_token=True)
+    assert torch.equal(loss, softcapped_cross_entropy(logits, targets, weights, reduction=reduction))
+    expected = ce_float64(logits.detach(), targets, (1.0,), reduction=reduction)
+    assert abs(next_token.item() - expected.item()) <= 1e-5 * expected.item()
+    assert not next_token.requires_grad and loss.requires_grad
+
+
 def test_softcapped_ce_reference_gradcheck():
     logits, targets = ce_inputs(4, 6, torch.float64, seed=16)
     logits.requires_grad_()
@@ -578,6 +591,11 @@ def test_gpu_softcapped_ce_matches_reference(shape, weights, fast, monkeypatch):
     slack = 2 * 23.0 * 2**-11.99 * shape[0] * sum(weights) if fast else 0.0
     assert abs(loss.item() - ref_loss.item()) <= 1e-4 * abs(ref_loss.item()) + slack
     assert rel_err(grad, ref_grad) < 1e-2
+    with torch.no_grad():  # the next-token loss the kernel writes beside the weighted one
+        fused, next_token = softcapped_cross_entropy(logits, targets, weights, with_next_token=True)
+        ref_next = softcapped_cross_entropy_reference(logits, targets, (1.0,))
+    assert torch.equal(fused, loss)
+    assert abs(next_token.item() - ref_next.item()) <= 1e-4 * ref_next.item() + slack / sum(weights)
 
 
 @pytest.mark.gpu
@@ -602,7 +620,7 @@ def test_gpu_ce_grad_fp8_kernel_matches_the_two_kernels(shape, weights):
         pytest.skip("no fp8 tensor cores (needs sm_89 or later)")
     logits, targets = ce_inputs(*shape, torch.bfloat16, seed=40, device="cuda")
     weight_tensor = torch.tensor(weights, device="cuda")
-    _, row_lse = kernels._softcapped_ce_forward(logits, targets, weight_tensor, [], 23.0, 5.0, 7.5)
+    _, row_lse, _ = kernels._softcapped_ce_forward(logits, targets, weight_tensor, [], 23.0, 5.0, 7.5)
     grad_rows = torch.full((1,), 1.0 / shape[0], device="cuda").expand(shape[0])  # a sum's gradient, stride 0
     grad = kernels._softcapped_ce_backward_op(grad_rows, logits, targets, weight_tensor, [], row_lse, 23.0, 5.0, 7.5)
     scale = grad.float().abs().max().item() / E5M2_MAX
@@ -638,6 +656,13 @@ def test_gpu_fp8_softcapped_ce_matches_the_two_ops(shape, weights):
     assert torch.equal(fused[0], apart[0])
     for got, want in zip(fused[1:], apart[1:], strict=True):
         assert rel_err(got, want) < 1e-3  # the same fp8 codes but for rare one-step differences
+    with torch.no_grad():
+        _, fused_next = fp8_softcapped_cross_entropy(x, weight_t, targets, weights, *scales, with_next_token=True)
+        logits = fp8_linear(x, weight_t, *scales)
+        _, apart_next = softcapped_cross_entropy(logits, targets, weights, with_next_token=True)
+        ref_next = softcapped_cross_entropy_reference(logits, targets, (1.0,))
+    assert torch.equal(fused_next, apart_next)
+    assert abs(fused_next.item() - ref_next.item()) <= 1e-4 * ref_next.item()
 
 
 @pytest.mark.gpu

@@ -3,6 +3,7 @@ and the optimizer step against slow references."""
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -68,6 +69,12 @@ def test_twenty_cpu_steps_on_the_local_corpus(char_corpus, tmp_path):
     assert [m["step"] for m in val] == [10, 20, 22]
     assert train[-1]["loss"] < 0.6 * train[0]["loss"]
     assert val[-1]["val_loss"] < val[0]["val_loss"]
+    # loss: the next-token loss, in val_loss's units; mtp_loss: the weighted objective, larger until the MTP
+    # weights become (1.0,) in the last stage
+    assert all(m["mtp_loss"] > m["loss"] for m in train if len(m["mtp_weights"]) > 1)
+    assert all(m["mtp_loss"] == pytest.approx(m["loss"], rel=1e-5) for m in train if m["mtp_weights"] == [1.0])
+    assert train[0]["loss"] < 1.5 * math.log(json.loads((char_corpus / "corpus.json").read_text())["vocab_size"])
+    assert re.search(r"step:22/22 train_loss:\d+\.\d+ train_mtp_loss:\d+\.\d+ train_time:", proc.stdout)
     end = metrics[-1]
     assert end["kind"] == "end" and end["final_val_loss"] == val[-1]["val_loss"]
     assert "step:22/22 val_loss:" in proc.stdout and "step_avg:" in proc.stdout
@@ -686,17 +693,22 @@ def test_micro_step_loss_is_the_token_sum_over_4_as_published(char_corpus):
     loader = DistributedBOSLoader(train_files, plan.batch_tokens // TOTAL_MICRO_STEPS, hp.seq_len, hp.bos_id)
     seen = []
 
-    def spy(inputs, targets, short, long, mtp, divisor, *rest):
-        loss = model(inputs, targets, short, long, mtp, divisor, *rest)
+    def spy(inputs, targets, short, long, mtp, divisor, *rest, with_next_token=False):
+        loss, next_token = model(inputs, targets, short, long, mtp, divisor, *rest, with_next_token=with_next_token)
         summed = model(inputs, targets, short, long, mtp, 1.0, *rest).detach()
-        seen.append((divisor, loss.detach(), summed))
-        return loss
+        next_summed = model(inputs, targets, short, long, (1.0,), 1.0, *rest).detach()
+        seen.append((divisor, loss.detach(), summed, next_token, next_summed))
+        return loss, next_token
 
-    mean = train_step(model, spy, optimizer, loader, plan, rt)
-    assert [d for d, _, _ in seen] == [4.0] * 8
-    for _, loss, summed in seen:
+    next_mean, mtp_mean = train_step(model, spy, optimizer, loader, plan, rt)
+    assert len(plan.mtp_weights) > 1  # the first stage: the two means differ
+    assert [entry[0] for entry in seen] == [4.0] * 8
+    for _, loss, summed, next_token, next_summed in seen:
         torch.testing.assert_close(loss, summed / 4)
-    torch.testing.assert_close(mean, sum(summed for _, _, summed in seen) / plan.batch_tokens)
+        torch.testing.assert_close(next_token, next_summed / 4)
+    torch.testing.assert_close(mtp_mean, sum(entry[2] for entry in seen) / plan.batch_tokens)
+    torch.testing.assert_close(next_mean, sum(entry[4] for entry in seen) / plan.batch_tokens)
+    assert mtp_mean > next_mean
 
 
 def test_three_fresh_starts_keep_three_sets_of_logs(tmp_path):
