@@ -23,7 +23,9 @@ Defaults are the published record #68 (modded-nanogpt, Feb 2026); each feature i
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -77,7 +79,7 @@ class ModelConfig:
     residual_init: float = 1.1  # residual lambdas at the start (layer i's output weighs ~1.1^(layers after it))
     lm_head_init_std: float = 0.005  # the head (and the tied embedding) start at N(0, this)
     rope_min_wavelength_ratio: float = 1024.0  # lowest rotating frequency is 1/1024 rad per token
-    attention_backend: str = "auto"  # auto | fa3 | flex | sdpa
+    attention_backend: str = "auto"  # auto | fa3 | fa4 | flex | sdpa
     fp8_x_scale: float = 100 / 448
     fp8_w_scale: float = 1.6 / 448
     fp8_grad_scale: float = 0.75 / 448  # for a loss of unit scale; divided by the forward's loss_divisor
@@ -256,7 +258,7 @@ def flex_block_mask(doc: torch.Tensor, window):
 
 
 def attention_mask(doc: torch.Tensor, window, backend: str):
-    """What `attend` takes as its mask: a BlockMask (flex), the dense boolean mask (sdpa), None (fa3,
+    """What `attend` takes as its mask: a BlockMask (flex), the dense boolean mask (sdpa), None (fa3, fa4,
     whose windows and documents are arguments of the kernel). doc: each position's document id."""
     if backend == "flex":
         return flex_block_mask(doc, window)
@@ -265,39 +267,170 @@ def attention_mask(doc: torch.Tensor, window, backend: str):
     return None
 
 
-def fa3_available() -> bool:
+# FlashAttention 3 from the Hugging Face kernel hub (the `kernels` package downloads a build for this
+# torch/CUDA), as the published speedrun loads it; MODDED_FA3_HUB_KERNEL names another hub repository.
+FA3_HUB_KERNEL = "kernels-community/flash-attn3"
+ATTENTION_BACKENDS = ("auto", "fa3", "fa4", "flex", "sdpa")
+
+
+@functools.lru_cache(maxsize=1)
+def fa3_interface():
+    """(module with flash_attn_varlen_func, where it came from) for FlashAttention 3, or (None, why not).
+
+    A built `flash_attn_interface` first (slurm/modded/build_flash_attn.sh), then the hub kernel through
+    the `kernels` package where that is installed (it needs the hub or its local cache)."""
     try:
-        import flash_attn_interface  # noqa: F401
+        import flash_attn_interface
+
+        return flash_attn_interface, "flash_attn_interface"
     except ImportError:
-        return False
-    return True
+        pass
+    try:
+        from kernels import get_kernel
+    except ImportError:
+        return None, "neither flash_attn_interface nor the kernels package is importable"
+    repo = os.environ.get("MODDED_FA3_HUB_KERNEL", FA3_HUB_KERNEL)
+    try:
+        module = get_kernel(repo)
+    except Exception as e:  # no hub access, no build for this torch/CUDA: report and fall back
+        return None, f"kernels.get_kernel({repo!r}) failed: {type(e).__name__}: {e}"
+    module = getattr(module, "flash_attn_interface", module)  # some hub builds nest the interface
+    if not hasattr(module, "flash_attn_varlen_func"):
+        return None, f"the hub kernel {repo} has no flash_attn_varlen_func"
+    return module, f"kernels hub {repo}"
+
+
+def fa3_available() -> bool:
+    return fa3_interface()[0] is not None
+
+
+def fa4_import_error() -> str | None:
+    """Why FlashAttention 4's CuTe kernels (pip install flash-attn-4) cannot be imported, or None."""
+    try:
+        from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd  # noqa: F401
+    except Exception as e:  # ImportError, or the CuTe DSL failing to load its libraries
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+FA4_ARCHS = (9, 10)  # Hopper (sm90) and Blackwell (sm100): FA4's forward and backward kernels
+
+
+def cuda_major(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
 
 
 def select_attention_backend(requested: str, device: torch.device) -> str:
-    """auto: FlashAttention 3 where installed (Hopper), FlexAttention on other CUDA, SDPA on CPU."""
-    if requested not in ("auto", "fa3", "flex", "sdpa"):
-        raise ValueError(f"attention_backend must be auto, fa3, flex or sdpa, got {requested!r}")
+    """auto: FlashAttention 3 where it loads (Hopper), else FlashAttention 4 on sm90/sm100 where flash-attn-4
+    is installed, else FlexAttention on CUDA, SDPA on CPU. An explicit backend that cannot run is an error
+    that says why."""
+    if requested not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {requested!r}")
+    if requested in ("fa3", "fa4", "flex") and device.type != "cuda":
+        raise ValueError(f"attention_backend={requested} needs CUDA; use sdpa (or auto) on CPU")
     if requested == "auto":
         if device.type != "cuda":
             return "sdpa"
-        return "fa3" if fa3_available() else "flex"
+        if fa3_available():
+            return "fa3"
+        if cuda_major(device) in FA4_ARCHS and fa4_import_error() is None:
+            return "fa4"
+        return "flex"
     if requested == "fa3" and not fa3_available():
-        raise ValueError("attention_backend=fa3 but flash_attn_interface is not importable (see slurm/modded/build_flash_attn.sh)")
-    if requested == "flex" and device.type != "cuda":
-        raise ValueError("attention_backend=flex needs CUDA; use sdpa (or auto) on CPU")
+        raise ValueError(f"attention_backend=fa3 but FlashAttention 3 cannot be loaded ({fa3_interface()[1]}); "
+                         "build it with slurm/modded/build_flash_attn.sh or install the kernels package")
+    if requested == "fa4":
+        major = cuda_major(device)
+        if major not in FA4_ARCHS:
+            raise ValueError(f"attention_backend=fa4 needs a Hopper (sm90) or Blackwell (sm100) GPU, this one is "
+                             f"sm{major}x; use flex (or auto)")
+        why = fa4_import_error()
+        if why is not None:
+            raise ValueError(f"attention_backend=fa4 but flash_attn.cute does not import ({why}); install it with "
+                             "ATTENTION=fa4 bash setup_env.sh (or pip install flash-attn-4)")
     return requested
 
 
-def attend(q, k, v, mask, cu_seqlens, window: int, shift: int, scale: float, backend: str, temperature=None):
-    """q, k, v: (P, H, D) for P positions; mask from attention_mask (window, in positions, and shift, 1 when
-    each token has two positions, are read by FA3 only). Scores are q.k * scale, times temperature (a 0-d
-    tensor, flex only) where given. Returns (P, H, D)."""
+def describe_attention_backend(backend: str) -> str:
+    """The backend and where its kernels come from, for the log and provenance."""
     if backend == "fa3":
-        from flash_attn_interface import flash_attn_varlen_func
+        return f"fa3 ({fa3_interface()[1]})"
+    if backend == "fa4":
+        from importlib.metadata import PackageNotFoundError, version
 
+        try:
+            return f"fa4 (flash-attn-4 {version('flash-attn-4')})"
+        except PackageNotFoundError:
+            return "fa4 (flash_attn.cute)"
+    return backend
+
+
+# FlashAttention 4 as a custom op: torch.compile(fullgraph=True) cannot trace the CuTe DSL launcher, so the
+# compiled graph holds one opaque node per call, with a shape function and its own backward (FA4's).
+@torch.library.custom_op("modded_nanogpt::fa4_varlen", mutates_args=())
+def _fa4_varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                   scale: float, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (P, H, D), lse (H, P) fp32) of causal attention within the documents of cu_seqlens, each query
+    seeing keys at most `window` positions back."""
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    out, lse, *_ = _flash_attn_fwd(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+                                   max_seqlen_k=max_seqlen, softmax_scale=scale, causal=True,
+                                   window_size_left=window, window_size_right=0, return_lse=True)
+    return out, lse
+
+
+@_fa4_varlen_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, scale, window):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((q.shape[1], q.shape[0]),
+                                                                                  dtype=torch.float32)
+
+
+@torch.library.custom_op("modded_nanogpt::fa4_varlen_backward", mutates_args=())
+def _fa4_varlen_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                            lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float,
+                            window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout.contiguous(), lse, scale, True, 0.0, window_size_left=window,
+                                 window_size_right=0, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                                 max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)[:3]
+    return dq, dk, dv
+
+
+@_fa4_varlen_backward_op.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, window):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _fa4_setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, scale, window = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens)
+    ctx.args = (max_seqlen, scale, window)
+
+
+def _fa4_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = torch.ops.modded_nanogpt.fa4_varlen_backward(dout, q, k, v, out, lse, cu_seqlens, *ctx.args)
+    return dq, dk, dv, None, None, None, None
+
+
+_fa4_varlen_op.register_autograd(_fa4_backward, setup_context=_fa4_setup_context)
+
+
+def attend(q, k, v, mask, cu_seqlens, window: int, shift: int, scale: float, backend: str, temperature=None,
+           max_seqlen: int | None = None):
+    """q, k, v: (P, H, D) for P positions; mask from attention_mask (window, in positions, shift, 1 when each
+    token has two positions, and max_seqlen, the longest document in tokens or None for unknown, are read by
+    FA3/FA4 only). Scores are q.k * scale, times temperature (a 0-d tensor, flex only) where given. Returns
+    (P, H, D)."""
+    if backend in ("fa3", "fa4"):
         cu = (cu_seqlens << shift).to(torch.int32)
-        out = flash_attn_varlen_func(q, k, v, cu, cu, q.size(0), q.size(0), softmax_scale=scale, causal=True,
-                                     window_size=(window, 0))
+        longest = q.size(0) if max_seqlen is None else min(q.size(0), max_seqlen << shift)
+        if backend == "fa4":
+            return torch.ops.modded_nanogpt.fa4_varlen(q, k, v, cu, longest, float(scale), int(window))[0]
+        out = fa3_interface()[0].flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, softmax_scale=scale,
+                                                        causal=True, window_size=(window, 0))
         return out[0] if isinstance(out, tuple) else out
     qt, kt, vt = (t.transpose(0, 1)[None] for t in (q, k, v))  # (1, H, P, D)
     if backend == "flex":
@@ -358,6 +491,9 @@ class GPT(nn.Module):
         self.register_buffer("yarn_window", torch.zeros((), dtype=torch.int64))  # long window the freqs fit
         self.register_buffer("tied", torch.ones((), dtype=torch.bool))
         self.attention_backend = "sdpa"
+        # The longest document (tokens) a training batch can hold (the loader clips to seq_len); FA3/FA4 size
+        # their grids by it. None: unknown (validation does not clip), the whole sequence bounds it.
+        self.max_doc_tokens: int | None = None
         self.embedding_grads = "dense"  # the trainer's --embedding_grads: "scatter" passes gather_rows' rows
         self.reset_parameters()
         self._mirror_buffers()
@@ -518,10 +654,12 @@ class GPT(nn.Module):
             # Paired heads: heads i and i + H/2 of a token become two consecutive positions of one head of
             # a sequence twice as long, so each head also sees its partner head's keys at earlier tokens.
             q, k, v = (t.reshape(2 * T, H // 2, D) for t in (q, k, v))
-            y = attend(q, k, v, mask, ctx["cu_seqlens"], window, 1, scale, self.attention_backend, temperature)
+            y = attend(q, k, v, mask, ctx["cu_seqlens"], window, 1, scale, self.attention_backend, temperature,
+                       ctx["max_seqlen"])
             y = y.reshape(T, H, D)
         else:
-            y = attend(q, k, v, mask, ctx["cu_seqlens"], window, 0, scale, self.attention_backend, temperature)
+            y = attend(q, k, v, mask, ctx["cu_seqlens"], window, 0, scale, self.attention_backend, temperature,
+                       ctx["max_seqlen"])
         y = y * torch.sigmoid(x[:, :GATE_INPUTS] @ self.attn_gate[self.attn_slot[layer]].to(x.dtype).T)[..., None]
         return y.reshape(T, hd) @ w_o.T
 
@@ -581,6 +719,7 @@ class GPT(nn.Module):
         cos, sin = paired_cos[:T], paired_sin[:T]
         short_tokens, long_tokens = short_window * BLOCK, long_window * BLOCK
         ctx = {"cu_seqlens": cu_seqlens, "short_window": short_tokens, "long_window": long_tokens,
+               "max_seqlen": self.max_doc_tokens if self.training else None,
                "masks": self.attention_masks(doc, short_tokens, long_tokens),
                "cos": cos, "sin": sin, "paired_cos": paired_cos, "paired_sin": paired_sin,
                "not_doc_start": (~is_doc_start).to(dtype)}

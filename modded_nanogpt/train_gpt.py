@@ -50,7 +50,13 @@ from modded_nanogpt.data.loader import (
     to_device_async,
 )
 from modded_nanogpt.dist_optim import AdamGroup, BankSpec, SpeedrunOptimizer
-from modded_nanogpt.model import GPT, ModelConfig, select_attention_backend
+from modded_nanogpt.model import (
+    ATTENTION_BACKENDS,
+    GPT,
+    ModelConfig,
+    describe_attention_backend,
+    select_attention_backend,
+)
 from modded_nanogpt.runlog import RunDirError, RunLog, check_writable, collect_provenance
 from modded_nanogpt.schedule import Momentum, Schedule, ScheduleError
 
@@ -110,7 +116,7 @@ class Hyperparameters:
     qkv_kernel: str = "triton"  # attention inputs (projection, q/k norm + rotary, key offset, value embeddings): triton (one fused op each way on CUDA bf16; elsewhere the torch code) | torch (Inductor)
     embedding_grads: str = "scatter"  # scatter (rows gathered outside the graph, their gradients scatter-added) | dense (autograd's)
     optimizer: str = "normuon"  # normuon (banks) + Adam (rest) | adamw (everything)
-    attention_backend: str = "auto"  # auto | fa3 | flex | sdpa
+    attention_backend: str = "auto"  # auto (fa3, else fa4 on sm90/sm100, else flex; sdpa on CPU) | fa3 | fa4 | flex | sdpa
     attention_skip_layers: list[int] = field(default_factory=lambda: [6])  # layers without attention (MLP only)
     long_window_layers: list[int] = field(default_factory=lambda: [3, 10])  # layers with the long window (and the key offset)
     attn_scale: float = 0.1  # attention softmax scale at the start
@@ -281,7 +287,7 @@ def parse_hyperparameters(argv: list[str]) -> Hyperparameters:
 def check_choices(hp: Hyperparameters) -> None:
     choices = {"mlp_activation": ("relu2", "gelu"), "mlp_kernel": ("triton", "torch"), "qkv_kernel": ("triton", "torch"),
                "optimizer": ("normuon", "adamw"), "embedding_grads": ("scatter", "dense"),
-               "attention_backend": ("auto", "fa3", "flex", "sdpa"), "device": ("auto", "cuda", "cpu")}
+               "attention_backend": ATTENTION_BACKENDS, "device": ("auto", "cuda", "cpu")}
     for key, allowed in choices.items():
         if getattr(hp, key) not in allowed:
             raise ConfigError(f"--{key}: {getattr(hp, key)!r} is not one of {', '.join(allowed)}")
@@ -503,7 +509,7 @@ def window_inputs(model, short_window: int, long_window: int, device):
     """The attention windows as the forward takes them: 0-d tensors, which the compiled graph reads as inputs,
     so the stages that differ only in windows (the last stage and the extension; every validation) share
     one graph; FlashAttention 3 takes its window as a Python int (then each window compiles its own)."""
-    if model.attention_backend == "fa3":
+    if model.attention_backend in ("fa3", "fa4"):
         return short_window, long_window
     return tuple(to_device_async(torch.tensor(w, dtype=torch.int64), device) for w in (short_window, long_window))
 
@@ -642,8 +648,19 @@ def main(argv: list[str] | None = None) -> dict:
             dist.destroy_process_group()
 
 
+def fa4_kernel_cache(run_dir: Path) -> None:
+    """FlashAttention 4 compiles its CuTe kernels at first use (in the untimed warmup); with its disk cache on,
+    later runs load them. Unless set already, the cache is on, in .cache/flash_attn_cute beside the run
+    directory (FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED / _DIR; read when flash_attn.cute is first imported)."""
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(run_dir.resolve().parent / ".cache" / "flash_attn_cute"))
+
+
 def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
     train_files, val_files = resolve_data(hp)
+    if not hp.run_dir:
+        hp.run_dir = str(Path(os.environ.get("RUNS_DIR", "runs")) / f"modded-{time.strftime('%Y%m%d-%H%M%S')}")
+    fa4_kernel_cache(Path(hp.run_dir))
     try:
         cfg = model_config(hp)
         schedule = schedule_of(hp)
@@ -653,8 +670,6 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
     if hp.val_tokens % (hp.val_batch_tokens * rt.world_size):
         raise ConfigError(f"val_tokens ({hp.val_tokens}) must be a multiple of val_batch_tokens * world_size "
                           f"({hp.val_batch_tokens} * {rt.world_size})")
-    if not hp.run_dir:
-        hp.run_dir = str(Path(os.environ.get("RUNS_DIR", "runs")) / f"modded-{time.strftime('%Y%m%d-%H%M%S')}")
     check_not_a_baseline_dir(Path(hp.run_dir))
     if rt.master:
         check_writable(Path(hp.run_dir))
@@ -678,6 +693,7 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     model.attention_backend = backend
+    model.max_doc_tokens = hp.seq_len
     model.embedding_grads = hp.embedding_grads
     if not hp.tie_embeddings:
         model.untie()
@@ -701,10 +717,12 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
         restore(saved, model, optimizer, loader)
         start_step, state = saved["step"], saved["state"]
     config = dataclasses.asdict(hp)
-    log_run.start(config, collect_provenance(argv, rt.world_size, backend) | {"parameters": parameter_counts(model)},
+    backend_detail = describe_attention_backend(backend)
+    log_run.start(config, collect_provenance(argv, rt.world_size, backend)
+                  | {"attention_backend_detail": backend_detail, "parameters": parameter_counts(model)},
                   start_step if saved else None)
     log(f"modded_nanogpt: world_size {rt.world_size} | {TOTAL_MICRO_STEPS // rt.world_size} micro-steps/rank "
-        f"| attention {backend} | compile {compiled} | params {sum(p.numel() for p in model.parameters()):,} | run {hp.run_dir}")
+        f"| attention {backend_detail} | compile {compiled} | params {sum(p.numel() for p in model.parameters()):,} | run {hp.run_dir}")
     log(f"lm head: {lm_head_mode(hp.fp8, rt.device)}")
     if saved is not None:
         log(f"resumed from step {start_step}")

@@ -146,6 +146,8 @@ def main(argv):
     train_files = resolve_data(hp)[0] if hp.data_dir else None  # real shards (vocab/bos from corpus.json)
     model = GPT(model_config(hp)).cuda()
     model.attention_backend = select_attention_backend(hp.attention_backend, rt.device)
+    print(f"attention backend: {model.attention_backend}")
+    model.max_doc_tokens = hp.seq_len  # as the trainer: the loader clips documents to seq_len
     model.embedding_grads = hp.embedding_grads
     schedule = schedule_of(hp)
     plan = schedule.at(schedule.stage_starts[stage] + 2)

@@ -1,13 +1,39 @@
 """GPU checks of the speedrun model (skipped without CUDA; `python -m pytest -m gpu` on a CUDA machine):
-FlexAttention with the block masks built here against SDPA with the explicit mask, the compiled model
-(FlexAttention, Triton kernels) against the eager SDPA/reference path, and causality of the compiled path."""
+FlexAttention with the block masks built here, and FlashAttention 4 with document boundaries, against SDPA
+with the explicit mask; the compiled model (FlexAttention or FA4, Triton kernels) against the eager
+SDPA/reference path, and causality of the compiled path."""
 
 import pytest
 import torch
 
-from modded_nanogpt.model import GPT, ModelConfig, attend, attention_mask
+from modded_nanogpt.model import FA4_ARCHS, GPT, ModelConfig, attend, attention_mask, fa4_import_error
 
 pytestmark = pytest.mark.gpu
+
+
+def fa4_missing() -> str | None:
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    if torch.cuda.get_device_capability()[0] not in FA4_ARCHS:
+        return "FlashAttention 4 needs sm90 or sm100"
+    why = fa4_import_error()
+    return None if why is None else f"flash-attn-4 does not import: {why}"
+
+
+def backend_param(backend):
+    """flex always; fa4 where it can run (skipped with the reason elsewhere)."""
+    if backend == "fa4":
+        return pytest.param("fa4", marks=pytest.mark.skipif(fa4_missing() is not None, reason=str(fa4_missing())))
+    return backend
+
+
+BACKENDS = [backend_param("flex"), backend_param("fa4")]
+
+
+def cu_seqlens_of(inputs, bos_id):
+    """Document boundaries of a packed sequence: each BOS position, then its length (int32), as the loader."""
+    starts = torch.nonzero(inputs == bos_id).flatten()
+    return torch.cat([starts, torch.tensor([inputs.numel()], device=inputs.device)]).to(torch.int32)
 
 
 def rel_err(a, b):
@@ -38,8 +64,39 @@ def test_flex_block_mask_matches_sdpa_with_explicit_mask(shift, window_blocks):
     assert rel_err(flex, sdpa) < 1e-2
 
 
+@pytest.mark.parametrize("shift", [0, 1])
+@pytest.mark.parametrize("window", [127, 383, 1407, 384])
+def test_fa4_matches_sdpa_with_explicit_mask(shift, window):
+    """FA4 with cu_seqlens (doubled for paired heads: shift 1) and window (window, 0), forward and backward,
+    against SDPA in float32 on the dense document + causal + window mask."""
+    if fa4_missing():
+        pytest.skip(fa4_missing())
+    g = torch.Generator().manual_seed(window + shift)
+    T, H, D = 4096, 6, 128
+    tokens = T >> shift
+    doc = random_docs(tokens, 9, g, "cuda")
+    starts = torch.nonzero(torch.diff(doc, prepend=doc[:1] - 1)).flatten()
+    cu = torch.cat([starts, torch.tensor([tokens], device="cuda")]).to(torch.int32)
+    q, k, v = (torch.randn(T, H >> shift, D, generator=g).to("cuda", torch.bfloat16).requires_grad_() for _ in range(3))
+    grad_out = torch.randn(T, H >> shift, D, generator=g).to("cuda", torch.bfloat16)
+    longest = int(torch.diff(cu).max())
+    out = attend(q, k, v, None, cu, window, shift, 0.1, "fa4", max_seqlen=longest)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
+    dense = attention_mask(doc.repeat_interleave(1 << shift), window, "sdpa")
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = attend(q32, k32, v32, dense, None, window, shift, 0.1, "sdpa")
+    ref_grads = torch.autograd.grad(ref, (q32, k32, v32), grad_out.float())
+    assert out.shape == ref.shape and out.dtype == torch.bfloat16
+    errors = [rel_err(out, ref)] + [rel_err(a, b) for a, b in zip((dq, dk, dv), ref_grads, strict=True)]
+    print("fa4 vs sdpa (out, dq, dk, dv):", [f"{e:.2e}" for e in errors])
+    assert all(0 <= e < 1e-2 for e in errors), errors
+    # unknown longest document (validation): the whole sequence bounds it, same result
+    torch.testing.assert_close(attend(q, k, v, None, cu, window, shift, 0.1, "fa4"), out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("qkv_kernel", ["torch", "triton"])
-def test_compiled_model_matches_eager_reference(qkv_kernel):
+def test_compiled_model_matches_eager_reference(qkv_kernel, backend):
     cfg = ModelConfig(vocab_size=50304, num_layers=4, model_dim=256, num_heads=2, head_dim=128,
                       attention_skip_layers=[2], long_window_layers=[1, 3], paired_head_layers=[0],
                       value_embed_layers=[0, 3], skip_from=0, skip_to=2, backout_layer=2, fp8=False,
@@ -56,10 +113,11 @@ def test_compiled_model_matches_eager_reference(qkv_kernel):
     inputs[0] = cfg.bos_id
     inputs, targets = inputs[:-1].cuda().int(), inputs[1:].cuda()
     mtp = torch.tensor([1.0, 0.5], device="cuda")
+    cu = cu_seqlens_of(inputs, cfg.bos_id)
 
-    model.attention_backend = "flex"
+    model.attention_backend = backend
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
-    loss_fast = compiled(inputs, targets, 1, 3, mtp, float(T))
+    loss_fast = compiled(inputs, targets, 1, 3, mtp, float(T), cu)
     loss_fast.backward()
     grads_fast = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -80,9 +138,11 @@ def test_compiled_model_matches_eager_reference(qkv_kernel):
     assert all(0 <= e < 5e-2 for e in errors.values()), errors  # (NaN fails too)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("qkv_kernel", ["torch", "triton"])
-def test_flex_compiled_model_is_causal(qkv_kernel):
-    """The compiled FlexAttention path with every feature on: states before position j ignore tokens from j on."""
+def test_compiled_model_is_causal(qkv_kernel, backend):
+    """The compiled FlexAttention or FA4 path with every feature on: states before position j ignore tokens
+    from j on."""
     cfg = ModelConfig(vocab_size=50304, num_layers=4, model_dim=256, num_heads=2, head_dim=128,
                       attention_skip_layers=[2], long_window_layers=[1, 3], paired_head_layers=[0],
                       value_embed_layers=[0, 3], skip_from=0, skip_to=2, backout_layer=2, fp8=True,
@@ -92,7 +152,7 @@ def test_flex_compiled_model_is_causal(qkv_kernel):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    model.attention_backend = "flex"
+    model.attention_backend = backend
     model.loss = lambda x, *args: x  # the forward then returns the states the head would see
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
     g = torch.Generator().manual_seed(1)
@@ -104,7 +164,7 @@ def test_flex_compiled_model_is_causal(qkv_kernel):
     targets = torch.randint(0, 50256, (T,), generator=g).cuda()
     mtp = torch.tensor([1.0, 0.5], device="cuda")
     with torch.no_grad():
-        a = compiled(inputs.cuda().int(), targets, 2, 8, mtp, float(T)).float()
-        b = compiled(changed.cuda().int(), targets, 2, 8, mtp, float(T)).float()
+        a = compiled(inputs.cuda().int(), targets, 2, 8, mtp, float(T), cu_seqlens_of(inputs.cuda(), cfg.bos_id)).float()
+        b = compiled(changed.cuda().int(), targets, 2, 8, mtp, float(T), cu_seqlens_of(changed.cuda(), cfg.bos_id)).float()
     assert torch.equal(a[:j], b[:j])
     assert not torch.equal(a[j:], b[j:])

@@ -596,10 +596,10 @@ def attend_calls(model, inputs, short=1, long=2):
     """Each attention layer's call of attend in one forward: {layer: {q, k, v, window, scale}}."""
     calls, original = [], modded_model.attend
 
-    def record(q, k, v, mask, cu_seqlens, window, shift, scale, backend, temperature=None):
+    def record(q, k, v, mask, cu_seqlens, window, shift, scale, backend, temperature=None, max_seqlen=None):
         calls.append(dict(q=q.detach().clone(), k=k.detach().clone(), v=v.detach().clone(), window=window,
                           scale=scale))
-        return original(q, k, v, mask, cu_seqlens, window, shift, scale, backend, temperature)
+        return original(q, k, v, mask, cu_seqlens, window, shift, scale, backend, temperature, max_seqlen)
 
     modded_model.attend = record
     try:

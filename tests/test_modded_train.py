@@ -85,6 +85,8 @@ def test_twenty_cpu_steps_on_the_local_corpus(char_corpus, tmp_path):
     corpus = json.loads((char_corpus / "corpus.json").read_text())
     assert config["vocab_size"] == -(-corpus["vocab_size"] // 128) * 128 and config["bos_id"] == corpus["eot_id"]
     provenance = json.loads((run_dir / "provenance.json").read_text())
+    assert provenance["attention_backend"] == provenance["attention_backend_detail"] == "sdpa"
+    assert "| attention sdpa |" in proc.stdout
     assert provenance["attention_backend"] == "sdpa"
     assert "modded_nanogpt/model.py" in provenance["sources"]
     assert [m["stage"] for m in train][:8] == [0] * 7 + [1]  # 20 steps in 3 stages: 0, 7, 13, then extension 20
@@ -816,18 +818,106 @@ def test_a_checkpoint_that_cannot_be_written_is_named_with_the_free_space(char_c
     assert sorted(p.name for p in (run_dir / "ckpt").iterdir()) == ["step_0000002.pt"]
 
 
-def test_attention_backend_selection():
-    from modded_nanogpt.model import fa3_available, select_attention_backend
+def test_attention_backend_selection_on_cpu():
+    from modded_nanogpt.model import select_attention_backend
 
     cpu = torch.device("cpu")
     assert select_attention_backend("auto", cpu) == "sdpa"
-    with pytest.raises(ValueError, match="flex needs CUDA"):
-        select_attention_backend("flex", cpu)
-    if not fa3_available():
-        with pytest.raises(ValueError, match="flash_attn_interface is not importable"):
-            select_attention_backend("fa3", cpu)
-    with pytest.raises(ValueError, match="must be auto, fa3, flex or sdpa"):
+    for backend in ("flex", "fa3", "fa4"):
+        with pytest.raises(ValueError, match=f"attention_backend={backend} needs CUDA"):
+            select_attention_backend(backend, cpu)
+    with pytest.raises(ValueError, match="must be one of auto, fa3, fa4, flex, sdpa, got 'xformers'"):
         select_attention_backend("xformers", cpu)
+
+
+@pytest.fixture
+def attention_modules(monkeypatch):
+    """Stand-ins for the attention packages a GPU node may have, on a pretend CUDA device of compute capability
+    `major`: set(fa3_built=..., hub=..., fa4=..., major=...) installs them; select() then picks a backend."""
+    import types
+
+    from modded_nanogpt import model as modded_model
+
+    gets = []
+
+    def install(fa3_built=False, hub=None, fa4=False, major=9):
+        modded_model.fa3_interface.cache_clear()
+        monkeypatch.setattr(modded_model, "cuda_major", lambda device: major)
+        built = types.SimpleNamespace(flash_attn_varlen_func=lambda *a, **k: "fa3 built")
+        monkeypatch.setitem(sys.modules, "flash_attn_interface", built if fa3_built else None)
+        if hub is None:
+            monkeypatch.setitem(sys.modules, "kernels", None)
+        else:
+            def get_kernel(repo):
+                gets.append(repo)
+                if hub == "offline":
+                    raise OSError("cannot reach the hub")
+                fn = types.SimpleNamespace(flash_attn_varlen_func=lambda *a, **k: "fa3 hub")
+                return types.SimpleNamespace(flash_attn_interface=fn) if hub == "nested" else fn
+            monkeypatch.setitem(sys.modules, "kernels", types.SimpleNamespace(get_kernel=get_kernel))
+        if fa4:
+            interface = types.ModuleType("flash_attn.cute.interface")
+            interface._flash_attn_fwd = interface._flash_attn_bwd = lambda *a, **k: None
+            cute = types.ModuleType("flash_attn.cute")
+            cute.interface = interface
+            package = types.ModuleType("flash_attn")
+            package.cute = cute
+            for name, module in (("flash_attn", package), ("flash_attn.cute", cute),
+                                 ("flash_attn.cute.interface", interface)):
+                monkeypatch.setitem(sys.modules, name, module)
+        else:
+            for name in ("flash_attn", "flash_attn.cute", "flash_attn.cute.interface"):
+                monkeypatch.setitem(sys.modules, name, None)
+        return gets
+
+    yield install
+    modded_model.fa3_interface.cache_clear()
+
+
+def test_attention_backend_selection_with_stand_in_packages(attention_modules, monkeypatch):
+    """auto: FA3 (a built flash_attn_interface, else the hub kernel through `kernels`), else FA4 on sm90/sm100,
+    else flex; the log/provenance text names where the kernels came from; explicit backends that cannot run
+    say why."""
+    from modded_nanogpt.model import describe_attention_backend, fa3_interface, select_attention_backend
+
+    cuda = torch.device("cuda")
+    attention_modules(fa3_built=True, hub="flat", fa4=True)
+    assert select_attention_backend("auto", cuda) == "fa3"
+    assert describe_attention_backend("fa3") == "fa3 (flash_attn_interface)"
+    assert fa3_interface()[0].flash_attn_varlen_func() == "fa3 built"
+
+    for layout in ("flat", "nested"):
+        gets = attention_modules(hub=layout, fa4=True)
+        assert select_attention_backend("auto", cuda) == "fa3"
+        assert gets[-1] == "kernels-community/flash-attn3"
+        assert fa3_interface()[0].flash_attn_varlen_func() == "fa3 hub"
+        assert describe_attention_backend("fa3") == "fa3 (kernels hub kernels-community/flash-attn3)"
+    monkeypatch.setenv("MODDED_FA3_HUB_KERNEL", "someone/flash-attention-3")
+    gets = attention_modules(hub="flat")
+    assert select_attention_backend("auto", cuda) == "fa3" and gets[-1] == "someone/flash-attention-3"
+    assert describe_attention_backend("fa3") == "fa3 (kernels hub someone/flash-attention-3)"
+    monkeypatch.delenv("MODDED_FA3_HUB_KERNEL")
+
+    attention_modules(hub="offline", fa4=True, major=9)
+    assert select_attention_backend("auto", cuda) == "fa4"
+    assert describe_attention_backend("fa4").startswith("fa4 (")
+    with pytest.raises(ValueError, match=r"fa3 but FlashAttention 3 cannot be loaded \(kernels.get_kernel"):
+        select_attention_backend("fa3", cuda)
+    attention_modules(fa4=True, major=10)
+    assert select_attention_backend("auto", cuda) == "fa4" and select_attention_backend("fa4", cuda) == "fa4"
+
+    attention_modules(fa4=True, major=8)  # an A100: FA4 has no sm80 kernels
+    assert select_attention_backend("auto", cuda) == "flex"
+    with pytest.raises(ValueError, match="fa4 needs a Hopper .sm90. or Blackwell .sm100. GPU, this one is sm8x"):
+        select_attention_backend("fa4", cuda)
+
+    attention_modules(major=9)  # nothing installed
+    assert select_attention_backend("auto", cuda) == "flex"
+    with pytest.raises(ValueError, match="fa4 but flash_attn.cute does not import .* ATTENTION=fa4 bash setup_env.sh"):
+        select_attention_backend("fa4", cuda)
+    with pytest.raises(ValueError, match="neither flash_attn_interface nor the kernels package is importable"):
+        select_attention_backend("fa3", cuda)
+    assert select_attention_backend("flex", cuda) == "flex"
 
 
 def test_model_defaults_are_the_same_in_both_dataclasses():
