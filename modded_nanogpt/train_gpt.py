@@ -514,6 +514,16 @@ def window_inputs(model, short_window: int, long_window: int, device):
     return tuple(to_device_async(torch.tensor(w, dtype=torch.int64), device) for w in (short_window, long_window))
 
 
+def flash_boundaries(model, cu_seqlens: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The document boundaries as FA3/FA4 read them: padded with `tokens` (empty documents at the end) to
+    tokens + 1 entries, the most a forward of `tokens` can need. The number of documents changes from batch to
+    batch, and the compiled graph, of static shapes, would compile again for each new count; at a fixed length it
+    compiles once. The other backends do not read cu_seqlens."""
+    if model.attention_backend not in ("fa3", "fa4") or cu_seqlens is None:
+        return cu_seqlens
+    return torch.nn.functional.pad(cu_seqlens, (0, tokens + 1 - cu_seqlens.numel()), value=tokens)
+
+
 def embedding_rows(model, inputs) -> tuple[dict | None, list]:
     """The forward's `rows` argument and what add_row_grads needs after the backward: gathered embedding rows
     with --embedding_grads=scatter (GPT.gather_rows says why), else (None, []): the graph reads the tables."""
@@ -537,8 +547,9 @@ def train_step(model, step_fn, optimizer, loader, plan, rt: Runtime):
     for _ in range(accumulation):
         batch = loader.next_batch()
         rows, scatter = embedding_rows(model, batch.inputs)
-        loss, next_token = step_fn(batch.inputs, batch.targets, short, long, mtp, LOSS_DIVISOR, batch.cu_seqlens,
-                                   rows, with_next_token=True)
+        cu_seqlens = flash_boundaries(model, batch.cu_seqlens, micro_tokens)
+        loss, next_token = step_fn(batch.inputs, batch.targets, short, long, mtp, LOSS_DIVISOR, cu_seqlens, rows,
+                                   with_next_token=True)
         loss.backward()
         model.add_row_grads(scatter)
         loss_total += loss.detach()
@@ -577,8 +588,8 @@ def validate(model, eval_fn, val_files, hp: Hyperparameters, rt: Runtime, short_
             for _ in range(steps):
                 batch = loader.next_batch()
                 rows = embedding_rows(model, batch.inputs)[0]
-                loss = eval_fn(batch.inputs, batch.targets, short, long, weights, float(per_forward), batch.cu_seqlens,
-                               rows)
+                cu_seqlens = flash_boundaries(model, batch.cu_seqlens, per_forward)
+                loss = eval_fn(batch.inputs, batch.targets, short, long, weights, float(per_forward), cu_seqlens, rows)
                 total += loss.double() * per_forward
     finally:
         model.train()
