@@ -35,6 +35,7 @@ import numpy as np
 
 INDEX_FORMAT = 1
 _STEP_FILE = re.compile(r"^step_(\d+)\.npy$")
+_CHECKPOINT = re.compile(r"^step_(\d+)\.pt$")
 WEIGHTS_DIR = "weights"  # ckpt/weights/step_NNNNNNN.pt: weights-only checkpoints kept for studies
 
 
@@ -157,6 +158,22 @@ def probe_steps(every: int, steps: str, total_steps: int) -> list[int]:
     return chosen
 
 
+def checkpoint_steps(spec: str, total_steps: int) -> set[int]:
+    """The steps of save_checkpoints (checkpoints kept for studies): '' | 'every:N' | '100,500,1000'."""
+    spec = spec.strip()
+    if not spec:
+        return set()
+    try:
+        if spec.startswith("every:"):
+            every = int(spec[len("every:"):])
+            if every < 1:
+                raise ValueError
+            return set(range(every, total_steps + 1, every))
+        return {int(s) for s in spec.split(",")}
+    except ValueError:
+        raise ProbeError(f"--save_checkpoints: {spec!r} is not '', 'every:N' or a list of steps like '100,500'") from None
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -258,6 +275,105 @@ class ProbeStore:
     def _write_index(self, index: dict) -> None:
         _atomic_write(self.dir / "index.json", lambda f: f.write((json.dumps(index, indent=1) + "\n").encode()))
         _fsync_dir(self.dir)
+
+
+def kept_checkpoints(run_dir: str | os.PathLike) -> dict[int, Path]:
+    """step -> the checkpoint to score: ckpt/step_N.pt (full), else ckpt/weights/step_N.pt (weights only)."""
+    ckpt_dir = Path(run_dir) / "ckpt"
+    found = {}
+    for folder in (ckpt_dir / WEIGHTS_DIR, ckpt_dir):  # the full checkpoint of a step wins
+        if folder.is_dir():
+            found |= {int(m.group(1)): p for p in folder.iterdir() if (m := _CHECKPOINT.match(p.name))}
+    return dict(sorted(found.items()))
+
+
+def score_checkpoints(run_dir: str | os.PathLike, docs_file: str | None, score, log=print) -> list[int]:
+    """Score every kept checkpoint of a run not scored yet (`score(path, docs) -> (scores, tokens)`), each step
+    written as soon as it is done: run again, it goes on where it stopped and scores nothing twice."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ProbeError(f"{run_dir}: run directory not found")
+    store = ProbeStore(run_dir)
+    if docs_file:
+        docs = read_docs(docs_file)
+    elif (store.dir / "docs.npz").is_file():
+        docs = store.docs()
+    else:
+        raise ProbeError(f"{run_dir}: no probes/docs.npz yet; give --docs FILE (python -m nanogpt.data.select_docs)")
+    kept = kept_checkpoints(run_dir)
+    if not kept:
+        raise ProbeError(f"{run_dir / 'ckpt'}: no checkpoint to score (keep them with --save_checkpoints=every:N)")
+    store.attach(docs)
+    done = store.steps()
+    todo = [step for step in kept if step not in done]
+    log(f"{run_dir}: {len(kept)} kept checkpoints, {len(kept) - len(todo)} already scored, {len(todo)} to score")
+    for step in todo:
+        scores, tokens = score(kept[step], docs)
+        store.write(step, scores, tokens, "checkpoint")
+        log(f"probe | step {step} | {len(docs)} documents | mean loss {scores.mean():.4f} | {kept[step]}")
+    return todo
+
+
+class Study:
+    """A trainer's side of a study: at the chosen steps it scores the probe documents into probes/ (the trainer
+    pauses its clock and passes the scores) and keeps checkpoints for scoring later (full ones are the trainer's
+    own, in ckpt/; weights-only ones, save_as=weights_bf16, in ckpt/weights/)."""
+
+    def __init__(self, run_dir, probe_docs: str, probe_every: int, probe_steps_spec: str, save_checkpoints: str,
+                 save_as: str, total_steps: int, vocab_size: int, master: bool):
+        self.run_dir = Path(run_dir)
+        self.docs = read_docs(probe_docs) if probe_docs else None
+        if self.docs is not None:
+            check_vocabulary(self.docs, vocab_size, probe_docs)
+        self.steps = set(probe_steps(probe_every, probe_steps_spec, total_steps))
+        if self.steps and self.docs is None:
+            raise ProbeError("probe_every/probe_steps need --probe_docs=FILE (python -m nanogpt.data.select_docs)")
+        if self.docs is not None and not self.steps:
+            raise ProbeError(f"probe_docs={probe_docs}: give --probe_every=N or --probe_steps=A,B,... too")
+        if save_as not in ("full", "weights_bf16"):
+            raise ProbeError(f"--save_checkpoints_as: {save_as!r} is not one of full, weights_bf16")
+        kept = checkpoint_steps(save_checkpoints, total_steps)
+        self.full_steps = kept if save_as == "full" else set()
+        self.weight_steps = kept if save_as == "weights_bf16" else set()
+        self.store = ProbeStore(run_dir, enabled=master)
+        self.master = master
+        self.stored: set[int] = set()
+
+    def start(self, resumed_step: int | None, log=print) -> None:
+        """A fresh run sets an earlier probes/ aside; a resumed one forgets the steps after its checkpoint (it scores
+        them again), so no step is lost or written twice."""
+        if self.docs is None:
+            return
+        self.store.attach(self.docs, fresh=resumed_step is None)
+        if resumed_step is not None:
+            dropped = self.store.drop_after(resumed_step)
+            if dropped:
+                log(f"probes: steps {dropped} were scored after the checkpoint of step {resumed_step}; scored again")
+        self.stored = set(ProbeStore(self.run_dir).steps())
+        log(f"probes: {len(self.docs)} documents ({self.docs.num_scores:,} scores each time) at {len(self.steps)} "
+            f"steps, {len(self.stored)} already scored; {self.store.dir}")
+
+    def due(self, step: int) -> bool:
+        return step in self.steps and step not in self.stored
+
+    def record(self, step: int, scores: np.ndarray, tokens: int, seconds: float, log=print) -> None:
+        self.store.write(step, scores, tokens, "train")
+        self.stored.add(step)
+        log(f"probe | step {step} | {len(self.docs)} documents | mean loss {scores.mean():.4f} | {seconds:.1f}s, "
+            "not timed")
+
+    def save_weights(self, step: int, state_dict: dict, tokens: int, extra: dict, log=print) -> None:
+        """A weights-only checkpoint (not for resuming) when `step` is one of them: ckpt/weights/step_N.pt."""
+        path = weights_checkpoint_path(self.run_dir, step)
+        if not self.master or step not in self.weight_steps or path.is_file():  # a resumed run wrote it already
+            return
+        import torch
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"format": "weights_bf16", "step": step, "tokens": tokens, "model": bf16_weights(state_dict), **extra}
+        _atomic_write(path, lambda f: torch.save(payload, f))
+        _fsync_dir(path.parent)
+        log(f"checkpoint (weights, bf16) | step {step} | {path}")
 
 
 def weights_checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
