@@ -12,7 +12,6 @@ run again goes on where it stopped.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 
 from modded_nanogpt.model import GPT, select_attention_backend
-from modded_nanogpt.probe_store import Docs, ProbeError, check_vocabulary, score_checkpoints
+from modded_nanogpt.probe_store import Docs, ProbeError, check_vocabulary, score_checkpoints_main
 from modded_nanogpt.probes import score_documents
 from modded_nanogpt.train_gpt import (
     ConfigError,
@@ -49,16 +48,13 @@ def score_checkpoint(path: Path, docs: Docs, device: torch.device) -> tuple[np.n
     return score_documents(model, docs, *windows, hp.val_batch_tokens, device), tokens
 
 
+def resolve_device(name: str) -> torch.device:
+    return torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def main(argv=None) -> list[int]:
-    parser = argparse.ArgumentParser(prog="python -m modded_nanogpt.score_checkpoints",
-                                     description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", help="a speedrun run directory")
-    parser.add_argument("--docs", help="the docs file (default: the run's probes/docs.npz)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    return score_checkpoints(args.run_dir, args.docs, lambda path, docs: score_checkpoint(path, docs, device))
+    return score_checkpoints_main(argv, __doc__, "python -m modded_nanogpt.score_checkpoints", score_checkpoint,
+                                  resolve_device)
 
 
 def cli() -> int:

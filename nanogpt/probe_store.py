@@ -376,6 +376,21 @@ class Study:
         log(f"checkpoint (weights, bf16) | step {step} | {path}")
 
 
+def score_checkpoints_main(argv, module_doc: str, prog: str, score_checkpoint, resolve_device) -> list[int]:
+    """The command line of <trainer>.score_checkpoints: `score_checkpoint(path, docs, device) -> (scores, tokens)`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=module_doc.split("\n")[0],
+                                     epilog=module_doc.split("\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="a run directory of this trainer")
+    parser.add_argument("--docs", help="the docs file (default: the run's probes/docs.npz)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    return score_checkpoints(args.run_dir, args.docs, lambda path, docs: score_checkpoint(path, docs, device))
+
+
 def weights_checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
     return Path(run_dir) / "ckpt" / WEIGHTS_DIR / f"step_{step:07d}.pt"
 

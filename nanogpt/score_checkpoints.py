@@ -11,7 +11,6 @@ Each step is written when done, so a killed scoring job run again goes on where 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 
 from nanogpt.config import ConfigError
 from nanogpt.model import GPT, GPTConfig
-from nanogpt.probe_store import Docs, ProbeError, check_vocabulary, score_checkpoints
+from nanogpt.probe_store import Docs, ProbeError, check_vocabulary, score_checkpoints_main
 from nanogpt.probes import score_documents
 from nanogpt.train import Runtime, TrainConfig, apply_run_time_options, mixed_precision, resolve_device
 
@@ -44,14 +43,8 @@ def score_checkpoint(path: Path, docs: Docs, device: str) -> tuple[np.ndarray, i
 
 
 def main(argv=None) -> list[int]:
-    parser = argparse.ArgumentParser(prog="python -m nanogpt.score_checkpoints", description=__doc__.split("\n")[0],
-                                     epilog=__doc__.split("\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", help="a baseline run directory")
-    parser.add_argument("--docs", help="the docs file (default: the run's probes/docs.npz)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    args = parser.parse_args(argv)
-    device = resolve_device(args.device)
-    return score_checkpoints(args.run_dir, args.docs, lambda path, docs: score_checkpoint(path, docs, device))
+    return score_checkpoints_main(argv, __doc__, "python -m nanogpt.score_checkpoints", score_checkpoint,
+                                  resolve_device)
 
 
 def cli() -> int:
