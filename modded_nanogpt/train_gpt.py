@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from modded_nanogpt import kernels
+from modded_nanogpt import kernels, probe_store
 from modded_nanogpt.data.loader import (
     DistributedBOSLoader,
     SequentialLoader,
@@ -57,6 +57,8 @@ from modded_nanogpt.model import (
     describe_attention_backend,
     select_attention_backend,
 )
+from modded_nanogpt.probe_store import ProbeError, Study
+from modded_nanogpt.probes import score_documents
 from modded_nanogpt.runlog import RunDirError, RunLog, check_writable, collect_provenance
 from modded_nanogpt.schedule import Momentum, Schedule, ScheduleError
 
@@ -161,9 +163,14 @@ class Hyperparameters:
     compile: bool = True  # torch.compile(fullgraph=True) on CUDA (ignored on CPU)
     warmup: bool = True  # untimed warmup of every step shape on CUDA (torch.compile, Triton autotuning), then state restored
     save_checkpoints: str = ""  # "" | "every:N" | "100,500,1000": checkpoints kept for studies
+    save_checkpoints_as: str = "full"  # full (resumable, ckpt/step_N.pt) | weights_bf16 (weights only, 2-D in bf16, ckpt/weights/)
     checkpoint_every: int = 250  # a checkpoint every N steps against crashes (untimed; only the newest stays); 0 = off
     max_train_minutes: float = 0.0  # > 0: checkpoint and stop after this much wall time (job limits)
     log_every: int = 1  # a step line every N steps
+    # --- training-dynamics studies (probes.py) ---
+    probe_docs: str = ""  # a docs file (python -m nanogpt.data.select_docs): its documents' per-token losses go to probes/
+    probe_every: int = 0  # score the probe documents every N steps (from step 0, and at the last); 0 = off
+    probe_steps: str = ""  # or at these steps, e.g. 0,10,100
 
 
 class ConfigError(ValueError):
@@ -287,7 +294,8 @@ def parse_hyperparameters(argv: list[str]) -> Hyperparameters:
 def check_choices(hp: Hyperparameters) -> None:
     choices = {"mlp_activation": ("relu2", "gelu"), "mlp_kernel": ("triton", "torch"), "qkv_kernel": ("triton", "torch"),
                "optimizer": ("normuon", "adamw"), "embedding_grads": ("scatter", "dense"),
-               "attention_backend": ATTENTION_BACKENDS, "device": ("auto", "cuda", "cpu")}
+               "attention_backend": ATTENTION_BACKENDS, "device": ("auto", "cuda", "cpu"),
+               "save_checkpoints_as": ("full", "weights_bf16")}
     for key, allowed in choices.items():
         if getattr(hp, key) not in allowed:
             raise ConfigError(f"--{key}: {getattr(hp, key)!r} is not one of {', '.join(allowed)}")
@@ -302,18 +310,10 @@ def check_choices(hp: Hyperparameters) -> None:
 
 
 def checkpoint_steps(spec: str, total_steps: int) -> set[int]:
-    spec = spec.strip()
-    if not spec:
-        return set()
     try:
-        if spec.startswith("every:"):
-            every = int(spec[len("every:"):])
-            if every < 1:
-                raise ValueError
-            return set(range(every, total_steps + 1, every))
-        return {int(s) for s in spec.split(",")}
-    except ValueError:
-        raise ConfigError(f"--save_checkpoints: {spec!r} is not '', 'every:N' or a list of steps like '100,500'") from None
+        return probe_store.checkpoint_steps(spec, total_steps)
+    except ProbeError as e:
+        raise ConfigError(str(e)) from None
 
 
 def default_data_dir() -> Path:
@@ -687,7 +687,9 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
     total_steps = schedule.total_steps
     check_token_ids(val_files, hp.vocab_size)
     check_token_ids(train_files, hp.vocab_size, sum(schedule.at(s).batch_tokens for s in range(total_steps)))
-    keep_steps = checkpoint_steps(hp.save_checkpoints, total_steps)
+    study = Study(hp.run_dir, hp.probe_docs, hp.probe_every, hp.probe_steps, hp.save_checkpoints,
+                  hp.save_checkpoints_as, total_steps, hp.vocab_size, rt.master)
+    keep_steps = study.full_steps
     periodic = set(range(hp.checkpoint_every, total_steps, hp.checkpoint_every)) if hp.checkpoint_every else set()
     log_run = RunLog(Path(hp.run_dir), rt.master)
     log = log_run.log
@@ -737,6 +739,7 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
     log(f"lm head: {lm_head_mode(hp.fp8, rt.device)}")
     if saved is not None:
         log(f"resumed from step {start_step}")
+    study.start(start_step if saved else None, log)
     clipped = loader.clipped_fraction()
     if clipped > 0.1:
         log(f"warning: documents are clipped to seq_len={hp.seq_len} tokens: {100 * clipped:.0f}% of the first train "
@@ -777,6 +780,17 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
     def sync():
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
+
+    def study_step(step: int):
+        """The study's work at this step (weights-only checkpoints, probe scores); the caller keeps it off the clock."""
+        study.save_weights(step, model.state_dict(), state["tokens"], {"config": config}, log)
+        if study.due(step):
+            started = time.perf_counter()
+            windows = validation_windows(model, schedule, step)
+            scores = score_documents(model, study.docs, *windows, hp.val_batch_tokens, rt.device)
+            study.record(step, scores, state["tokens"], time.perf_counter() - started, log)
+
+    study_step(start_step)  # step 0, or the step a resumed run starts from
 
     deadline = time.time() + 60 * hp.max_train_minutes if hp.max_train_minutes > 0 else None
     readings = StepReadings(rt)
@@ -821,7 +835,8 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
             queued = current
             validating = last or (hp.val_every and step % hp.val_every == 0)
             saving = step in keep_steps or step in periodic
-            if validating or stop or saving:
+            studying = step in study.weight_steps or study.due(step)
+            if validating or stop or saving or studying:
                 stop = take(queued) or stop
                 queued = None
             if validating:
@@ -834,6 +849,10 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
                     f"step_avg:{state['train_time_ms'] / step:.2f}ms")
                 log_run.metric("val", step=step, tokens=state["tokens"], train_time_ms=state["train_time_ms"],
                                val_loss=val_loss)
+                sync()
+                clock = time.perf_counter()
+            if studying:  # outside the training clock, as validation
+                study_step(step)
                 sync()
                 clock = time.perf_counter()
             if saving and not last:  # outside the training clock, as validation
@@ -869,7 +888,7 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
 def cli() -> int:
     try:
         main()
-    except (ConfigError, ShardError) as e:
+    except (ConfigError, ShardError, ProbeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RunDirError as e:

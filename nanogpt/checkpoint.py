@@ -94,8 +94,9 @@ def restore_rng(state: dict, device: str):
 
 
 def save(ckpt_dir: Path, step: int, model, optimizer, scaler, state: dict, model_args: dict, config: dict,
-         loader, rt, keep: int):
-    """Write the checkpoint of `step` (every rank must call this; rank 0 writes)."""
+         loader, rt, keep: int, keep_steps=()):
+    """Write the checkpoint of `step` (every rank must call this; rank 0 writes); of the older ones, the newest
+    `keep` and those of `keep_steps` (kept for studies) stay."""
     state["saved_step"] = step
     rank_state = {"loader": loader.state_dict(), "rng": capture_rng(rt.device)}
     if rt.distributed:
@@ -123,7 +124,8 @@ def save(ckpt_dir: Path, step: int, model, optimizer, scaler, state: dict, model
             raise RunDirError(f"cannot write the checkpoint {path}: {write_failure(e, Path(ckpt_dir))}; the "
                               "checkpoints already written stay") from None
         for old in complete_checkpoints(ckpt_dir)[:-keep]:
-            old.unlink(missing_ok=True)
+            if int(_NAME.match(old.name).group(1)) not in keep_steps:
+                old.unlink(missing_ok=True)
     if rt.distributed:
         torch.distributed.barrier()
 

@@ -40,6 +40,8 @@ from nanogpt.config import ConfigError, config_help, parse_config
 from nanogpt.data.loader import TokenLoader
 from nanogpt.data.shards import ShardError, check_token_ids, find_split, read_meta
 from nanogpt.model import GPT, GPT2_SIZES, SDPA_BACKENDS, GPTConfig, select_sdpa_backend
+from nanogpt.probe_store import ProbeError, Study
+from nanogpt.probes import score_documents
 from nanogpt.rundir import RunDir, RunDirError, check_writable, format_step_line
 
 
@@ -89,7 +91,13 @@ class TrainConfig:
     max_train_minutes: float | None = None  # checkpoint and stop after this much wall time
     # --- checkpoints ------------------------------------------------------------------------
     checkpoint_interval: int = 0  # steps between checkpoints; 0 = at every evaluation
-    keep_checkpoints: int = 2  # newest N kept; older ones deleted
+    keep_checkpoints: int = 2  # newest N kept; older ones deleted (except those of save_checkpoints)
+    # --- training-dynamics studies (nanogpt/probes.py) ----------------------------------------
+    probe_docs: str = ""  # a docs file (python -m nanogpt.data.select_docs): its documents' per-token losses go to probes/
+    probe_every: int = 0  # score the probe documents every N steps (from step 0, and at the last); 0 = off
+    probe_steps: str = ""  # or at these steps, e.g. 0,10,100
+    save_checkpoints: str = ""  # "" | "every:N" | "100,500,1000": checkpoints kept for studies (python -m nanogpt.score_checkpoints)
+    save_checkpoints_as: str = "full"  # full (resumable, ckpt/step_N.pt) | weights_bf16 (weights only, 2-D in bf16, ckpt/weights/)
     # --- system -----------------------------------------------------------------------------
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (bf16 on GPUs that have it, else fp16 + GradScaler; fp32 on CPU) | float32 | bfloat16 | float16
@@ -109,6 +117,7 @@ class TrainConfig:
             "data_order": ("auto", "random", "sequential"),
             "attention": SDPA_BACKENDS,
             "compile_mode": ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"),
+            "save_checkpoints_as": ("full", "weights_bf16"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -463,6 +472,8 @@ def main(argv: list[str] | None = None) -> dict:
     vocab_size, data_meta = data_vocab(cfg)
     check_token_ids(train_files + val_files, vocab_size)
     run_dir = Path(cfg.run_dir or default_run_dir())
+    study = Study(run_dir, cfg.probe_docs, cfg.probe_every, cfg.probe_steps, cfg.save_checkpoints,
+                  cfg.save_checkpoints_as, cfg.max_iters, vocab_size, master=os.environ.get("RANK", "0") == "0")
     check_not_a_speedrun_dir(run_dir)
     if os.environ.get("RANK", "0") == "0":
         check_writable(run_dir)
@@ -485,7 +496,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     rt = init_runtime(cfg)
     try:
-        result = _train(cfg, recipe, rt, run_dir, train_files, val_files, vocab_size, data_meta, accumulation, argv)
+        result = _train(cfg, recipe, rt, run_dir, train_files, val_files, vocab_size, data_meta, accumulation, argv,
+                        study)
         if rt.distributed:
             # Every rank leaves together: gloo aborts a process ("terminate called without an active
             # exception") when a peer tears its connections down while it is still finishing up.
@@ -496,7 +508,8 @@ def main(argv: list[str] | None = None) -> dict:
             torch.distributed.destroy_process_group()
 
 
-def _train(cfg, recipe, rt: Runtime, run_dir: Path, train_files, val_files, vocab_size, data_meta, accumulation, argv):
+def _train(cfg, recipe, rt: Runtime, run_dir: Path, train_files, val_files, vocab_size, data_meta, accumulation, argv,
+           study: Study):
     run = RunDir(run_dir, enabled=rt.master)
     resume_state = ckpt.load_newest(run_dir / "ckpt", map_location="cpu", warn=run.log)
     if resume_state and cfg.init_from in ("scratch", "resume"):
@@ -508,6 +521,7 @@ def _train(cfg, recipe, rt: Runtime, run_dir: Path, train_files, val_files, voca
               argv=argv, resumed_step=resume_state["step"] if resume_state else None,
               device_names=[rt.device_name], world_size=rt.world_size)
     log = run.log
+    study.start(resume_state["step"] if resume_state else None, log)
 
     seed_offset = rt.rank  # dropout differs per rank; the data order does not (see loader)
     torch.manual_seed(cfg.seed + seed_offset)
@@ -586,8 +600,22 @@ def _train(cfg, recipe, rt: Runtime, run_dir: Path, train_files, val_files, voca
     def save(step):
         state["train_time_ms"] = clock.total_ms
         ckpt.save(run_dir / "ckpt", step, raw_model, optimizer, scaler, state, model_args, dataclasses.asdict(cfg),
-                  train_loader, rt, keep=cfg.keep_checkpoints)
+                  train_loader, rt, keep=cfg.keep_checkpoints, keep_steps=study.full_steps)
         log(f"checkpoint | step {step} | {run_dir / 'ckpt'}")
+
+    def study_step(step):
+        """The study's work at this step (checkpoints kept for it, probe scores), outside the training clock."""
+        if step in study.full_steps and state["saved_step"] != step:
+            clock.pause()
+            save(step)
+        if step in study.weight_steps or study.due(step):
+            clock.pause()
+            study.save_weights(step, raw_model.state_dict(), state["tokens"],
+                               {"model_args": model_args, "config": dataclasses.asdict(cfg)}, log)
+        if study.due(step):
+            started = time.perf_counter()
+            scores = score_documents(raw_model, study.docs, cfg.block_size, autocast, device)
+            study.record(step, scores, state["tokens"], time.perf_counter() - started, log)
 
     def metric(kind, **values):
         run.metric(kind, step=state["step"], tokens=state["tokens"], train_time_ms=clock.total_ms, **values)
@@ -619,6 +647,7 @@ def _train(cfg, recipe, rt: Runtime, run_dir: Path, train_files, val_files, voca
             elif step > 0 and step % checkpoint_every == 0 and state["saved_step"] != step:
                 clock.pause()
                 save(step)
+            study_step(step)
             if last_step or stop_reason:
                 break
 
@@ -680,7 +709,7 @@ def _train(cfg, recipe, rt: Runtime, run_dir: Path, train_files, val_files, voca
 def cli() -> int:
     try:
         main()
-    except (ConfigError, ShardError) as e:
+    except (ConfigError, ShardError, ProbeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RunDirError as e:

@@ -7,6 +7,7 @@ training of either trainer on 1-8 GPUs and several nodes, seed arrays, ablations
     python -m slurm.submit train modded --gpu-type h100 --num-gpus 8 [--recipe NAME]
     python -m slurm.submit ablate --features value_embeds,smear --seeds 3 --gpu-type h100 --num-gpus 8
     python -m slurm.submit compare --gpu-type h100 --num-gpus 8 --seeds 3
+    python -m slurm.submit study --trainer modded --seeds 1-8 --docs docs.npz --probe-every 5 --gpu-type h100
     python -m slurm.submit status [SUBMISSION] [--wait]      # also: logs [--tail N], cancel
     python -m slurm.submit resume [SUBMISSION] [--job LABEL] [--time T]   # runs that stopped unfinished go on
   add --dry-run to print what would be submitted (no cluster needed), --cluster local to run on this
@@ -502,6 +503,10 @@ def plan(args, ctx: Context) -> Plan:
     if args.command == "prep":
         _, prep, _ = data_plan(args, ctx, dataset=args.dataset)
         return [prep], errors, []
+    if args.command == "study":  # training-dynamics studies: slurm/study.py
+        from slurm.study import plan_study
+
+        return plan_study(args, ctx, errors)
     planner = {"build-flash-attn": plan_build, "train": plan_train, "ablate": plan_ablate,
                "compare": plan_compare}[args.command]
     return planner(args, ctx, errors)
@@ -1022,6 +1027,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modded-recipe", help="default: the speedrun (or --recipe)")
     p.add_argument("--baseline-set", action="append", metavar="KEY=VALUE", help="a baseline-only setting")
     p.add_argument("--modded-set", action="append", metavar="KEY=VALUE", help="a modded-only setting")
+
+    p = sub.add_parser("study", parents=[common, train_data, training],
+                       help="documents scored at many steps across seeds, then a table and a report (slurm/study.py)")
+    from slurm.study import add_study_arguments
+
+    add_study_arguments(p)
 
     for name, text in (("status", "the state of a submission's jobs and runs"),
                        ("logs", "the log files of a submission's jobs"), ("cancel", "scancel a submission's jobs"),
