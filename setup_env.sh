@@ -6,6 +6,7 @@
 #   ENV_PATH=/scratch/$USER/nanogpt_env bash setup_env.sh
 #   ENV_BACKEND=venv bash setup_env.sh                  # never conda
 #   TORCH_INDEX_URL=<PyTorch's CPU wheel index> bash setup_env.sh   # CPU build on a GPU-less machine
+#   ATTENTION=fa4 bash setup_env.sh                     # + FlashAttention 4 (Hopper/Blackwell GPU nodes)
 #
 # What it does:
 #   1. reads python's version and the pip pins from environment.yml (the one list of versions);
@@ -32,6 +33,7 @@ MINIFORGE_DIR=${MINIFORGE_DIR:-$HOME/miniforge3}      # where Miniforge is insta
 MINIFORGE_URL=${MINIFORGE_URL:-https://github.com/conda-forge/miniforge/releases/latest/download/Miniforge3-$(uname)-$(uname -m).sh}
 CONNECT_TIMEOUT_S=${CONNECT_TIMEOUT_S:-10}            # give up on an unreachable download host this fast
 FORCE=${FORCE:-0}                                     # 1 = run pip even when the stamp says nothing changed
+ATTENTION=${ATTENTION:-}                              # an optional extra of environment.yml: fa4 (FlashAttention 4's kernels)
 
 ENV_YML=$HERE/environment.yml
 STAMP_NAME=.nanogpt_setup_stamp
@@ -69,6 +71,17 @@ for pin in "${ALL_PINS[@]}"; do
 done
 [[ -n $YML_TORCH_PIN ]] || die "$ENV_YML: no torch==VERSION pin under '- pip:'"
 TORCH_SPEC=${TORCH_SPEC:-$YML_TORCH_PIN}
+# An optional extra: the pins of a `# extra NAME: PIN PIN ...` line of environment.yml (comments, so conda ignores them).
+if [[ -n $ATTENTION ]]; then
+  extras=$(sed -n 's/^# extra \([a-z0-9_-]*\):.*/\1/p' "$ENV_YML" | paste -sd' ')
+  extra_line=$(grep -E "^# extra ${ATTENTION//[^a-z0-9_-]/_}:" "$ENV_YML" || true)
+  [[ -n $extra_line ]] || die "ATTENTION=$ATTENTION is not an extra of environment.yml (extras: ${extras:-none})"
+  read -ra extra_pins <<<"${extra_line#*:}"
+  for pin in "${extra_pins[@]}"; do
+    [[ $pin =~ ^[A-Za-z0-9._-]+==[^[:space:]]+$ ]] || die "$ENV_YML: extra $ATTENTION pin '$pin' is not NAME==VERSION"
+    OTHER_PINS+=("$pin")
+  done
+fi
 
 # ---- backend ----------------------------------------------------------------------------------------
 find_conda_sh() {  # prints conda.sh or nothing
@@ -193,7 +206,8 @@ PY
 }
 
 stamp_value() {
-  { cat "$ENV_YML"; echo "TORCH_SPEC=$TORCH_SPEC"; echo "TORCH_INDEX_URL=$TORCH_INDEX_URL"; } | sha256sum | cut -d' ' -f1
+  { cat "$ENV_YML"; echo "TORCH_SPEC=$TORCH_SPEC"; echo "TORCH_INDEX_URL=$TORCH_INDEX_URL"; echo "ATTENTION=$ATTENTION"; } |
+    sha256sum | cut -d' ' -f1
 }
 
 gpu_driver_found() { command -v nvidia-smi >/dev/null || [[ -e /proc/driver/nvidia/version ]]; }

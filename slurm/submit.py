@@ -516,6 +516,8 @@ def plan_build(args, ctx: Context, errors: list[str]) -> Plan:
     errors += gpu_checks(None, args.gpu_type, 1, 1)
     if args.src and not Path(args.src).exists():
         errors.append(f"--src {args.src}: no such checkout or sdist")
+    if args.fa_version == 4 and args.src:
+        errors.append("--fa-version 4 installs wheels (pip), not a checkout: drop --src")
     if args.fa_version == 3 and not args.src:
         errors.append("--fa-version 3 builds from a flash-attention checkout: give --src DIR")
     if args.fa_version == 3 and args.src and not (Path(args.src) / "hopper").is_dir():
@@ -1005,7 +1007,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", choices=sorted(DATASETS))
 
     p = sub.add_parser("build-flash-attn", parents=[common, gpus], help="build FlashAttention on a GPU node")
-    p.add_argument("--fa-version", type=int, choices=(2, 3), help="default: 3 on Hopper (h100/h200), else 2")
+    p.add_argument("--fa-version", type=int, choices=(2, 3, 4),
+                   help="default: 3 on Hopper (h100/h200), else 2; 4: FlashAttention 4 from the package index "
+                        "(Hopper/Blackwell, no compiler needed)")
     p.add_argument("--src", help="a flash-attention checkout (FA3: needed) or an sdist; FA2 default: the index")
     p.add_argument("--module", help="the module to import at the end (default flash_attn / flash_attn_interface)")
     p.add_argument("--cpus", type=int, default=8, help="CPUs, also the parallel compile jobs (default 8: within "

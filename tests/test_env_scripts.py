@@ -347,6 +347,7 @@ def test_activate_env_names_a_missing_environment(tmp_path):
     [
         ({"ENV_BACKEND": "docker"}, "ENV_BACKEND must be auto, conda or venv, got 'docker'"),
         ({"FORCE": "yes"}, "FORCE must be 0 or 1"),
+        ({"ATTENTION": "fa5"}, "ATTENTION=fa5 is not an extra of environment.yml (extras: fa4)"),
         ({"ENV_PATH": "THIS_ENV", "ENV_BACKEND": "conda"}, "is a venv but ENV_BACKEND=conda"),
         ({"ENV_PATH": "NOT_AN_ENV"}, "exists but is neither a conda env nor a venv"),
         (

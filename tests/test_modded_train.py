@@ -1034,3 +1034,20 @@ def test_sampling_from_a_speedrun_run_and_its_errors(char_corpus, tmp_path):
                          ([f"--run_dir={baseline}"], "not a checkpoint of the speedrun trainer (for the baseline")):
         with pytest.raises(ConfigError, match=re.escape(message)):
             sample.main(bad + args)
+
+
+def test_flash_boundaries_have_one_length_for_every_batch():
+    """FA3/FA4 read cu_seqlens inside the compiled graph: padded with the token count (empty documents) to
+    tokens + 1 entries, whatever the number of documents, so a new count does not compile the graph again."""
+    import types
+
+    from modded_nanogpt.train_gpt import flash_boundaries
+
+    for backend in ("fa3", "fa4"):
+        model = types.SimpleNamespace(attention_backend=backend)
+        for cu in ([0, 5, 16], [0, 16], list(range(17))):
+            padded = flash_boundaries(model, torch.tensor(cu, dtype=torch.int32), 16)
+            assert padded.dtype == torch.int32 and padded.tolist() == cu + [16] * (17 - len(cu))
+    for backend in ("flex", "sdpa"):  # they do not read it
+        cu = torch.tensor([0, 5, 16], dtype=torch.int32)
+        assert flash_boundaries(types.SimpleNamespace(attention_backend=backend), cu, 16) is cu

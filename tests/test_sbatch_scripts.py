@@ -296,6 +296,29 @@ def test_build_flash_attn_installs_and_imports_the_module(tmp_path, version, mod
     assert wrong.returncode == 2 and "the build finished but 'import not_built_module' fails" in wrong.stderr
 
 
+def test_build_flash_attn_4_installs_the_extra_pins_and_checks_the_kernels(tmp_path):
+    """FA_VERSION=4: pip installs (no compiler, no checkout), the module imports, then the kernel check runs (it
+    says so and passes where there is no GPU); the default spec is environment.yml's fa4 extra."""
+    source = tmp_path / "fa4"
+    write_fake_package(source, "fake_flash_attn_cute")
+    proc = run_script("slurm/modded/build_flash_attn.sh", FA_VERSION="4", FLASH_ATTN_SPEC=source,
+                      FLASH_ATTN_MODULE="fake_flash_attn_cute", PIP_ARGS="--no-build-isolation",
+                      **pip_target_env(tmp_path / "site"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"launch: python -m pip install --no-build-isolation {source}" in proc.stdout
+    assert "built: import fake_flash_attn_cute works" in proc.stdout
+    assert "attention_check: no CUDA GPU here, so fa4's kernels were not run" in proc.stdout
+    offline = run_script("slurm/modded/build_flash_attn.sh", FA_VERSION="4", **pip_target_env(tmp_path / "site2"))
+    pins = (REPO_ROOT / "environment.yml").read_text().split("# extra fa4:")[1].splitlines()[0].split()
+    assert pins[0] == "flash-attn-4==4.0.0b36" and "nvidia-cutlass-dsl==4.8.1" in pins
+    assert f"launch: python -m pip install {' '.join(pins)}" in offline.stdout  # no index here: pip fails
+    assert offline.returncode != 0
+    checkout = run_script("slurm/modded/build_flash_attn.sh", FA_VERSION="4", FLASH_ATTN_SRC=tmp_path)
+    assert checkout.returncode == 2 and "FA_VERSION=4 installs wheels, not a checkout" in checkout.stderr
+    bad = run_script("slurm/modded/build_flash_attn.sh", FA_VERSION="5")
+    assert bad.returncode == 2 and "FA_VERSION must be 2, 3 or 4, got '5'" in bad.stderr
+
+
 def test_build_flash_attn_checks_its_requirements_first(tmp_path):
     source = write_fake_flash_attention(tmp_path / "flash-attention")
     proc = run_script("slurm/modded/build_flash_attn.sh", FA_VERSION="2", FLASH_ATTN_SRC=source,

@@ -187,6 +187,8 @@ def test_dry_run_of_a_flash_attention_build(roots, tmp_path):
          "--chunks does not apply to the text data"),
         (["ablate", "--features", "smear,wings", "--gpu-type", "h100"], "--features: unknown wings; the ablations are"),
         (["build-flash-attn", "--gpu-type", "h100", "--fa-version", "3"], "--fa-version 3 builds from a flash-attention"),
+        (["build-flash-attn", "--gpu-type", "h100", "--fa-version", "4", "--src", "."],
+         "--fa-version 4 installs wheels (pip), not a checkout: drop --src"),
         (["train", "baseline", "--gpu-type", "h100", "--nodes", "2", "--cluster", "local"],
          "--nodes 2 needs a Slurm cluster"),
         (["train", "baseline", "--gpu-type", "h100", "--num-gpus", "8", "--micro-batch", "128"],
