@@ -1037,17 +1037,21 @@ def test_sampling_from_a_speedrun_run_and_its_errors(char_corpus, tmp_path):
 
 
 def test_flash_boundaries_have_one_length_for_every_batch():
-    """FA3/FA4 read cu_seqlens inside the compiled graph: padded with the token count (empty documents) to
-    tokens + 1 entries, whatever the number of documents, so a new count does not compile the graph again."""
+    """FA3/FA4 read cu_seqlens inside the compiled graph: padded with the token count (empty documents) to 1,024
+    entries whatever the number of documents, so a new count does not compile the graph again; a batch of more
+    documents takes the next power of two, never more than tokens + 1 entries."""
     import types
 
-    from modded_nanogpt.train_gpt import flash_boundaries
+    from modded_nanogpt.train_gpt import FLASH_BOUNDARY_SLOTS, flash_boundaries
 
+    assert FLASH_BOUNDARY_SLOTS == 1024
     for backend in ("fa3", "fa4"):
         model = types.SimpleNamespace(attention_backend=backend)
-        for cu in ([0, 5, 16], [0, 16], list(range(17))):
-            padded = flash_boundaries(model, torch.tensor(cu, dtype=torch.int32), 16)
-            assert padded.dtype == torch.int32 and padded.tolist() == cu + [16] * (17 - len(cu))
+        for cu, tokens, length in (([0, 5, 16], 49152, 1024), ([0, 16], 49152, 1024), (list(range(17)), 16, 17),
+                                   (list(range(0, 49152, 40)) + [49152], 49152, 2048),
+                                   (list(range(1030)), 1029, 1030)):
+            padded = flash_boundaries(model, torch.tensor(cu, dtype=torch.int32), tokens)
+            assert padded.dtype == torch.int32 and padded.tolist() == cu + [tokens] * (length - len(cu))
     for backend in ("flex", "sdpa"):  # they do not read it
         cu = torch.tensor([0, 5, 16], dtype=torch.int32)
         assert flash_boundaries(types.SimpleNamespace(attention_backend=backend), cu, 16) is cu
