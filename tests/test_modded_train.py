@@ -1,4 +1,4 @@
-"""The speedrun trainer end to end on CPU: the issue's command, world sizes 1 and 2, resume, bad input,
+"""The speedrun trainer end to end on CPU: the README's command, world sizes 1 and 2, resume, bad input,
 and the optimizer step against slow references."""
 
 import dataclasses
@@ -58,7 +58,7 @@ def final_params(run_dir):
 
 
 def test_twenty_cpu_steps_on_the_local_corpus(char_corpus, tmp_path):
-    """The issue's command: python -m modded_nanogpt.train_gpt --recipe=tiny_cpu ... --num_iterations=20."""
+    """The README's command: python -m modded_nanogpt.train_gpt --recipe=tiny_cpu ... --num_iterations=20."""
     run_dir = tmp_path / "run"
     proc = run_module("modded_nanogpt.train_gpt", *tiny(char_corpus, run_dir, "--num_iterations=20"))
     metrics = read_metrics(run_dir)
