@@ -794,7 +794,7 @@ def _(A, alpha, beta):
 # ~25 ms per step, against ~0.4 ms of bytes. Here the gather casts on the way (the trainer asks for bf16
 # value and bigram rows: the forward casts them to bf16 anyway, and their gradient is that bf16 value cast
 # up, so the math is unchanged), and the scatter walks the sorted index, summing each run of equal ids in
-# registers before one atomic add: 135 us instead of 1,519 for the value table (tests.modded_bench_rows).
+# registers before one atomic add: 135 us instead of 1,519 for the value table (modded_nanogpt.bench.rows).
 
 def _as_tables(table: torch.Tensor) -> torch.Tensor:
     if table.ndim not in (2, 3):
@@ -867,7 +867,7 @@ def scatter_add_rows(grad, index, rows, sorted_index=None):
 # leave the forward contiguous (T, H, D) (the paired-head reshape is then a view), and the backward
 # writes the whole (T, 3 H D) gradient of the projection's output, so the two products that follow
 # read it as one tensor. Selected by --qkv_kernel=triton (the default; model.GPT.attention). Measured on
-# an H200 (tests.modded_profile, stage 3): ~131 us forward and ~168 us backward per layer and micro-step
+# an H200 (modded_nanogpt.bench.profile, stage 3): ~131 us forward and ~168 us backward per layer and micro-step
 # for q, k and v together, and a stage-3 step 684.9 -> 669.3 ms against the plain version.
 
 _NORM_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's eps for its float32 computation
@@ -1050,7 +1050,7 @@ if triton is not None:
 
     def _relu2_tma_configs():
         config = _relu2_tma_config
-        # Measured on an H200 at 49,152 x 768 -> 3072 (tests/modded_bench_mlp.py): forward 410 us with
+        # Measured on an H200 at 49,152 x 768 -> 3072 (modded_nanogpt/bench/mlp.py): forward 410 us with
         # (128, 256, 64, 8 warps, 4 stages, subtiled stores) against 586 us for the pointer kernel below and
         # 474 us for cuBLAS + Inductor's relu^2; backward 453 us with 3 stages (4 do not fit in shared
         # memory there) against 538 us for cuBLAS + the elementwise gradient kernel.

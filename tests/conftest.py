@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(config, items):
         has_cuda = False
     if has_cuda:
         return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (README: GPU tests)")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (tests/README.md: the GPU tier)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)

@@ -1,7 +1,7 @@
 """The `slurm_cluster` fixture: a real, throw-away Slurm cluster on this machine for the `slurm` tests.
 
 tests/cluster/up.sh starts Debian's slurmctld, one slurmd per fake node (typed fake GPUs), munge and,
-for sacct, slurmdbd with a private MariaDB; tests/cluster/down.sh stops them at the end of the session.
+for sacct, slurmdbd with a private MariaDB; tests/cluster/down.sh stops them at the end of the pytest session.
 Where the cluster cannot exist (not root, packages not installable) the tests are skipped with the
 reason, unless REQUIRE_SLURM=1 (CI), which turns the skip into a failure. Any other failure of up.sh
 fails loudly with its output.

@@ -1,13 +1,13 @@
 """GPU tier: the baseline trainer's CUDA paths (bf16 + compile, fp16 + GradScaler, attention backends).
 
 Skipped without CUDA (see conftest.py); run them with `python -m pytest -m gpu` on a CUDA machine
-(`bash tests/gpu_session.sh` runs them with the throughput sweep).
+(`bash nanogpt/bench/gpu_session.sh` runs them with the throughput sweep).
 """
 
 import pytest
 import torch
 
-from nanogpt.bench import main as bench_main
+from nanogpt.bench.throughput import main as bench_main
 from nanogpt.model import GPT, GPTConfig, select_sdpa_backend
 from nanogpt.train import main as train_main
 from tests.fixtures import read_metrics

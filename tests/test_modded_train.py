@@ -1,4 +1,4 @@
-"""The speedrun trainer end to end on CPU: the issue's command, world sizes 1 and 2, resume, bad input,
+"""The speedrun trainer end to end on CPU: the README's command, world sizes 1 and 2, resume, bad input,
 and the optimizer step against slow references."""
 
 import dataclasses
@@ -59,7 +59,7 @@ def final_params(run_dir):
 
 
 def test_twenty_cpu_steps_on_the_local_corpus(char_corpus, tmp_path):
-    """The issue's command: python -m modded_nanogpt.train_gpt --recipe=tiny_cpu ... --num_iterations=20."""
+    """The README's command: python -m modded_nanogpt.train_gpt --recipe=tiny_cpu ... --num_iterations=20."""
     run_dir = tmp_path / "run"
     proc = run_module("modded_nanogpt.train_gpt", *tiny(char_corpus, run_dir, "--num_iterations=20"))
     metrics = read_metrics(run_dir)
@@ -961,16 +961,16 @@ def test_a_finished_run_run_again_is_left_as_it_is(char_corpus, tmp_path):
     assert (run_dir / "ckpt" / "step_0000003.pt").read_bytes() == checkpoint
 
 
-def test_the_benchmark_session_script_on_two_cpu_ranks(char_corpus, tmp_path):
-    """tests/modded_gpu_session.sh (the one-call benchmark on a GPU machine) through torchrun on 2 CPU ranks with
-    the tiny recipe: a summary row per stage; a second call writes a new run directory instead of finding the
+def test_the_gpu_benchmark_script_on_two_cpu_ranks(char_corpus, tmp_path):
+    """modded_nanogpt/bench/gpu_session.sh (the one-call benchmark on a GPU machine) through torchrun on 2 CPU ranks
+    with the tiny recipe: a summary row per stage; a second call writes a new run directory instead of finding the
     first run ended; a trainer that fails makes the script fail and say so (not a traceback from the summary)."""
     env = dict(os.environ, OUT=str(tmp_path / "out"), NUM_GPUS="2", DATA=str(char_corpus), STEPS="9", TESTS="0",
                VAL_TOKENS="8192", OMP_NUM_THREADS="1",
                EXTRA="--recipe=tiny_cpu --extension_iterations=0 --val_every=0")
     runs = []
     for _ in range(2):
-        proc = subprocess.run(["bash", "tests/modded_gpu_session.sh"], cwd=REPO_ROOT, env=env, capture_output=True,
+        proc = subprocess.run(["bash", "modded_nanogpt/bench/gpu_session.sh"], cwd=REPO_ROOT, env=env, capture_output=True,
                               text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         assert re.search(r"^2 \| 6144 \| \d+ \| [\d.]+ \| [\d,]+$", proc.stdout, re.M), proc.stdout
@@ -978,7 +978,7 @@ def test_the_benchmark_session_script_on_two_cpu_ranks(char_corpus, tmp_path):
         time.sleep(1.1)  # run directories are named by the second
     assert runs[0] != runs[1] and all(json.loads((Path(r) / "config.json").read_text())["num_iterations"] == 9
                                       for r in runs)
-    failed = subprocess.run(["bash", "tests/modded_gpu_session.sh"], cwd=REPO_ROOT, env=dict(env, STEPS="3"),
+    failed = subprocess.run(["bash", "modded_nanogpt/bench/gpu_session.sh"], cwd=REPO_ROOT, env=dict(env, STEPS="3"),
                             capture_output=True, text=True, timeout=300)
     assert failed.returncode == 1 and "error: the trainer exited with status 1" in failed.stderr
     assert "Traceback" not in failed.stderr

@@ -22,7 +22,7 @@ from nanogpt.model import GPTConfig
 from nanogpt.train import RUN_TIME_MODEL_OPTIONS, TrainConfig, apply_run_time_options, build_model, main
 from tests.fixtures import REPO_ROOT, read_metrics, run_files, run_module
 
-# The command line, nanoGPT's names for its settings.
+# A tiny CPU command line, nanoGPT's names for its settings.
 TINY = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=64", "--batch_size=8",
         "--max_iters=30", "--eval_interval=10", "--eval_iters=5", "--compile=False",
         "--warmup_iters=3", "--learning_rate=3e-3", "--min_lr=3e-4"]  # 30 steps: a short warmup

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The GPU tier on a GPU machine: versions, the gpu-marked tests, then a throughput sweep of
-# `python -m nanogpt.bench` for GPT-2 124M (sequence 1024, bf16, compiled, 524,288 tokens/step),
-# ending with a short table. Results go to $OUT (or ./gpu_out) as JSON and logs.
-#   bash tests/gpu_session.sh                 # everything
-#   SWEEP="32:auto 32:cudnn" TESTS=0 bash tests/gpu_session.sh
-#   SWEEP="128:auto" BENCH_ARGS="--fused_mlp=False" TESTS=0 bash tests/gpu_session.sh   # the table has a column per switch
+# One terminal session's work on a GPU machine, run from the repo root: versions, the baseline's gpu-marked
+# tests, then a throughput sweep of `python -m nanogpt.bench` for GPT-2 124M (sequence 1024, bf16, compiled,
+# 524,288 tokens/step), ending with a short table. Results go to $OUT (or ./gpu_out) as JSON and logs.
+#   bash nanogpt/bench/gpu_session.sh                 # everything
+#   SWEEP="32:auto 32:cudnn" TESTS=0 bash nanogpt/bench/gpu_session.sh
+#   SWEEP="128:auto" BENCH_ARGS="--fused_mlp=False" TESTS=0 bash nanogpt/bench/gpu_session.sh   # the table has a column per switch
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 SWEEP=${SWEEP-"32:auto 64:auto"}    # micro-batch:attention backend; SWEEP="" runs the tests only

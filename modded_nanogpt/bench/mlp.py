@@ -1,19 +1,30 @@
 """The speedrun MLP's squared-ReLU matmuls at one stage-3 micro-step (49,152 x 768 -> 3072) on a GPU:
 cuBLAS (+ an elementwise pass) against the Triton kernels, forward and backward.
 
-    python -m tests.modded_bench_mlp [--rows=49152] [--sweep]
+    python -m modded_nanogpt.bench.mlp [--rows=49152] [--sweep]
 """
 
+import argparse
 import sys
 
 import torch
-from triton.testing import do_bench
 
 from modded_nanogpt import kernels
+from modded_nanogpt.bench import require_cuda
 
 
 def main(argv):
-    rows = int(next((a.split("=")[1] for a in argv if a.startswith("--rows=")), 49152))
+    p = argparse.ArgumentParser(prog="python -m modded_nanogpt.bench.mlp", description=__doc__.split("\n\n")[0],
+                                allow_abbrev=False)
+    p.add_argument("--rows", type=int, default=49152, help="tokens of one micro-step (stage 3: 49,152)")
+    p.add_argument("--sweep", action="store_true", help="then the TMA kernel's tilings, each without autotuning")
+    args = p.parse_args(argv)
+    if args.rows <= 0:
+        p.error(f"--rows must be positive, got {args.rows}")
+    require_cuda("modded_nanogpt.bench.mlp")
+    from triton.testing import do_bench
+
+    rows = args.rows
     dim, hidden = 768, 3072
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(rows, dim, device="cuda", generator=g).bfloat16()
@@ -47,7 +58,7 @@ def main(argv):
     report("bwd cuBLAS mm + relu2_grad kernel", apart, apart().float(), grad_pre_want)
     fused = lambda: torch.ops.modded_nanogpt.relu2_mlp_grad_pre(grad_y, down, post_want.bfloat16())
     report("bwd fused (relu2_mlp_grad_pre)", fused, fused().float(), grad_pre_want)
-    if "--sweep" in argv:
+    if args.sweep:
         sweep(x, up, down, grad_y, pre, post_want, grad_pre_want, report)
 
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The speedrun trainer on one GPU machine: a scaled run on the local BPE corpus (compile + warmup time,
-# step_avg per stage, peak memory, val curve), then the GPU tests. Prepare the data first (here or there):
+# One terminal session's work on a GPU machine, run from the repo root: the speedrun trainer's scaled run on the
+# local BPE corpus (compile + warmup time, step_avg per stage, peak memory, val curve), then its GPU tests.
+# Prepare the data first (here or there):
 #   python -m nanogpt.data.text_corpus --out data/stdlib_bpe50257 --tokenizer bpe --vocab_size 50257
 # The reference proxy corpus (../shared/tools/proxy_corpus.py, see its docstring) with the published vocabulary:
 #   DATA=/tmp/corpus/data/fineweb10B STEPS=450 VAL_TOKENS=10485760 EXTRA="--vocab_size=50304 --bos_id=50256" \
-#     TESTS=0 bash tests/modded_gpu_session.sh
+#     TESTS=0 bash modded_nanogpt/bench/gpu_session.sh
 # Knobs: DATA (data dir), STEPS (scheduled steps), EXT (extension steps, 12), VAL_EVERY (50), TESTS=0 to skip
 # the tests, EXTRA (more --key=value),
 # NUM_GPUS (1 runs the trainer in this process; 2, 4 or 8 run it through modded_nanogpt/run.sh, torchrun),

@@ -12,6 +12,7 @@ optimizer, autocast and compile exactly as the trainer does, runs `bench_warmup`
   Inductor's GELU between cuBLAS matmuls:       python -m nanogpt.bench --fused_mlp=False
   several GPUs:                                 torchrun --standalone --nproc_per_node=8 -m nanogpt.bench ...
   tiny, on CPU:                                 python -m nanogpt.bench tiny_cpu --bench_steps=3
+  the GPU tests, then a sweep ending in a table: bash nanogpt/bench/gpu_session.sh
 """
 
 from __future__ import annotations
@@ -147,9 +148,15 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """The command line (`python -m nanogpt.bench`): a bad setting or data folder is one line and exit 2."""
     try:
-        main()
+        main(argv)
     except (ConfigError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,7 +1,7 @@
 """Profile one speedrun step shape on a GPU: compile, time steps, and print the top kernels.
 
-    python -m tests.modded_profile [--stage=2] [--steps=6] [--no_profile] [--host_profile] [--key=value ...]
-    python -m tests.modded_profile --bench_head [--rows=49152]
+    python -m modded_nanogpt.bench.profile [--stage=2] [--steps=6] [--no_profile] [--host_profile] [--key=value ...]
+    python -m modded_nanogpt.bench.profile --bench_head [--rows=49152]
 
 Synthetic packed batches (random tokens, a BOS every ~800 tokens; --blocking_loader copies them from pageable
 memory, as a loader without pinned buffers does) or, with --data_dir=DIR, the trainer's loader on real shards; the
@@ -12,6 +12,7 @@ kernels for two steps and the GPU's busy time against the wall time (the differe
 then the quantizer (two kernels) against the fused CE-gradient + e5m2 kernel (both transposes).
 """
 
+import argparse
 import cProfile
 import dataclasses
 import pstats
@@ -22,10 +23,12 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from modded_nanogpt.bench import require_cuda
 from modded_nanogpt.data.loader import DistributedBOSLoader, PackedBatch, to_device_async
 from modded_nanogpt.model import GPT, select_attention_backend
 from modded_nanogpt.train_gpt import (
     TOTAL_MICRO_STEPS,
+    ConfigError,
     Runtime,
     build_optimizer,
     model_config,
@@ -131,17 +134,42 @@ def kernel_group(name: str) -> str:
     return "other: " + name[:40]
 
 
-def main(argv):
-    if "--bench_head" in argv:
-        bench_head(int(next((a.split("=")[1] for a in argv if a.startswith("--rows=")), 49152)))
-        return
-    stage = int(next((a.split("=")[1] for a in argv if a.startswith("--stage=")), 2))
-    steps = int(next((a.split("=")[1] for a in argv if a.startswith("--steps=")), 6))
-    hp = parse_hyperparameters([a for a in argv if not a.startswith(("--stage=", "--steps=", "--no_profile",
-                                                                    "--blocking_loader", "--host_profile"))])
+def parse_args(argv):
+    """The profile's own options; every other argument is a trainer setting (--key=value), checked by the trainer's
+    parser, so a misspelt option stops here naming it."""
+    p = argparse.ArgumentParser(prog="python -m modded_nanogpt.bench.profile", allow_abbrev=False,
+                                description=__doc__.split("\n")[0],
+                                epilog="Other arguments are the trainer's settings (python -m modded_nanogpt.train_gpt "
+                                       "--help), e.g. --data_dir=DIR --vocab_size=0 --bos_id=-1 for real shards.")
+    p.add_argument("--stage", type=int, default=2, help="schedule stage to profile (default schedule: 0-2, 3: extension)")
+    p.add_argument("--steps", type=int, default=6, help="timed steps")
+    p.add_argument("--no_profile", action="store_true", help="times only, no torch.profiler table")
+    p.add_argument("--host_profile", action="store_true", help="add Python's profile of the host queuing two steps")
+    p.add_argument("--blocking_loader", action="store_true", help="synthetic batches copied from pageable memory")
+    p.add_argument("--bench_head", action="store_true", help="time the FP8 head's backward variants instead")
+    p.add_argument("--rows", type=int, default=49152, help="--bench_head: rows of one micro-step")
+    args, settings = p.parse_known_args(argv)
+    try:
+        hp = parse_hyperparameters(settings)
+    except ConfigError as e:
+        p.error(str(e))
+    if args.steps <= 0 or args.rows <= 0 or args.stage < 0:
+        p.error("--steps and --rows must be positive, --stage not negative")
+    return args, settings, hp
 
+
+def main(argv):
+    args, settings, hp = parse_args(argv)
+    stage, steps = args.stage, args.steps
+    schedule = schedule_of(hp)
+    if stage >= len(schedule.stage_starts):
+        raise SystemExit(f"--stage={stage}: this schedule has stages 0-{len(schedule.stage_starts) - 1}")
+    require_cuda("modded_nanogpt.bench.profile")
+    if args.bench_head:
+        bench_head(args.rows)
+        return
     rt = Runtime(0, 0, 1, torch.device("cuda"))
-    if hp.data_dir and not any(a.startswith("--val_tokens=") for a in argv):
+    if hp.data_dir and not any(a.startswith("--val_tokens=") for a in settings):
         hp.val_tokens = 0  # the profile never validates: a small corpus's val shard need not hold the default
     train_files = resolve_data(hp)[0] if hp.data_dir else None  # real shards (vocab/bos from corpus.json)
     model = GPT(model_config(hp)).cuda()
@@ -149,7 +177,6 @@ def main(argv):
     print(f"attention backend: {model.attention_backend}")
     model.max_doc_tokens = hp.seq_len  # as the trainer: the loader clips documents to seq_len
     model.embedding_grads = hp.embedding_grads
-    schedule = schedule_of(hp)
     plan = schedule.at(schedule.stage_starts[stage] + 2)
     if plan.step > (schedule.untie_step or 0):
         model.untie()
@@ -160,7 +187,7 @@ def main(argv):
         loader = DistributedBOSLoader(train_files, plan.batch_tokens // TOTAL_MICRO_STEPS, hp.seq_len, hp.bos_id,
                                       device=rt.device)
     else:
-        loader = SyntheticLoader(hp.bos_id, 50257, rt.device, blocking="--blocking_loader" in argv)
+        loader = SyntheticLoader(hp.bos_id, 50257, rt.device, blocking=args.blocking_loader)
     # The trainer's steps alternate: Adam updates on odd steps only (NorMuon every step). Profiled steps do too.
     plans = [dataclasses.replace(plan, untie_after=False, adam_step=odd) for odd in (False, True)]
     t0 = time.perf_counter()
@@ -184,7 +211,7 @@ def main(argv):
     print(f"pipelined: {1000 * (time.perf_counter() - t) / steps:.1f} ms per step over {steps} steps without a "
           f"wait between them; the host was done queuing them at {1000 * (queued - t) / steps:.1f} ms per step "
           "(CUDA's launch queue holds back a host that runs ahead, so compare the GPU's busy time below)", flush=True)
-    if "--host_profile" in argv:  # where the host's time goes while it queues steps (Python's profiler)
+    if args.host_profile:  # where the host's time goes while it queues steps (Python's profiler)
         stats = cProfile.Profile()
         torch.cuda.synchronize()
         stats.enable()
@@ -193,7 +220,7 @@ def main(argv):
         stats.disable()
         torch.cuda.synchronize()
         pstats.Stats(stats).sort_stats("cumulative").print_stats(30)
-    if "--no_profile" in argv:
+    if args.no_profile:
         return
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for i in range(2):

@@ -2,19 +2,26 @@
 separate tensor operations (adam_update_reference), over the Adam parameters of the default model once untied (464M floats,
 mostly the embedding tables), state already created.
 
-    python -m tests.modded_bench_adam
+    python -m modded_nanogpt.bench.adam
 """
 
-import torch
-from triton.testing import do_bench
+import argparse
+import sys
 
+import torch
+
+from modded_nanogpt.bench import require_cuda
 from modded_nanogpt.dist_optim import adam_update, adam_update_reference
 from modded_nanogpt.model import GPT
 from modded_nanogpt.train_gpt import Runtime, build_optimizer, model_config, parse_hyperparameters
 
 
 @torch.no_grad()
-def main():
+def main(argv):
+    argparse.ArgumentParser(prog="python -m modded_nanogpt.bench.adam", description=__doc__.split("\n\n")[0]).parse_args(argv)
+    require_cuda("modded_nanogpt.bench.adam")
+    from triton.testing import do_bench
+
     rt = Runtime(0, 0, 1, torch.device("cuda"))
     model = GPT(model_config(parse_hyperparameters([]))).cuda()
     model.untie()
@@ -36,4 +43,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

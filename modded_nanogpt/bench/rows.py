@@ -1,20 +1,22 @@
 """Time the embedding-row gather and scatter-add of one speedrun micro-step on a GPU: torch's index_select +
 index_add_ on float32 rows (before) against kernels.gather_rows / scatter_add_rows on bf16 rows (now).
 
-    python -m tests.modded_bench_rows [--tokens=49152] [--data=data/stdlib_bpe50257/train_000001.bin]
+    python -m modded_nanogpt.bench.rows [--tokens=49152] [--data=data/stdlib_bpe50257/train_000001.bin]
 
 The index is a micro-step of real tokens when --data names a token shard (duplicates as training sees them:
 the scatter's cost depends on them), else Zipf-distributed ids. Checks both against float64 first, then
 prints one line per table and variant: the median time (triton.testing.do_bench) and the bytes it must move.
 """
 
+import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
-from triton.testing import do_bench
 
 from modded_nanogpt import kernels
+from modded_nanogpt.bench import require_cuda
 
 VOCAB, DIM = 50304, 768
 
@@ -29,6 +31,8 @@ def token_index(tokens: int, data: str | None) -> torch.Tensor:
 
 def bench_table(name: str, table: torch.Tensor, index: torch.Tensor) -> None:
     """Check, then time, the gather and the scatter-add of one table at this index."""
+    from triton.testing import do_bench  # imported here: --help works where triton is not installed
+
     rows_dim = table.ndim - 2
     # Correctness on these inputs: the gather exactly; the scatter against float64.
     got = kernels.gather_rows(table, index, torch.bfloat16)
@@ -56,8 +60,19 @@ def bench_table(name: str, table: torch.Tensor, index: torch.Tensor) -> None:
 
 
 def main(argv):
-    tokens = int(next((a.split("=")[1] for a in argv if a.startswith("--tokens=")), 49152))
-    data = next((a.split("=")[1] for a in argv if a.startswith("--data=")), None)
+    p = argparse.ArgumentParser(prog="python -m modded_nanogpt.bench.rows", description=__doc__.split("\n\n")[0],
+                                allow_abbrev=False)
+    p.add_argument("--tokens", type=int, default=49152, help="rows of one micro-step (stage 3: 49,152)")
+    p.add_argument("--data", default=None, help="a token shard whose first tokens form the index (else Zipf ids)")
+    args = p.parse_args(argv)
+    if args.tokens <= 0:
+        p.error(f"--tokens must be positive, got {args.tokens}")
+    if args.data and not Path(args.data).is_file():
+        p.error(f"--data: no such file: {args.data}")
+    require_cuda("modded_nanogpt.bench.rows")
+    from triton.testing import do_bench
+
+    tokens, data = args.tokens, args.data
     idx = token_index(tokens, data)
     print(f"{tokens} rows, {idx.unique().numel()} distinct ids ({'real tokens' if data else 'Zipf'})")
     bench_table("value (5, V, D)", torch.randn(5, VOCAB, DIM, device="cuda"), idx)

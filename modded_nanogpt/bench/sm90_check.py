@@ -1,9 +1,9 @@
 """Compile speedrun Triton kernels for Hopper (sm_90) or A100 (sm_80) without a GPU, and report the machine code.
 
     pip install triton==3.6.0   # into a scratch target: pip install --no-deps --target /tmp/t triton==3.6.0
-    PYTHONPATH=/tmp/t python -m tests.triton_sm90_check [--arch=80]   # 80: A100 (sm_80) instead of sm_90
+    PYTHONPATH=/tmp/t python -m modded_nanogpt.bench.sm90_check [--arch=80]   # 80: A100 (sm_80) instead of sm_90
 
-For sessions without device time: Triton's front end, its code generator and the ptxas it ships run on any x86-64
+Without a GPU at hand: Triton's front end, its code generator and the ptxas it ships run on any x86-64
 machine, so type errors and unsupported operations show here, and so do the registers, the stack (spills) and the
 width of global loads and stores (16-byte `v4.b32` where the strides allow), per kernel and constexpr variant. The
 integer arguments named in `divisible` are marked multiples of 16 as Triton's launcher marks them at run time (the
@@ -11,6 +11,8 @@ trainer's strides are). Numbers, not timings: correctness against the references
 (TRITON_INTERPRET=1) or on a GPU (tests marked gpu).
 """
 
+import argparse
+import importlib.util
 import itertools
 import re
 import subprocess
@@ -18,10 +20,6 @@ import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
-
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from modded_nanogpt import kernels
 
@@ -69,6 +67,10 @@ def cases():
 
 
 def compile_sm90(kernel, types, divisible, constexprs, num_warps, arch: int = 90):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
     kernel = kernel.fn if hasattr(kernel, "configs") else kernel  # an autotuned kernel: its JIT function
     constexprs = dict(constexprs)
     options = {"num_warps": constexprs.pop("num_warps", num_warps)}
@@ -84,6 +86,8 @@ def compile_sm90(kernel, types, divisible, constexprs, num_warps, arch: int = 90
 
 
 def resource_usage(cubin: bytes) -> str:
+    import triton
+
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -93,7 +97,13 @@ def resource_usage(cubin: bytes) -> str:
 
 
 def main(argv) -> int:
-    arch = int(next((a.split("=", 1)[1] for a in argv if a.startswith("--arch=")), 90))
+    p = argparse.ArgumentParser(prog="python -m modded_nanogpt.bench.sm90_check",
+                                description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--arch", type=int, default=90, choices=(80, 90), help="90: Hopper (sm_90); 80: A100 (sm_80)")
+    arch = p.parse_args(argv).arch
+    if importlib.util.find_spec("triton") is None:
+        raise SystemExit("modded_nanogpt.bench.sm90_check: needs triton (pip install --no-deps --target /tmp/t "
+                         "triton==3.6.0, then PYTHONPATH=/tmp/t); it is not importable here")
     failed = 0
     for name, kernel, types, divisible, variants, warps in cases():
         for constexprs in variants:

@@ -1,6 +1,6 @@
 """FlexAttention forward and forward+backward at the speedrun's stage-3 micro-step, for several `kernel_options`.
 
-    python -m tests.modded_bench_flex [--only=0,3,5] [--positions=49152] [--iters=20] [--jobs=4]
+    python -m modded_nanogpt.bench.flex [--only=0,3,5] [--positions=49152] [--iters=20] [--jobs=4]
 
 What is timed mirrors `modded_nanogpt.model` at stage 3 (one micro-step of 24 * 2048 = 49,152 tokens, windows
 of 5 and 11 blocks of 128 tokens, default ModelConfig): the three mask kinds that `GPT.attention_masks` builds,
@@ -97,7 +97,7 @@ CANDIDATES: list[tuple[str, dict | None]] = [
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m tests.modded_bench_flex", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m modded_nanogpt.bench.flex", description=__doc__.split("\n")[0])
     p.add_argument("--only", default="", help="comma-separated candidate indices (default: all)")
     p.add_argument("--positions", type=int, default=STAGE3_POSITIONS, help="positions P (multiple of 128)")
     p.add_argument("--windows", default="5,11", help="short,long windows in blocks of 128 tokens (stage 3: 5,11)")
@@ -282,7 +282,7 @@ def precompile(args):
             break
         while todo and len(running) < args.jobs:
             i = todo.pop(0)
-            cmd = [sys.executable, "-m", "tests.modded_bench_flex", f"--only={i}", *common]
+            cmd = [sys.executable, "-m", "modded_nanogpt.bench.flex", f"--only={i}", *common]
             running.append((i, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
         time.sleep(0.5)
         for item in [r for r in running if r[1].poll() is not None]:
@@ -298,7 +298,7 @@ def main(argv) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     if not torch.cuda.is_available():
-        print("modded_bench_flex: no CUDA device; nothing to time (FlexAttention's Triton kernels need a GPU). "
+        print("modded_nanogpt.bench.flex: no CUDA device; nothing to time (FlexAttention's Triton kernels need a GPU). "
               "Candidates:")
         for i, (name, options) in enumerate(CANDIDATES):
             print(f"  {i:2d}  {name:28s} {describe(options)}")

@@ -1,7 +1,7 @@
 """Which Triton kernels took longest to compile: read a Triton cache directory filled by one run.
 
-    TRITON_CACHE_DIR=/tmp/tc python -m tests.modded_profile --stage=0 --steps=2 --no_profile
-    python -m tests.triton_compile_times /tmp/tc [--since=UNIX_TIME]
+    TRITON_CACHE_DIR=/tmp/tc python -m modded_nanogpt.bench.profile --stage=0 --steps=2 --no_profile
+    python -m modded_nanogpt.bench.compile_times /tmp/tc [--since=UNIX_TIME]
 
 Inductor submits a graph's kernels to its compile workers as it generates them, within seconds of each
 other, so a kernel whose files land long after the others is a slow compile. Prints the kernels in bursts
@@ -9,6 +9,7 @@ other, so a kernel whose files land long after the others is a slow compile. Pri
 kernels of the block masks: they landed 40-120 s after the rest of the first graph's kernels.
 """
 
+import argparse
 import os
 import sys
 
@@ -28,12 +29,18 @@ def kernels(cache_dir):
 
 
 def main(argv):
-    cache_dir = argv[0]
-    opts = dict(a[2:].split("=", 1) for a in argv[1:])
+    p = argparse.ArgumentParser(prog="python -m modded_nanogpt.bench.compile_times",
+                                description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("cache_dir", help="the TRITON_CACHE_DIR of one run")
+    p.add_argument("--since", type=float, default=None, help="UNIX time to count from (default: the first file)")
+    args = p.parse_args(argv)
+    cache_dir = args.cache_dir
+    if not os.path.isdir(cache_dir):
+        p.error(f"cache_dir: not a directory: {cache_dir}")
     found = kernels(cache_dir)
     if not found:
         raise SystemExit(f"no compiled kernels (.cubin files) under {cache_dir}")
-    start = float(opts.get("since", min(t for _, t, _ in found)))
+    start = args.since if args.since is not None else min(t for _, t, _ in found)
     found.sort(key=lambda k: k[1])
     print(f"{len(found)} kernels in {cache_dir}; seconds from start to their files, in bursts (kernels <1 s apart)")
     burst = [found[0]]
