@@ -36,11 +36,11 @@ import numpy as np
 import torch
 
 from nanogpt import checkpoint as ckpt
-from nanogpt.config import ConfigError, config_help, parse_config
+from nanogpt.config import ConfigError, parse_config, usage
 from nanogpt.data.loader import TokenLoader
 from nanogpt.data.shards import ShardError, check_token_ids, find_split, read_meta
 from nanogpt.model import GPT, GPT2_SIZES, SDPA_BACKENDS, GPTConfig, select_sdpa_backend
-from nanogpt.rundir import RunDir, RunDirError, check_writable, format_step_line
+from nanogpt.rundir import RunDir, RunDirError, check_writable, newest_checkpoint, provenance
 
 
 def _help(text: str):
@@ -155,6 +155,20 @@ def learning_rate_at(step: int, cfg: TrainConfig) -> float:
         return peak
     progress = (step - cooldown_start) / max(1, decay_end - cooldown_start)
     return peak + progress * (cfg.min_lr - peak)
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_step_line(step, max_steps, loss, lr, dt_ms, tokens_per_s, mfu) -> str:
+    """`step 100/1555 | loss 3.4100 | lr 6.00e-04 | dt 312ms | tok/s 1.68M | mfu 41.2%` (grep-able)."""
+    mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
+    return (f"step {step}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | dt {dt_ms:.0f}ms | "
+            f"tok/s {_human(tokens_per_s)} | mfu {mfu_text}")
 
 
 def fused_paths(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> str:
@@ -450,8 +464,7 @@ def check_not_a_speedrun_dir(run_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        print("settings (defaults shown):\n" + config_help(TrainConfig))
+        print(usage(__doc__, TrainConfig))
         return {}
     cfg, recipe = parse_config(TrainConfig, argv)
     if not cfg.data_dir:
@@ -466,13 +479,13 @@ def main(argv: list[str] | None = None) -> dict:
     check_not_a_speedrun_dir(run_dir)
     if os.environ.get("RANK", "0") == "0":
         check_writable(run_dir)
-    has_checkpoint = ckpt.newest(run_dir / "ckpt") is not None
+    has_checkpoint = newest_checkpoint(run_dir / "ckpt") is not None
     if cfg.init_from == "resume" and not has_checkpoint:
         raise ConfigError(f"init_from=resume but {run_dir / 'ckpt'} holds no checkpoint")
     if "/" in cfg.init_from and not has_checkpoint and not Path(cfg.init_from).is_dir():
         raise ConfigError(f"init_from={cfg.init_from}: no such directory of Hugging Face GPT-2 weights")
     previous = RunDir(run_dir, enabled=os.environ.get("RANK", "0") == "0")
-    finished = None if cfg.eval_only else previous.completed(cfg.max_iters)
+    finished = None if cfg.eval_only else previous.completed(cfg.max_iters, target_stops=True)
     if finished is not None:  # e.g. a requeued job whose run had ended: nothing to redo, nothing rewritten
         previous.log(f"{run_dir} already ended at step {finished['step']} (final val loss "
                      f"{finished.get('final_val_loss') or float('nan'):.4f}, train_time {finished.get('train_time_ms', 0) / 1000:.1f}s): "
@@ -498,15 +511,15 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _train(cfg, recipe, rt: Runtime, run_dir: Path, train_files, val_files, vocab_size, data_meta, accumulation, argv):
     run = RunDir(run_dir, enabled=rt.master)
-    resume_state = ckpt.load_newest(run_dir / "ckpt", map_location="cpu", warn=run.log)
+    resume_state = ckpt.load_newest(run_dir / "ckpt", warn=run.log)
     if resume_state and cfg.init_from in ("scratch", "resume"):
         asked = scratch_model_args(cfg, vocab_size)
         if resume_state["model_args"] != asked:  # checked before config.json is rewritten
             raise ConfigError(f"the checkpoint in {run_dir / 'ckpt'} holds model {resume_state['model_args']} but the "
                               f"config asks for {asked}; use another --run_dir for a different model")
-    run.start(config=dataclasses.asdict(cfg) | {"recipe": str(recipe) if recipe else None},
-              argv=argv, resumed_step=resume_state["step"] if resume_state else None,
-              device_names=[rt.device_name], world_size=rt.world_size)
+    run.start(dataclasses.asdict(cfg) | {"recipe": str(recipe) if recipe else None},
+              provenance("nanogpt.train", argv, rt.world_size, f"sdpa ({cfg.attention})"),
+              resume_state["step"] if resume_state else None)  # a resume drops the records after its step
     log = run.log
 
     seed_offset = rt.rank  # dropout differs per rank; the data order does not (see loader)
@@ -544,7 +557,6 @@ def _train(cfg, recipe, rt: Runtime, run_dir: Path, train_files, val_files, voca
             scaler.load_state_dict(resume_state["scaler"])
         state.update(resume_state["state"])
         ckpt.restore_rank_state(resume_state, rt.rank, rt.world_size, train_loader, device, log)
-        run.truncate_metrics_after(state["step"])
         log(f"resumed from step {state['step']} ({state['tokens']:,} tokens, {state['train_time_ms'] / 1000:.1f}s trained)")
     del resume_state
 
