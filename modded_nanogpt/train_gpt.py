@@ -26,7 +26,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,6 +44,8 @@ from nanogpt.data.shards import ShardError, check_token_ids, find_shards, read_s
 from nanogpt.rundir import (
     RunDir,
     RunDirError,
+    StopSignal,
+    check_same_trainer,
     check_writable,
     load_newest,
     provenance,
@@ -290,34 +291,6 @@ def init_runtime(hp: Hyperparameters) -> Runtime:
     return Runtime(rank, local_rank, world_size, device)
 
 
-class StopSignal:
-    """Remembers that SIGUSR1/SIGUSR2/SIGTERM/SIGINT arrived; the loop checkpoints and exits at a step boundary.
-    Ctrl-C (SIGINT) stops the same way; a second Ctrl-C aborts at once (KeyboardInterrupt, no checkpoint)."""
-
-    NAMES = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")
-
-    def __enter__(self):
-        self.received, self._previous = None, {}
-        for name in self.NAMES:
-            sig = getattr(signal, name, None)
-            if sig is not None:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        if name == "SIGINT" and self.received == "SIGINT":
-            raise KeyboardInterrupt
-        if name == "SIGINT":
-            print("Ctrl-C: stopping after this step with a checkpoint (the same command resumes); Ctrl-C again "
-                  "aborts without one", file=sys.stderr, flush=True)
-        self.received = name
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 class StepReadings:
     """A step's loss and its all-ranks stop flag, read one step late so the host never waits for the GPU
     between steps (with a per-step `.item()` the GPU idles while the host launches the next step's first
@@ -497,18 +470,6 @@ def parameter_counts(model: GPT) -> dict:
     return {"total": total, "non_embedding": sum(p.numel() for n, p in model.named_parameters() if n not in tables)}
 
 
-def check_not_a_baseline_dir(run_dir: Path) -> None:
-    """A run directory the baseline trainer made (its config.json has max_iters) is not this trainer's to resume
-    or overwrite: say so before anything is written (its checkpoints hold another model and format)."""
-    try:
-        config = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return
-    if isinstance(config, dict) and "max_iters" in config and "batch_schedule" not in config:
-        raise ConfigError(f"{run_dir} holds a run of the baseline trainer (nanogpt.train: its config.json has "
-                          "max_iters); give this speedrun its own --run_dir")
-
-
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -539,7 +500,7 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
                           f"({hp.val_batch_tokens} * {rt.world_size})")
     if not hp.run_dir:
         hp.run_dir = str(Path(os.environ.get("RUNS_DIR", "runs")) / f"modded-{time.strftime('%Y%m%d-%H%M%S')}")
-    check_not_a_baseline_dir(Path(hp.run_dir))
+    check_same_trainer(Path(hp.run_dir), "modded_nanogpt.train_gpt")
     if rt.master:
         check_writable(Path(hp.run_dir))
     total_steps = schedule.total_steps

@@ -26,6 +26,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +35,8 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The trainers that write run directories, by module: a run directory is resumed only by the trainer that made it.
+TRAINERS = {"nanogpt.train": "the baseline trainer", "modded_nanogpt.train_gpt": "the speedrun trainer"}
 RUN_FILES = ("metrics.jsonl", "train.log", "config.json", "provenance.json")
 _CHECKPOINT = re.compile(r"^step_(\d+)\.pt$")
 # What provenance.json keeps of each earlier launch of a resumed run (the whole record, sources included, would
@@ -71,6 +74,53 @@ def check_writable(run_dir: Path) -> None:
     except OSError as e:
         raise RunDirError(f"cannot write to the run directory {run_dir}: {e.strerror or e}; give a writable "
                           "--run_dir (or RUNS_DIR)") from None
+
+
+def check_same_trainer(run_dir: Path, module: str) -> None:
+    """A run directory another trainer made (the module of its provenance.json's command) is not this one's to
+    resume or overwrite (its checkpoints hold another model and format): say so before anything is written."""
+    from nanogpt.config import ConfigError
+
+    try:
+        command = json.loads((Path(run_dir) / "provenance.json").read_text())["command"]
+        writer = command[command.index("-m") + 1]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return
+    if writer != module and writer in TRAINERS:
+        raise ConfigError(f"{run_dir} holds a run of {TRAINERS[writer]} ({writer}: see its provenance.json); give "
+                          f"this run of {TRAINERS.get(module, module)} its own --run_dir")
+
+
+class StopSignal:
+    """Remembers that SIGUSR1/SIGUSR2/SIGTERM/SIGINT arrived; the loop checkpoints and exits at a step boundary
+    with a stop record whose reason names the signal (the job scripts requeue on `signal SIGUSR1/SIGUSR2`).
+    Ctrl-C (SIGINT) stops the same way; a second Ctrl-C aborts at once (KeyboardInterrupt, no checkpoint)."""
+
+    SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and self.received == "SIGINT":
+            raise KeyboardInterrupt
+        if name == "SIGINT":
+            print("Ctrl-C: stopping after this step with a checkpoint (the same command resumes); Ctrl-C again "
+                  "aborts without one", file=sys.stderr, flush=True)
+        self.received = name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 # ---- provenance -----------------------------------------------------------------------------------------

@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,7 +38,15 @@ from nanogpt.config import ConfigError, parse_config, usage
 from nanogpt.data.loader import TokenLoader
 from nanogpt.data.shards import ShardError, check_token_ids, find_split, read_meta
 from nanogpt.model import GPT, GPT2_SIZES, SDPA_BACKENDS, GPTConfig, select_sdpa_backend
-from nanogpt.rundir import RunDir, RunDirError, check_writable, newest_checkpoint, provenance
+from nanogpt.rundir import (
+    RunDir,
+    RunDirError,
+    StopSignal,
+    check_same_trainer,
+    check_writable,
+    newest_checkpoint,
+    provenance,
+)
 
 
 def _help(text: str):
@@ -354,37 +360,6 @@ def build_model(cfg: TrainConfig, vocab_size: int, print_fn, data_vocab_size: in
     return model, {k: v for k, v in dataclasses.asdict(model.config).items() if k not in RUN_TIME_MODEL_OPTIONS}
 
 
-class StopSignal:
-    """Remembers that SIGUSR1/SIGUSR2/SIGTERM/SIGINT arrived; the loop checkpoints and exits at a step boundary.
-    Ctrl-C (SIGINT) stops the same way; a second Ctrl-C aborts at once (KeyboardInterrupt, no checkpoint)."""
-
-    SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")
-
-    def __init__(self):
-        self.received: str | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        for name in self.SIGNALS:
-            sig = getattr(signal, name, None)
-            if sig is not None:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        if name == "SIGINT" and self.received == "SIGINT":
-            raise KeyboardInterrupt
-        if name == "SIGINT":
-            print("Ctrl-C: stopping after this step with a checkpoint (the same command resumes); Ctrl-C again "
-                  "aborts without one", file=sys.stderr, flush=True)
-        self.received = name
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 class TrainClock:
     """Training wall time: runs only while steps run, synchronizing with the device when paused."""
 
@@ -449,18 +424,6 @@ def evaluate(model, loader: TokenLoader, num_batches: int, autocast, rt: Runtime
 
 # --- the training loop ------------------------------------------------------------------------
 
-def check_not_a_speedrun_dir(run_dir: Path) -> None:
-    """A run directory the speedrun trainer made (its config.json has num_iterations and batch_schedule) is not
-    this trainer's to resume or overwrite: say so before anything is written."""
-    try:
-        config = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return
-    if isinstance(config, dict) and "batch_schedule" in config and "max_iters" not in config:
-        raise ConfigError(f"{run_dir} holds a run of the speedrun trainer (modded_nanogpt.train_gpt: its config.json "
-                          "has num_iterations and batch_schedule); give this baseline run its own --run_dir")
-
-
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
@@ -476,7 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
     vocab_size, data_meta = data_vocab(cfg)
     check_token_ids(train_files + val_files, vocab_size)
     run_dir = Path(cfg.run_dir or default_run_dir())
-    check_not_a_speedrun_dir(run_dir)
+    check_same_trainer(run_dir, "nanogpt.train")
     if os.environ.get("RANK", "0") == "0":
         check_writable(run_dir)
     has_checkpoint = newest_checkpoint(run_dir / "ckpt") is not None

@@ -150,7 +150,7 @@ def test_both_trainers_write_and_read_run_directories_and_shards_with_one_module
     from nanogpt.data import shards
 
     assert importlib.util.find_spec("modded_nanogpt.runlog") is None
-    for name in ("RunDir", "RunDirError", "check_writable"):
+    for name in ("RunDir", "RunDirError", "check_writable", "StopSignal", "check_same_trainer"):
         assert getattr(train, name) is getattr(rundir, name) is getattr(train_gpt, name), name
     for name in ("provenance", "load_newest", "save_checkpoint", "prune_checkpoints"):
         assert getattr(train_gpt, name) is getattr(rundir, name), name
