@@ -547,8 +547,8 @@ def test_validation_forwards_are_262144_tokens_in_eval_mode(char_corpus):
     """Published validation: forwards of 262,144 tokens per rank whatever the stage (the default
     val_batch_tokens), with the model in eval mode (its head in bf16 without fp8: GPT.eval_loss) and no
     gradients; the model is back in train mode afterwards and no gradient is left behind."""
-    from modded_nanogpt.data.loader import find_shards
     from modded_nanogpt.train_gpt import Hyperparameters, validate
+    from nanogpt.data.shards import find_shards
 
     assert Hyperparameters().val_batch_tokens == 262_144 and Hyperparameters().val_tokens == 10_485_760
     hp = parse_hyperparameters(["--recipe=tiny_cpu", f"--data_dir={char_corpus}", "--val_tokens=3072",
@@ -592,8 +592,9 @@ def test_validation_scores_the_contiguous_val_stream(char_corpus):
     """Validation reads the first val_tokens of the val split as they are (the speedrun's val loader): the
     loss is the mean over forwards of the model's next-token loss on consecutive slices of the stream, the
     same whatever seq_len (training's document clipping does not apply)."""
-    from modded_nanogpt.data.loader import find_shards, read_shard
+    from modded_nanogpt.data.loader import read_shard
     from modded_nanogpt.train_gpt import validate
+    from nanogpt.data.shards import find_shards
 
     hp = parse_hyperparameters(["--recipe=tiny_cpu", f"--data_dir={char_corpus}", "--val_tokens=3072",
                                 "--val_batch_tokens=512"])
