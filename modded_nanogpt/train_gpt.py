@@ -39,7 +39,7 @@ from modded_nanogpt.data.loader import DistributedBOSLoader, SequentialLoader, t
 from modded_nanogpt.dist_optim import AdamGroup, BankSpec, SpeedrunOptimizer
 from modded_nanogpt.model import GPT, ModelConfig, select_attention_backend
 from modded_nanogpt.schedule import Momentum, Schedule, ScheduleError
-from nanogpt.config import ConfigError, parse_config, usage
+from nanogpt.config import ConfigError, parse_config, trainer_exit_status, usage
 from nanogpt.data.shards import ShardError, check_token_ids, find_shards, read_shard_header
 from nanogpt.rundir import (
     RunDir,
@@ -684,19 +684,7 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
 
 
 def cli() -> int:
-    try:
-        main()
-    except (ConfigError, ShardError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RunDirError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # Ctrl-C before the training loop, or twice in it: nothing more was saved
-        print("interrupted (Ctrl-C): stopped without a checkpoint; checkpoints already written stay, and the same "
-              "command resumes from the newest", file=sys.stderr)
-        return 130
-    return 0
+    return trainer_exit_status(main, {ConfigError: 2, ShardError: 2, RunDirError: 1})
 
 
 if __name__ == "__main__":

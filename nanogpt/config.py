@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import tomllib
 import types
 import typing
@@ -246,3 +247,19 @@ def config_help(cls) -> str:
 def usage(doc: str, cls) -> str:
     """--help of an entry point: its docstring (the commands), then every setting with default and description."""
     return f"{doc.strip()}\n\nsettings (RECIPE first, then --key=value; defaults shown):\n{config_help(cls)}"
+
+
+def trainer_exit_status(main, exit_statuses: dict[type, int]) -> int:
+    """Run a trainer's main() as its command line does: an error of a type in `exit_statuses` (a bad setting or
+    bad data: 2; a run directory that cannot be written: 1) is one line on stderr and that status, without a
+    traceback; Ctrl-C before the training loop, or twice in it, is 130 (nothing more was saved)."""
+    try:
+        main()
+    except tuple(exit_statuses) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return next(status for kind, status in exit_statuses.items() if isinstance(e, kind))
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): stopped without a checkpoint; checkpoints already written stay, and the same "
+              "command resumes from the newest", file=sys.stderr)
+        return 130
+    return 0

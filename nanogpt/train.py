@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from nanogpt import checkpoint as ckpt
-from nanogpt.config import ConfigError, parse_config, usage
+from nanogpt.config import ConfigError, parse_config, trainer_exit_status, usage
 from nanogpt.data.loader import TokenLoader
 from nanogpt.data.shards import ShardError, check_token_ids, find_split, read_meta
 from nanogpt.model import GPT, GPT2_SIZES, SDPA_BACKENDS, GPTConfig, select_sdpa_backend
@@ -653,19 +653,7 @@ def _train(cfg, recipe, rt: Runtime, run_dir: Path, train_files, val_files, voca
 
 
 def cli() -> int:
-    try:
-        main()
-    except (ConfigError, ShardError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RunDirError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # Ctrl-C before the training loop, or twice in it: nothing more was saved
-        print("interrupted (Ctrl-C): stopped without a checkpoint; checkpoints already written stay, and the same "
-              "command resumes from the newest", file=sys.stderr)
-        return 130
-    return 0
+    return trainer_exit_status(main, {ConfigError: 2, ShardError: 2, RunDirError: 1})
 
 
 if __name__ == "__main__":
