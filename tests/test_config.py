@@ -134,7 +134,7 @@ def test_both_trainers_parse_and_explain_settings_with_one_parser():
     for module in (train, train_gpt):
         assert module.parse_config is config.parse_config and module.usage is config.usage
         assert module.ConfigError is config.ConfigError
-        assert module.cli.__globals__["trainer_exit_status"] is config.trainer_exit_status  # the exit statuses
+        assert module.trainer_exit_status is config.trainer_exit_status  # the exit statuses of cli()
     assert not hasattr(train_gpt, "field_comments") and not hasattr(train_gpt, "_coerce")
 
 
