@@ -212,7 +212,7 @@ def test_missing_data_dir_setting_and_cli_exit_code(tmp_path):
     with pytest.raises(ConfigError, match="data_dir is not set"):
         main([*TINY])
     proc = run_module("nanogpt.train", f"--data_dir={tmp_path / 'nope'}", "--n_layr=3", check=False)
-    assert proc.returncode == 2 and "error: unknown config key 'n_layr'" in proc.stderr
+    assert proc.returncode == 2 and "error: unknown setting --n_layr on the command line" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
