@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from modded_nanogpt.model import GPT
-from modded_nanogpt.runlog import RunLog
 from modded_nanogpt.train_gpt import Hyperparameters, model_config
+from nanogpt.rundir import load_newest
 
 
 @dataclass
@@ -45,7 +45,7 @@ def load(cfg: SampleConfig) -> tuple[GPT, Hyperparameters]:
     if cfg.run_dir:
         if not Path(cfg.run_dir).is_dir():
             raise ConfigError(f"run_dir {cfg.run_dir}: not found")
-        payload = RunLog(Path(cfg.run_dir), False).load_newest(log=lambda m: print(m, file=sys.stderr))
+        payload = load_newest(Path(cfg.run_dir) / "ckpt", log=lambda m: print(m, file=sys.stderr))
         if payload is None:
             raise ConfigError(f"{Path(cfg.run_dir) / 'ckpt'}: no checkpoint to sample from")
     else:

@@ -1,12 +1,13 @@
 """The speedrun trainer: GPT-2 124M to val loss <= 3.28 on FineWeb, at 1/2/4/8 GPUs, every feature a flag.
 
-  python -m modded_nanogpt.train_gpt --recipe=tiny_cpu --data_dir=DIR --run_dir=DIR --num_iterations=20
+  python -m modded_nanogpt.train_gpt tiny_cpu --data_dir=DIR --run_dir=DIR --num_iterations=20
   torchrun --standalone --nproc_per_node=8 -m modded_nanogpt.train_gpt            # the speedrun, 8 GPUs
   NUM_GPUS=1 bash modded_nanogpt/run.sh --seed=1                                  # the same via run.sh
   DISABLE_FP8=1 ... (same as --fp8=False)
 
-Settings: the `Hyperparameters` dataclass below; `--recipe=NAME` (modded_nanogpt/recipes/NAME.toml, only
-deltas) then `--key=value` overrides; unknown keys and wrong types fail before anything is allocated.
+Settings: the `Hyperparameters` dataclass below; a recipe first (NAME of modded_nanogpt/recipes/NAME.toml,
+only deltas, or a .toml path; `--recipe=NAME` also works) then `--key=value` overrides, the grammar of
+nanogpt.train (nanogpt.config); unknown keys and wrong types fail before anything is allocated.
 Lists are comma-separated (`--paired_head_layers=0,2` or `none`); stage schedules separate stages by ';'.
 
 A run: validate everything -> build the model, compile it -> an untimed warmup that runs one step of
@@ -16,23 +17,20 @@ state -> the timed run (synchronized clock that excludes warmup, validation and 
 train_loss is the next-token cross-entropy per token (the quantity val_loss measures, so the two compare);
 train_mtp_loss is the objective the step minimizes, the multi-token-prediction weighted sum per token (equal
 to train_loss once the schedule's MTP weights are (1.0,), in the last stage). The run directory
-(runlog.py) gets config.json, provenance.json, metrics.jsonl, train.log and ckpt/; the same command
-resumes from the newest checkpoint. SIGUSR1/SIGUSR2/SIGTERM and max_train_minutes checkpoint and exit 0.
+(nanogpt.rundir, shared with the baseline) gets config.json, provenance.json, metrics.jsonl, train.log and
+ckpt/; the same command resumes from the newest checkpoint. SIGUSR1/SIGUSR2/SIGTERM and max_train_minutes
+checkpoint and exit 0.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import json
 import math
 import os
-import signal
 import sys
 import time
-import tomllib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,15 +38,7 @@ import torch
 import torch.distributed as dist
 
 from modded_nanogpt import kernels, probe_store
-from modded_nanogpt.data.loader import (
-    DistributedBOSLoader,
-    SequentialLoader,
-    ShardError,
-    check_shard_header,
-    check_token_ids,
-    find_shards,
-    to_device_async,
-)
+from modded_nanogpt.data.loader import DistributedBOSLoader, SequentialLoader, to_device_async
 from modded_nanogpt.dist_optim import AdamGroup, BankSpec, SpeedrunOptimizer
 from modded_nanogpt.model import (
     ATTENTION_BACKENDS,
@@ -59,8 +49,20 @@ from modded_nanogpt.model import (
 )
 from modded_nanogpt.probe_store import ProbeError, Study
 from modded_nanogpt.probes import score_documents
-from modded_nanogpt.runlog import RunDirError, RunLog, check_writable, collect_provenance
 from modded_nanogpt.schedule import Momentum, Schedule, ScheduleError
+from nanogpt.config import ConfigError, parse_config, trainer_exit_status, usage
+from nanogpt.data.shards import ShardError, check_token_ids, find_shards, read_shard_header
+from nanogpt.rundir import (
+    RunDir,
+    RunDirError,
+    StopSignal,
+    check_same_trainer,
+    check_writable,
+    load_newest,
+    provenance,
+    prune_checkpoints,
+    save_checkpoint,
+)
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 WORLD_SIZES = (1, 2, 4, 8)
@@ -173,120 +175,13 @@ class Hyperparameters:
     probe_steps: str = ""  # or at these steps, e.g. 0,10,100
 
 
-class ConfigError(ValueError):
-    pass
-
-
 # ---- configuration -------------------------------------------------------------------------------------
 
 
-def _coerce(key: str, raw, tp):
-    text = raw if isinstance(raw, str) else None
-    try:
-        if tp is bool:
-            if isinstance(raw, bool):
-                return raw
-            if text is not None and text.lower() in ("true", "1", "yes", "false", "0", "no"):
-                return text.lower() in ("true", "1", "yes")
-        elif tp is int:
-            if isinstance(raw, int) and not isinstance(raw, bool):
-                return raw
-            if text is not None:
-                number = float(text.replace("_", ""))
-                if number.is_integer():
-                    return int(number)
-        elif tp is float:
-            if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-                return float(raw)
-            if text is not None:
-                return float(text)
-        elif tp is str:
-            if isinstance(raw, str):
-                return raw
-        elif tp == list[int]:
-            if isinstance(raw, list):
-                return [int(v) for v in raw]
-            if text is not None:
-                return [] if text.strip().lower() in ("", "none", "[]") else [int(v) for v in text.strip("[]").split(",")]
-    except (ValueError, TypeError):
-        pass
-    name = getattr(tp, "__name__", str(tp))
-    raise ConfigError(f"--{key}: cannot read {raw!r} as {name}")
-
-
-def field_comments(cls) -> dict[str, str]:
-    """Each field's help text from the dataclass's source: the comment at the end of its line, else the comment
-    lines right above it (the settings are documented where they are declared)."""
-    import ast
-    import inspect
-    import io
-    import textwrap
-    import tokenize
-
-    source = textwrap.dedent(inspect.getsource(cls))
-    comments = {tok.start[0]: tok.string.lstrip("#").strip()
-                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
-    lines = source.splitlines()
-    found = {}
-    for node in ast.parse(source).body[0].body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            text = comments.get(node.lineno)
-            row = node.lineno - 1
-            above = []
-            while text is None and row >= 1 and lines[row - 1].lstrip().startswith("#") and row in comments:
-                above.insert(0, comments[row])
-                row -= 1
-            if text is None and above and not above[0].startswith("---"):
-                text = " ".join(above)
-            found[node.target.id] = text or ""
-    return found
-
-
-def settings_help() -> str:
-    """--help: the module's usage, then every setting with its default and description."""
-    hints = typing.get_type_hints(Hyperparameters)
-    docs = field_comments(Hyperparameters)
-    lines = [__doc__.strip(), "", "settings (--key=value; defaults shown):"]
-    for f in dataclasses.fields(Hyperparameters):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        name = getattr(hints[f.name], "__name__", str(hints[f.name]))
-        lines.append(f"  --{f.name}={default!r}  ({name})" + (f"\n      {docs[f.name]}" if docs.get(f.name) else ""))
-    return "\n".join(lines)
-
-
 def parse_hyperparameters(argv: list[str]) -> Hyperparameters:
-    """Defaults <- recipe (--recipe=NAME or a path) <- DISABLE_FP8 <- --key=value."""
-    hints = typing.get_type_hints(Hyperparameters)
-    overrides: list[tuple[str, str]] = []
-    recipe = None
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ConfigError(f"arguments are --key=value, got {arg!r}")
-        key, value = arg[2:].split("=", 1)
-        if key == "recipe":
-            recipe = value
-        else:
-            overrides.append((key, value))
-    values: dict = {}
-    if recipe:
-        path = Path(recipe) if recipe.endswith(".toml") else RECIPE_DIR / f"{recipe}.toml"
-        if not path.is_file():
-            known = sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
-            raise ConfigError(f"--recipe: no recipe {recipe!r} ({path}); known recipes: {', '.join(known)}")
-        for key, value in tomllib.loads(path.read_text()).items():
-            values[key] = value
-    if os.environ.get("DISABLE_FP8", "0") not in ("", "0"):
-        values["fp8"] = False
-    for key, value in overrides:
-        values[key] = value
-    resolved = {}
-    for key, value in values.items():
-        if key not in hints:
-            close = difflib.get_close_matches(key, hints, n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ConfigError(f"unknown setting --{key}{hint} (valid: {', '.join(hints)})")
-        resolved[key] = _coerce(key, value, hints[key])
-    hp = Hyperparameters(**resolved)
+    """Defaults <- recipe (RECIPE first, or --recipe=RECIPE) <- DISABLE_FP8 <- --key=value (nanogpt.config)."""
+    environment = {"fp8": False} if os.environ.get("DISABLE_FP8", "0") not in ("", "0") else {}
+    hp, _ = parse_config(Hyperparameters, argv, RECIPE_DIR, environment)
     check_choices(hp)
     return hp
 
@@ -338,7 +233,7 @@ def resolve_data(hp: Hyperparameters) -> tuple[list[Path], list[Path]]:
             hp.vocab_size = -(-int(meta["vocab_size"]) // 128) * 128
         if hp.bos_id == -1:
             hp.bos_id = int(meta["eot_id"] if "eot_id" in meta else meta["end_of_text_id"])
-    available = sum(check_shard_header(f) for f in val)
+    available = sum(read_shard_header(f) for f in val)
     if available < hp.val_tokens + 1:
         raise ConfigError(f"val_tokens={hp.val_tokens}: the val shards of {data_dir} hold {available:,} tokens "
                           f"(validation reads val_tokens + 1); lower val_tokens")
@@ -403,34 +298,6 @@ def init_runtime(hp: Hyperparameters) -> Runtime:
     if world_size > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     return Runtime(rank, local_rank, world_size, device)
-
-
-class StopSignal:
-    """Remembers that SIGUSR1/SIGUSR2/SIGTERM/SIGINT arrived; the loop checkpoints and exits at a step boundary.
-    Ctrl-C (SIGINT) stops the same way; a second Ctrl-C aborts at once (KeyboardInterrupt, no checkpoint)."""
-
-    NAMES = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")
-
-    def __enter__(self):
-        self.received, self._previous = None, {}
-        for name in self.NAMES:
-            sig = getattr(signal, name, None)
-            if sig is not None:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        if name == "SIGINT" and self.received == "SIGINT":
-            raise KeyboardInterrupt
-        if name == "SIGINT":
-            print("Ctrl-C: stopping after this step with a checkpoint (the same command resumes); Ctrl-C again "
-                  "aborts without one", file=sys.stderr, flush=True)
-        self.received = name
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 class StepReadings:
@@ -636,22 +503,10 @@ def parameter_counts(model: GPT) -> dict:
     return {"total": total, "non_embedding": sum(p.numel() for n, p in model.named_parameters() if n not in tables)}
 
 
-def check_not_a_baseline_dir(run_dir: Path) -> None:
-    """A run directory the baseline trainer made (its config.json has max_iters) is not this trainer's to resume
-    or overwrite: say so before anything is written (its checkpoints hold another model and format)."""
-    try:
-        config = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return
-    if isinstance(config, dict) and "max_iters" in config and "batch_schedule" not in config:
-        raise ConfigError(f"{run_dir} holds a run of the baseline trainer (nanogpt.train: its config.json has "
-                          "max_iters); give this speedrun its own --run_dir")
-
-
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in argv):
-        print(settings_help())
+        print(usage(__doc__, Hyperparameters))
         return {}
     hp = parse_hyperparameters(argv)
     rt = init_runtime(hp)  # refuses world sizes other than 1/2/4/8 before anything is allocated
@@ -687,7 +542,7 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
     if hp.val_tokens % (hp.val_batch_tokens * rt.world_size):
         raise ConfigError(f"val_tokens ({hp.val_tokens}) must be a multiple of val_batch_tokens * world_size "
                           f"({hp.val_batch_tokens} * {rt.world_size})")
-    check_not_a_baseline_dir(Path(hp.run_dir))
+    check_same_trainer(Path(hp.run_dir), "modded_nanogpt.train_gpt")
     if rt.master:
         check_writable(Path(hp.run_dir))
     total_steps = schedule.total_steps
@@ -697,7 +552,7 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
                   hp.save_checkpoints_as, total_steps, hp.vocab_size, rt.master)
     keep_steps = study.full_steps
     periodic = set(range(hp.checkpoint_every, total_steps, hp.checkpoint_every)) if hp.checkpoint_every else set()
-    log_run = RunLog(Path(hp.run_dir), rt.master)
+    log_run = RunDir(Path(hp.run_dir), rt.master)
     log = log_run.log
     finished = log_run.completed(total_steps)
     if finished is not None:  # e.g. a requeued job whose run had ended: nothing to redo, nothing rewritten
@@ -729,7 +584,7 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
                                   hp.bos_id, rt.rank, rt.world_size, rt.device)
 
     start_step, state = 0, {"train_time_ms": 0.0, "time_to_target_ms": None, "tokens": 0, "last_val_loss": None}
-    saved = log_run.load_newest(log) if Path(hp.run_dir, "ckpt").is_dir() else None
+    saved = load_newest(log_run.ckpt_dir, log)
     if saved is not None:
         if saved["config"]["num_layers"] != hp.num_layers or saved["config"]["model_dim"] != hp.model_dim:
             raise ConfigError(f"{hp.run_dir}: its checkpoint is of another model size; use a new run_dir")
@@ -737,7 +592,7 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
         start_step, state = saved["step"], saved["state"]
     config = dataclasses.asdict(hp)
     backend_detail = describe_attention_backend(backend)
-    log_run.start(config, collect_provenance(argv, rt.world_size, backend)
+    log_run.start(config, provenance("modded_nanogpt.train_gpt", argv, rt.world_size, backend)
                   | {"attention_backend_detail": backend_detail, "parameters": parameter_counts(model)},
                   start_step if saved else None)
     log(f"modded_nanogpt: world_size {rt.world_size} | {TOTAL_MICRO_STEPS // rt.world_size} micro-steps/rank "
@@ -755,8 +610,8 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
     def save(step: int):
         ckpt = {"step": step, "state": state, "config": config, **snapshot(model, optimizer, loader)}
         if rt.master:
-            log_run.save_checkpoint(ckpt, step)
-            log_run.remove_checkpoints_before(step, keep=keep_steps)  # the newest is enough to resume
+            save_checkpoint(log_run.ckpt_dir, step, ckpt)
+            prune_checkpoints(log_run.ckpt_dir, step, keep_newest=1, keep_steps=keep_steps)  # the newest resumes
 
     # --- warmup: compile every shape the schedule meets, untimed, then put everything back ---
     warmup_s = 0.0
@@ -892,19 +747,7 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
 
 
 def cli() -> int:
-    try:
-        main()
-    except (ConfigError, ShardError, ProbeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RunDirError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # Ctrl-C before the training loop, or twice in it: nothing more was saved
-        print("interrupted (Ctrl-C): stopped without a checkpoint; checkpoints already written stay, and the same "
-              "command resumes from the newest", file=sys.stderr)
-        return 130
-    return 0
+    return trainer_exit_status(main, {ConfigError: 2, ShardError: 2, ProbeError: 2, RunDirError: 1})
 
 
 if __name__ == "__main__":

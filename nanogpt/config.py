@@ -1,18 +1,23 @@
-"""Typed configuration: a dataclass, named recipe files, and `--key=value` overrides.
+"""Typed configuration: a dataclass, named recipe files, and `--key=value` overrides (DESIGN.md, contract 1).
 
-A run's settings come from three layers, later ones winning:
+One command-line grammar for every entry point of both trainers (nanogpt.train, modded_nanogpt.train_gpt, the
+samplers):   python -m PACKAGE.MODULE [RECIPE] [--key=value | --key value | --flag] ...
+A run's settings come from these layers, later ones winning:
   1. the dataclass defaults,
   2. an optional recipe: a TOML file holding only its deltas from the defaults, given by name
-     (`nanogpt/recipes/NAME.toml`) or by path, as the first positional argument,
-  3. `--key=value` (or `--key value`) overrides on the command line.
+     (`<package>/recipes/NAME.toml`) or by path, as the first argument (`--recipe=NAME` is the older
+     spelling, still accepted),
+  3. settings a trainer takes from the environment (the speedrun's DISABLE_FP8),
+  4. `--key=value` (or `--key value`; a bare `--flag` sets a boolean) on the command line.
 Unknown keys and values of the wrong type fail loudly, naming the key and the valid choices.
-No `exec`: recipes are data.
+No `exec`: recipes are data. Lists of integers are comma-separated (`--layers=0,2`; `none` = empty).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import tomllib
 import types
 import typing
@@ -39,9 +44,13 @@ def _unwrap_optional(tp):
     return tp, False
 
 
+def _is_int_list(tp) -> bool:
+    return typing.get_origin(tp) is list and typing.get_args(tp) == (int,)
+
+
 def _describe(tp) -> str:
     base, optional = _unwrap_optional(tp)
-    name = getattr(base, "__name__", str(base))
+    name = "list[int]" if _is_int_list(base) else getattr(base, "__name__", str(base))
     return f"{name} or None" if optional else name
 
 
@@ -78,9 +87,20 @@ def coerce(key: str, value, tp):
     elif base is str:
         if isinstance(value, str):
             return value
+    elif _is_int_list(base):
+        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return list(value)
+        if isinstance(value, str):
+            text = value.strip().strip("[]").strip()
+            if text.lower() in ("", "none"):
+                return []
+            try:
+                return [int(v) for v in text.split(",")]
+            except ValueError:
+                pass
     else:
         raise ConfigError(f"{key}: unsupported field type {tp!r}")
-    raise ConfigError(f"{key}: {value!r} is not a valid {_describe(tp)}")
+    raise ConfigError(f"{key}: cannot read {value!r} as {_describe(tp)}")
 
 
 def field_types(cls) -> dict[str, object]:
@@ -90,8 +110,8 @@ def field_types(cls) -> dict[str, object]:
 
 def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
     close = difflib.get_close_matches(key, valid, n=3)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    return ConfigError(f"unknown config key {key!r} in {where}.{hint} Valid keys: {', '.join(sorted(valid))}")
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"unknown setting {key} {where}{hint} (valid: {', '.join(sorted(valid))})")
 
 
 def resolve_recipe(name_or_path: str, recipe_dir: Path = RECIPE_DIR) -> Path:
@@ -102,7 +122,34 @@ def resolve_recipe(name_or_path: str, recipe_dir: Path = RECIPE_DIR) -> Path:
     if candidate.is_file():
         return candidate
     known = sorted(p.stem for p in recipe_dir.glob("*.toml"))
-    raise ConfigError(f"recipe {name_or_path!r} not found (neither a .toml file nor one of: {', '.join(known)})")
+    raise ConfigError(f"no recipe {name_or_path!r} (not a .toml file, nor a recipe of {recipe_dir}; known recipes: "
+                      f"{', '.join(known)})")
+
+
+def split_recipe(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(RECIPE or None, the other arguments): the recipe is the first argument when it is not an option, or
+    `--recipe=NAME` / `--recipe NAME` anywhere (the older spelling); two recipes are an error."""
+    rest, found = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if i == 0 and not arg.startswith("-"):
+            found.append(arg)
+        elif arg == "--recipe":
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise ConfigError("--recipe needs a value (--recipe=NAME, or the recipe as the first argument)")
+            i += 1
+            found.append(argv[i])
+        elif arg.startswith("--recipe="):
+            found.append(arg.partition("=")[2])
+        else:
+            rest.append(arg)
+        i += 1
+    if len(found) > 1:
+        raise ConfigError(f"two recipes given ({', '.join(map(repr, found))}): give one, as the first argument")
+    if found and not found[0]:
+        raise ConfigError("--recipe= is empty: give a recipe name or a .toml path")
+    return (found[0] if found else None), rest
 
 
 def load_recipe(path: Path, types_by_key: dict) -> dict:
@@ -113,7 +160,7 @@ def load_recipe(path: Path, types_by_key: dict) -> dict:
     values = {}
     for key, value in raw.items():
         if key not in types_by_key:
-            raise _unknown_key(key, list(types_by_key), str(path))
+            raise _unknown_key(key, list(types_by_key), f"in {path}")
         values[key] = coerce(f"{path.name}: {key}", value, types_by_key[key])
     return values
 
@@ -128,7 +175,7 @@ def parse_overrides(args: list[str], types_by_key: dict) -> dict:
         key, sep, value = arg[2:].partition("=")
         key = key.replace("-", "_")
         if key not in types_by_key:
-            raise _unknown_key(key, list(types_by_key), "the command line")
+            raise _unknown_key(f"--{key}", list(types_by_key), "on the command line")
         if not sep:
             if i + 1 >= len(args) or args[i + 1].startswith("--"):
                 base, _ = _unwrap_optional(types_by_key[key])
@@ -143,16 +190,18 @@ def parse_overrides(args: list[str], types_by_key: dict) -> dict:
     return values
 
 
-def parse_config(cls, argv: list[str] | None, recipe_dir: Path = RECIPE_DIR):
-    """Build `cls` from [RECIPE] --key=value ... ; returns (config, recipe_path or None)."""
-    argv = list(argv or [])
+def parse_config(cls, argv: list[str] | None, recipe_dir: Path = RECIPE_DIR, environment: dict | None = None):
+    """Build `cls` from [RECIPE] --key=value ... (the module docstring's layers; `environment` holds the
+    settings a trainer takes from environment variables); returns (config, recipe_path or None)."""
+    recipe, overrides = split_recipe(list(argv or []))
     types_by_key = field_types(cls)
     recipe_path = None
     values: dict = {}
-    if argv and not argv[0].startswith("--"):
-        recipe_path = resolve_recipe(argv.pop(0), recipe_dir)
+    if recipe is not None:
+        recipe_path = resolve_recipe(recipe, recipe_dir)
         values.update(load_recipe(recipe_path, types_by_key))
-    values.update(parse_overrides(argv, types_by_key))
+    values.update(environment or {})
+    values.update(parse_overrides(overrides, types_by_key))
     return cls(**values), recipe_path
 
 
@@ -193,3 +242,24 @@ def config_help(cls) -> str:
         doc = f.metadata.get("help") or docs.get(f.name, "")
         lines.append(f"  --{f.name}={default!r}  ({_describe(field_types(cls)[f.name])})" + (f"\n      {doc}" if doc else ""))
     return "\n".join(lines)
+
+
+def usage(doc: str, cls) -> str:
+    """--help of an entry point: its docstring (the commands), then every setting with default and description."""
+    return f"{doc.strip()}\n\nsettings (RECIPE first, then --key=value; defaults shown):\n{config_help(cls)}"
+
+
+def trainer_exit_status(main, exit_statuses: dict[type, int]) -> int:
+    """Run a trainer's main() as its command line does: an error of a type in `exit_statuses` (a bad setting or
+    bad data: 2; a run directory that cannot be written: 1) is one line on stderr and that status, without a
+    traceback; Ctrl-C before the training loop, or twice in it, is 130 (nothing more was saved)."""
+    try:
+        main()
+    except tuple(exit_statuses) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return next(status for kind, status in exit_statuses.items() if isinstance(e, kind))
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): stopped without a checkpoint; checkpoints already written stay, and the same "
+              "command resumes from the newest", file=sys.stderr)
+        return 130
+    return 0

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from nanogpt.fused_loss import linear_cross_entropy
 from nanogpt.fused_mlp import gelu_mlp
+from nanogpt.gpus import peak_flops
 
 
 def autocast_casts(*tensors):
@@ -119,24 +120,6 @@ GPT2_SIZES = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
 
-# Dense (no sparsity) peak bf16 tensor throughput by device-name fragment, for MFU. The sbatch
-# scripts and the launcher read slurm/gpus.tsv; this copy keeps the trainer self-contained.
-PEAK_BF16_FLOPS = {
-    "H200": 989.5e12,
-    "H100 NVL": 835e12,
-    "H100 PCIe": 756e12,
-    "H100": 989.5e12,
-    "GH200": 989.5e12,
-    "A100": 312e12,
-    "A10G": 70e12,
-    "L40S": 362e12,
-    "L4": 121e12,
-    "RTX 4090": 165e12,
-    "RTX 3090": 71e12,
-    "V100": 125e12,  # fp16; V100 has no bf16
-}
-
-
 SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 
 
@@ -156,14 +139,6 @@ def select_sdpa_backend(name: str) -> str:
     cuda.enable_mem_efficient_sdp(name == "efficient")
     cuda.enable_math_sdp(name == "math" or not torch.cuda.is_available())  # CPU always needs math
     return name
-
-
-def peak_flops(device_name: str) -> float | None:
-    """Peak bf16 FLOP/s of a GPU named like torch.cuda.get_device_name(), or None if unknown."""
-    for fragment, flops in PEAK_BF16_FLOPS.items():  # ordered: specific names before generic
-        if fragment in device_name:
-            return flops
-    return None
 
 
 class GPT(nn.Module):
@@ -254,7 +229,8 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
     def estimate_mfu(self, tokens_per_second: float, device_name: str) -> float | None:
-        """Model FLOPs utilisation against the GPU's peak bf16 rate; None off-GPU or if unknown."""
+        """Model FLOPs utilisation against the GPU's dense peak bf16 rate in slurm/gpus.tsv (the project's GPU
+        table); None off-GPU or for a GPU the table lacks."""
         peak = peak_flops(device_name)
         return None if peak is None else self.flops_per_token() * tokens_per_second / peak
 

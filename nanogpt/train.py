@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,13 +34,21 @@ import numpy as np
 import torch
 
 from nanogpt import checkpoint as ckpt
-from nanogpt.config import ConfigError, config_help, parse_config
+from nanogpt.config import ConfigError, parse_config, trainer_exit_status, usage
 from nanogpt.data.loader import TokenLoader
 from nanogpt.data.shards import ShardError, check_token_ids, find_split, read_meta
 from nanogpt.model import GPT, GPT2_SIZES, SDPA_BACKENDS, GPTConfig, select_sdpa_backend
 from nanogpt.probe_store import ProbeError, Study
 from nanogpt.probes import score_documents
-from nanogpt.rundir import RunDir, RunDirError, check_writable, format_step_line
+from nanogpt.rundir import (
+    RunDir,
+    RunDirError,
+    StopSignal,
+    check_same_trainer,
+    check_writable,
+    newest_checkpoint,
+    provenance,
+)
 
 
 def _help(text: str):
@@ -164,6 +170,20 @@ def learning_rate_at(step: int, cfg: TrainConfig) -> float:
         return peak
     progress = (step - cooldown_start) / max(1, decay_end - cooldown_start)
     return peak + progress * (cfg.min_lr - peak)
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_step_line(step, max_steps, loss, lr, dt_ms, tokens_per_s, mfu) -> str:
+    """`step 100/1555 | loss 3.4100 | lr 6.00e-04 | dt 312ms | tok/s 1.68M | mfu 41.2%` (grep-able)."""
+    mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
+    return (f"step {step}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | dt {dt_ms:.0f}ms | "
+            f"tok/s {_human(tokens_per_s)} | mfu {mfu_text}")
 
 
 def fused_paths(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> str:
@@ -349,37 +369,6 @@ def build_model(cfg: TrainConfig, vocab_size: int, print_fn, data_vocab_size: in
     return model, {k: v for k, v in dataclasses.asdict(model.config).items() if k not in RUN_TIME_MODEL_OPTIONS}
 
 
-class StopSignal:
-    """Remembers that SIGUSR1/SIGUSR2/SIGTERM/SIGINT arrived; the loop checkpoints and exits at a step boundary.
-    Ctrl-C (SIGINT) stops the same way; a second Ctrl-C aborts at once (KeyboardInterrupt, no checkpoint)."""
-
-    SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")
-
-    def __init__(self):
-        self.received: str | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        for name in self.SIGNALS:
-            sig = getattr(signal, name, None)
-            if sig is not None:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        if name == "SIGINT" and self.received == "SIGINT":
-            raise KeyboardInterrupt
-        if name == "SIGINT":
-            print("Ctrl-C: stopping after this step with a checkpoint (the same command resumes); Ctrl-C again "
-                  "aborts without one", file=sys.stderr, flush=True)
-        self.received = name
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 class TrainClock:
     """Training wall time: runs only while steps run, synchronizing with the device when paused."""
 
@@ -444,23 +433,10 @@ def evaluate(model, loader: TokenLoader, num_batches: int, autocast, rt: Runtime
 
 # --- the training loop ------------------------------------------------------------------------
 
-def check_not_a_speedrun_dir(run_dir: Path) -> None:
-    """A run directory the speedrun trainer made (its config.json has num_iterations and batch_schedule) is not
-    this trainer's to resume or overwrite: say so before anything is written."""
-    try:
-        config = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return
-    if isinstance(config, dict) and "batch_schedule" in config and "max_iters" not in config:
-        raise ConfigError(f"{run_dir} holds a run of the speedrun trainer (modded_nanogpt.train_gpt: its config.json "
-                          "has num_iterations and batch_schedule); give this baseline run its own --run_dir")
-
-
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        print("settings (defaults shown):\n" + config_help(TrainConfig))
+        print(usage(__doc__, TrainConfig))
         return {}
     cfg, recipe = parse_config(TrainConfig, argv)
     if not cfg.data_dir:
@@ -474,16 +450,16 @@ def main(argv: list[str] | None = None) -> dict:
     run_dir = Path(cfg.run_dir or default_run_dir())
     study = Study(run_dir, cfg.probe_docs, cfg.probe_every, cfg.probe_steps, cfg.save_checkpoints,
                   cfg.save_checkpoints_as, cfg.max_iters, vocab_size, master=os.environ.get("RANK", "0") == "0")
-    check_not_a_speedrun_dir(run_dir)
+    check_same_trainer(run_dir, "nanogpt.train")
     if os.environ.get("RANK", "0") == "0":
         check_writable(run_dir)
-    has_checkpoint = ckpt.newest(run_dir / "ckpt") is not None
+    has_checkpoint = newest_checkpoint(run_dir / "ckpt") is not None
     if cfg.init_from == "resume" and not has_checkpoint:
         raise ConfigError(f"init_from=resume but {run_dir / 'ckpt'} holds no checkpoint")
     if "/" in cfg.init_from and not has_checkpoint and not Path(cfg.init_from).is_dir():
         raise ConfigError(f"init_from={cfg.init_from}: no such directory of Hugging Face GPT-2 weights")
     previous = RunDir(run_dir, enabled=os.environ.get("RANK", "0") == "0")
-    finished = None if cfg.eval_only else previous.completed(cfg.max_iters)
+    finished = None if cfg.eval_only else previous.completed(cfg.max_iters, target_stops=True)
     if finished is not None:  # e.g. a requeued job whose run had ended: nothing to redo, nothing rewritten
         previous.log(f"{run_dir} already ended at step {finished['step']} (final val loss "
                      f"{finished.get('final_val_loss') or float('nan'):.4f}, train_time {finished.get('train_time_ms', 0) / 1000:.1f}s): "
@@ -511,15 +487,15 @@ def main(argv: list[str] | None = None) -> dict:
 def _train(cfg, recipe, rt: Runtime, run_dir: Path, train_files, val_files, vocab_size, data_meta, accumulation, argv,
            study: Study):
     run = RunDir(run_dir, enabled=rt.master)
-    resume_state = ckpt.load_newest(run_dir / "ckpt", map_location="cpu", warn=run.log)
+    resume_state = ckpt.load_newest(run_dir / "ckpt", warn=run.log)
     if resume_state and cfg.init_from in ("scratch", "resume"):
         asked = scratch_model_args(cfg, vocab_size)
         if resume_state["model_args"] != asked:  # checked before config.json is rewritten
             raise ConfigError(f"the checkpoint in {run_dir / 'ckpt'} holds model {resume_state['model_args']} but the "
                               f"config asks for {asked}; use another --run_dir for a different model")
-    run.start(config=dataclasses.asdict(cfg) | {"recipe": str(recipe) if recipe else None},
-              argv=argv, resumed_step=resume_state["step"] if resume_state else None,
-              device_names=[rt.device_name], world_size=rt.world_size)
+    run.start(dataclasses.asdict(cfg) | {"recipe": str(recipe) if recipe else None},
+              provenance("nanogpt.train", argv, rt.world_size, f"sdpa ({cfg.attention})"),
+              resume_state["step"] if resume_state else None)  # a resume drops the records after its step
     log = run.log
     study.start(resume_state["step"] if resume_state else None, log)
 
@@ -558,7 +534,6 @@ def _train(cfg, recipe, rt: Runtime, run_dir: Path, train_files, val_files, voca
             scaler.load_state_dict(resume_state["scaler"])
         state.update(resume_state["state"])
         ckpt.restore_rank_state(resume_state, rt.rank, rt.world_size, train_loader, device, log)
-        run.truncate_metrics_after(state["step"])
         log(f"resumed from step {state['step']} ({state['tokens']:,} tokens, {state['train_time_ms'] / 1000:.1f}s trained)")
     del resume_state
 
@@ -707,19 +682,7 @@ def _train(cfg, recipe, rt: Runtime, run_dir: Path, train_files, val_files, voca
 
 
 def cli() -> int:
-    try:
-        main()
-    except (ConfigError, ShardError, ProbeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RunDirError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # Ctrl-C before the training loop, or twice in it: nothing more was saved
-        print("interrupted (Ctrl-C): stopped without a checkpoint; checkpoints already written stay, and the same "
-              "command resumes from the newest", file=sys.stderr)
-        return 130
-    return 0
+    return trainer_exit_status(main, {ConfigError: 2, ShardError: 2, ProbeError: 2, RunDirError: 1})
 
 
 if __name__ == "__main__":

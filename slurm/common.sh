@@ -2,7 +2,7 @@
 # The one prologue shared by every sbatch script in slurm/. Source it, do not run it:
 #
 #   source "$REPO_DIR/slurm/common.sh"          # (the script finds REPO_DIR first, see train_shakespeare.sh)
-#   launch nanogpt.train "$RECIPE" --run_dir="$RUN_DIR" ...
+#   run_trainer nanogpt.train --batch_size=16         # or: launch MODULE ARGS...
 #
 # It reads the knobs below, validates them (the error names the knob), activates the environment
 # (activate_env.sh: conda env or venv at ENV_PATH), takes node and GPU counts from the SLURM_*
@@ -13,6 +13,7 @@
 #   launch_trainer MODULE ARGS...  launch, then, if the trainer stopped on SIGUSR1/SIGUSR2 after writing a
 #                             checkpoint (the --signal=B:USR1@120 of the scripts' headers: time limit, preemption
 #                             notice, scancel --signal), requeue the job (REQUEUE); it resumes from RUN_DIR
+#   run_trainer MODULE ARGS...  launch_trainer MODULE with RECIPE, DATASET_DIR, RUN_DIR, DEVICE, ARGS, EXTRA_ARGS
 #   require_token_dir KNOB HINT...  the directory in KNOB exists and holds token files, else exit 2
 #   gpu_fact GPU_TYPE COLUMN  one value from slurm/gpus.tsv
 #   sbatch_args               the sbatch options that the knobs ask for (used by SUBMIT=1)
@@ -288,23 +289,13 @@ launch() {
 # stop_since EPOCH RUN_DIR: the reason of the trainer's stop when the newest end/stop record of
 # RUN_DIR/metrics.jsonl is a "stop" written at or after EPOCH (seconds), else nothing. The newest record decides,
 # not a count: a resumed trainer may move records of later steps aside, and a stop of an earlier launch is not
-# this launch's.
+# this launch's. The record is read by the run directory's own reader (nanogpt.rundir.last_record).
 stop_since() {
-  python - "$1" "$2/metrics.jsonl" <<'PY'
-import json, sys
-since, last = float(sys.argv[1]), None
-try:
-    lines = open(sys.argv[2], encoding="utf-8").read().splitlines()
-except OSError:
-    lines = []
-for line in lines:
-    try:
-        record = json.loads(line)
-    except ValueError:
-        continue
-    if isinstance(record, dict) and record.get("kind") in ("end", "stop"):
-        last = record
-if last and last["kind"] == "stop" and float(last.get("time") or 0) >= since:
+  python - "$1" "$2" <<'PY'
+import sys
+from nanogpt.rundir import last_record
+last = last_record(sys.argv[2], ("end", "stop"))
+if last and last["kind"] == "stop" and float(last.get("time") or 0) >= float(sys.argv[1]):
     print(str(last.get("reason", "")) or "unknown")
 PY
 }
@@ -347,6 +338,17 @@ launch_trainer() {
   esac
   echo "stopped on $reason after a checkpoint; run the same command with RUN_DIR=$RUN_DIR to resume"
   return 0
+}
+
+# run_trainer MODULE ARGS...: launch_trainer MODULE [RECIPE] --data_dir=DATASET_DIR --run_dir=RUN_DIR --device=DEVICE
+# ARGS EXTRA_ARGS: the command line both trainers take (nanogpt.config: the recipe first, then --key=value; the
+# later of two settings wins, so EXTRA_ARGS win over the script's ARGS). No RECIPE: the trainer's own defaults.
+run_trainer() {
+  local module=$1 extra_args
+  shift
+  read -ra extra_args <<<"$EXTRA_ARGS"
+  launch_trainer "$module" ${RECIPE:+"$RECIPE"} --data_dir="$DATASET_DIR" --run_dir="$RUN_DIR" --device="$DEVICE" \
+    "$@" "${extra_args[@]}"
 }
 
 # require_token_dir KNOB HINT...: the directory named by KNOB exists and holds token files (*.bin); else

@@ -104,7 +104,7 @@ def resolve_device(requested: str) -> str:
 def trainer_commands(data_dir: Path, folder: Path, seeds: list[int], device: str, quick: bool) -> list[tuple]:
     """(name, run_dir, command) of every training run, baseline first."""
     trainers = (("baseline", ["nanogpt.train", "demo"], QUICK_BASELINE),
-                ("modded", ["modded_nanogpt.train_gpt", "--recipe=demo"], QUICK_MODDED))
+                ("modded", ["modded_nanogpt.train_gpt", "demo"], QUICK_MODDED))
     runs = []
     for name, module_and_recipe, quick_settings in trainers:
         extra = [f"--{kv}" for kv in quick_settings] if quick else []

@@ -7,17 +7,19 @@ trainer stopped on SIGUSR1/SIGUSR2 after a checkpoint, `scontrol requeue` of the
 same callable again and resumes from the same RUN_DIR. Signals sent to this process (submitit's local
 executor, `kill`) are passed on to the script, as the script passes them on to the trainer.
 
-Kept small and free of the launcher's imports: a job needs only this module and the standard library.
+Kept small and free of the launcher's imports: a job needs only this module, the standard library and the
+run directory's reader (nanogpt.rundir, which imports no torch).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+from nanogpt.rundir import last_record
 
 EXIT_REQUEUED = 75  # slurm/common.sh's EXIT_REQUEUED: the script requeued its job, which will run again
 FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
@@ -31,24 +33,6 @@ MANAGED_KNOBS = (
 
 class ScriptFailed(RuntimeError):
     """The script of a job exited with an error; the message names the script, the status and the log."""
-
-
-def last_record(run_dir: str | os.PathLike, kinds: tuple[str, ...] = ("end", "stop")) -> dict | None:
-    """The last record of RUN_DIR/metrics.jsonl whose kind is in `kinds`, or None."""
-    path = Path(run_dir) / "metrics.jsonl"
-    found = None
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("kind") in kinds:
-            found = record
-    return found
 
 
 class ScriptJob:
@@ -92,7 +76,7 @@ class ScriptJob:
         summary = {"label": self.label, "script": self.script}
         if self.knobs.get("RUN_DIR"):
             summary["run_dir"] = self.knobs["RUN_DIR"]
-            summary["last_record"] = last_record(self.knobs["RUN_DIR"])
+            summary["last_record"] = last_record(self.knobs["RUN_DIR"], ("end", "stop"))
         if self.knobs.get("OUT_DIR"):
             summary["out_dir"] = self.knobs["OUT_DIR"]
         return summary

@@ -7,12 +7,13 @@ status, logs and cancel commands read it through this module, and so can reports
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import subprocess
 from pathlib import Path
+
+from nanogpt.rundir import last_record
 
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
                    "BOOT_FAIL", "DEADLINE"}
@@ -70,12 +71,7 @@ def scheduler_states(job_ids: list[str]) -> dict[str, str]:
 def progress(task: dict) -> str:
     if not task.get("run_dir"):
         return task.get("out_dir") or ""
-    metrics = Path(task["run_dir"]) / "metrics.jsonl"
-    last = None
-    with contextlib.suppress(OSError):
-        for line in metrics.read_text().splitlines():
-            with contextlib.suppress(ValueError):
-                last = json.loads(line)
+    last = last_record(task["run_dir"])
     if not last:
         return "no metrics yet"
     kind, step = last.get("kind"), last.get("step")

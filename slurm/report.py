@@ -25,16 +25,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nanogpt.rundir import read_metrics
+from slurm.submit import ABLATIONS
+
 DEFAULT_TARGET = 3.28
 # Config keys that say where or how a run ran, not what it trained: runs differing only in these are seeds
 # of one configuration.
 NOT_CONFIGURATION = {"seed", "run_dir", "data_dir", "init_from_dir", "device", "max_train_minutes",
                      "save_checkpoints", "checkpoint_interval", "keep_checkpoints", "log_interval", "log_every",
                      "target_val_loss"}
-# The speedrun trainer's ablation switches (slurm/submit.py ABLATIONS) and their "off" values.
-ABLATION_OFF = {**{feature: False for feature in (
-    "value_embeds", "bigram_embeds", "skip_connections", "skip_gate", "smear", "backout", "key_offset", "mtp", "softcap",
-    "qk_norm", "sa_lambdas", "fp8")}, "paired_head_layers": [], "mlp_activation": "gelu", "optimizer": "adamw"}
 BASELINE = "baseline"  # the baseline trainer (nanogpt.train), named as slurm.submit and the demo name it
 MODDED = "modded"
 
@@ -92,28 +91,6 @@ def read_json(path: Path, found: Found) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def read_metrics(path: Path, found: Found) -> list[dict] | None:
-    """The records of metrics.jsonl; a line cut short by a kill (or any bad line) is named and skipped."""
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError as e:
-        found.warn(f"{path} is unreadable ({e})")
-        return None
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            where = "the last line is cut short" if number == len(lines) else f"line {number} is not JSON"
-            found.warn(f"{path}: {where}; ignored")
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
 def trainer_of(config: dict, provenance: dict) -> str:
     command = " ".join(map(str, provenance.get("command") or []))
     if "modded_nanogpt" in command or "num_iterations" in config:
@@ -136,8 +113,10 @@ def load_run(path: Path, found: Found, label: str | None = None) -> Run | None:
     if not metrics_path.is_file():
         found.warn(f"{metrics_path} is missing: run skipped")
         return None
-    records = read_metrics(metrics_path, found)
-    if records is None:
+    try:  # a line cut short by a kill (or any bad line) is named and skipped
+        records = read_metrics(metrics_path, found.warn)
+    except OSError as e:
+        found.warn(f"{metrics_path} is unreadable ({e})")
         return None
     config = read_json(path / "config.json", found)
     provenance = read_json(path / "provenance.json", found)
@@ -247,11 +226,11 @@ def mean_mfu(run: Run) -> float | None:
 
 
 def device_text(run: Run) -> str:
-    names = [n for n in (run.provenance.get("gpus") or []) if n] or \
-        [n for n in (run.provenance.get("device_names") or []) if n]
-    if run.end and run.end.get("device_name"):
-        names = names or [run.end["device_name"]]
-    world_size = run.last("world_size") or run.provenance.get("world_size") or 1
+    """`NVIDIA H100 80GB HBM3 x8`: the GPU and the world size of provenance.json (both trainers write the same
+    keys, nanogpt.rundir.provenance); `cpu x2` without GPUs, `unknown` where provenance.json does not say."""
+    names, world_size = run.provenance.get("gpus"), run.provenance.get("world_size")
+    if names is None or world_size is None:
+        return "unknown"
     name = Counter(names).most_common(1)[0][0] if names else "cpu"
     return f"{name} x{world_size}"
 
@@ -359,10 +338,10 @@ def ablations(groups: dict[str, dict]) -> list[dict]:
         for full in modded:
             diff = [k for k in set(ablated["config"]) | set(full["config"])
                     if ablated["config"].get(k) != full["config"].get(k)]
-            if len(diff) != 1 or diff[0] not in ABLATION_OFF:
+            if len(diff) != 1 or diff[0] not in ABLATIONS:
                 continue
             feature = diff[0]
-            if ablated["config"].get(feature) != ABLATION_OFF[feature] or full["config"].get(feature) == ABLATION_OFF[feature]:
+            if ablated["config"].get(feature) != ABLATIONS[feature] or full["config"].get(feature) == ABLATIONS[feature]:
                 continue
             a, f = ablated["final_val_loss"]["values"], full["final_val_loss"]["values"]
             low = high = None

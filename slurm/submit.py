@@ -40,6 +40,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nanogpt.gpus import gpu_table
+from nanogpt.rundir import last_record
 from slurm import jobs
 from slurm.manifest import (
     TERMINAL_STATES,
@@ -53,7 +55,6 @@ from slurm.manifest import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-GPUS_TSV = REPO_ROOT / "slurm" / "gpus.tsv"
 EXIT_USAGE = 2
 SIGNAL_DELAY_S = 120  # the preemption/time-limit signal comes this long before the end (as in the scripts)
 MODDED_GPU_COUNTS = (1, 2, 4, 8)
@@ -91,15 +92,23 @@ TRAINERS = {
                       gpu_counts=MODDED_GPU_COUNTS, one_node=True),
 }
 
-# The one table of ablations: a feature of the modded trainer -> the override that switches it off.
+# The one table of ablations: a setting of the modded trainer -> its value with the feature switched off. The
+# launcher submits `--feature=value` (ablation_override); the report finds the ablated groups by the value.
 ABLATIONS = {
-    **{feature: f"--{feature}=False" for feature in (
+    **{feature: False for feature in (
         "value_embeds", "bigram_embeds", "skip_connections", "skip_gate", "smear", "backout", "key_offset", "mtp",
         "softcap", "qk_norm", "sa_lambdas", "fp8")},
-    "paired_head_layers": "--paired_head_layers=none",
-    "mlp_activation": "--mlp_activation=gelu",
-    "optimizer": "--optimizer=adamw",
+    "paired_head_layers": [],
+    "mlp_activation": "gelu",
+    "optimizer": "adamw",
 }
+
+
+def ablation_override(feature: str) -> str:
+    """The command-line override that switches `feature` off, e.g. --value_embeds=False."""
+    value = ABLATIONS[feature]
+    text = (",".join(map(str, value)) or "none") if isinstance(value, list) else str(value)
+    return f"--{feature}={text}"
 
 # dataset -> (preparation script, default folder under DATA_DIR, CPUs, minutes)
 DATASETS = {
@@ -219,20 +228,6 @@ def parse_overrides(pairs: list[str] | None, option: str = "--set") -> list[str]
             raise LaunchError(f"{option} {pair!r}: the value must be non-empty and hold no spaces")
         args.append(f"--{key}={value}")
     return args
-
-
-def read_gpus_tsv() -> dict[str, dict[str, str]]:
-    """slurm/gpus.tsv, the one table of GPU facts: gpu_type -> its row."""
-    rows, header = {}, None
-    for line in GPUS_TSV.read_text().splitlines():
-        if not line or line.startswith("#"):
-            continue
-        cells = line.split("\t")
-        if header is None:
-            header = cells
-            continue
-        rows[cells[0]] = dict(zip(header, cells, strict=True))
-    return rows
 
 
 # ---- checks that need the cluster ---------------------------------------------------------------------
@@ -404,7 +399,7 @@ def baseline_micro_batch(args, recipe: str | None, overrides: list[str]) -> str:
     if args.device == "cpu" or any(o.startswith("--batch_size=") for o in overrides):
         return str(args.micro_batch or "")  # the recipe's, or the user's own --set batch_size=N
     total, block = int(settings.get("total_batch_size", 0) or 0), int(settings.get("block_size", 1024))
-    start = args.micro_batch or int(read_gpus_tsv().get(args.gpu_type, {}).get("micro_batch_124m", 0) or 0)
+    start = args.micro_batch or int(gpu_table().get(args.gpu_type, {}).get("micro_batch_124m", 0) or 0)
     if not total or not start:
         return str(args.micro_batch or "")
     micro = start
@@ -419,7 +414,7 @@ def baseline_micro_batch(args, recipe: str | None, overrides: list[str]) -> str:
 
 def gpu_checks(trainer: Trainer | None, gpu_type: str, num_gpus: int, nodes: int) -> list[str]:
     errors = []
-    known = read_gpus_tsv()
+    known = gpu_table()
     if gpu_type not in known:
         errors.append(f"unknown GPU type {gpu_type!r}: slurm/gpus.tsv knows {', '.join(known)} (add a row for "
                       "your site's gres name)")
@@ -564,7 +559,7 @@ def plan_ablate(args, ctx: Context, errors: list[str]) -> Plan:
         errors.append(f"--features: unknown {', '.join(unknown) or '(none given)'}; the ablations are "
                       f"{', '.join(ABLATIONS)} (or all)")
     check_recipe(trainer, args.recipe)
-    variants = [("full", [])] + [(f"no_{f}", [ABLATIONS[f]]) for f in features if f in ABLATIONS]
+    variants = [("full", [])] + [(f"no_{f}", [ablation_override(f)]) for f in features if f in ABLATIONS]
     seeds, overrides, data = parse_seeds(args.seeds, count_allowed=True), parse_overrides(args.set), data_plan(args, ctx)
     job = train_job(args, ctx, trainer, "ablate", variants, seeds, data[0], args.recipe, overrides)
     return with_data(data, [job]), errors, gpu_request(args, ctx)
@@ -819,7 +814,7 @@ def cmd_status(args) -> int:
     for entry, task in tasks:
         state = current[task["job_id"]]
         stopped = state == "COMPLETED" and task.get("run_dir") and \
-            (jobs.last_record(task["run_dir"]) or {}).get("kind") == "stop"
+            (last_record(task["run_dir"], ("end", "stop")) or {}).get("kind") == "stop"
         # A job that ended well after its trainer stopped on a signal (and was not requeued) left the run unfinished.
         print(f"  {task['job_id']:>12}  {task['label']:<36} {'UNFINISHED' if stopped else state:<11} {progress(task)}")
         if stopped:
@@ -873,7 +868,7 @@ def cmd_resume(args) -> int:
         for task in entry["tasks"]:
             if args.job and args.job not in (task["label"], entry["name"], task["job_id"]):
                 continue
-            last = jobs.last_record(task["run_dir"]) if task.get("run_dir") else None
+            last = last_record(task["run_dir"], ("end", "stop")) if task.get("run_dir") else None
             state = states.get(task["job_id"], task.get("state", "COMPLETED"))
             if last and last.get("kind") == "end":
                 print(f"  {task['label']}: finished (step {last.get('step')}); nothing to resume")

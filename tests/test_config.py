@@ -32,7 +32,8 @@ def test_unknown_key_names_it_and_the_valid_keys():
     with pytest.raises(ConfigError) as err:
         parse_config(TrainConfig, ["--n_layr=2"])
     message = str(err.value)
-    assert "'n_layr'" in message and "Did you mean: n_layer" in message and "learning_rate" in message
+    assert "unknown setting --n_layr on the command line; did you mean n_layer?" in message
+    assert "learning_rate" in message
 
 
 @pytest.mark.parametrize("arg, key", [("--n_layer=two", "n_layer"), ("--learning_rate=fast", "learning_rate"),
@@ -51,7 +52,7 @@ def test_invalid_values_are_rejected(arg, key):
 
 
 def test_bad_recipes(tmp_path):
-    with pytest.raises(ConfigError, match="recipe 'no_such_recipe' not found.*tiny_cpu"):
+    with pytest.raises(ConfigError, match="no recipe 'no_such_recipe'.*known recipes: .*tiny_cpu"):
         parse_config(TrainConfig, ["no_such_recipe"])
     bad_key = tmp_path / "bad_key.toml"
     bad_key.write_text("n_layer = 2\nlearnig_rate = 1e-3\n")
@@ -127,24 +128,62 @@ def test_help_lists_every_setting_with_its_default_and_description(module):
         assert "train_mtp_loss is the objective the step minimizes" in proc.stdout
 
 
-def test_the_two_field_comment_readers_are_the_same_code():
-    """DESIGN.md: a contract shared by the self-contained trainer packages is written once or kept as identical
-    copies guarded by a test. The --help text reader is such a copy."""
-    import inspect
-
+def test_both_trainers_parse_and_explain_settings_with_one_parser():
+    """DESIGN.md: a contract of the two trainers is written once. The command line (and --help's text) was
+    parsed by two parsers with two grammars; the speedrun now imports nanogpt.config, as the baseline does."""
     from modded_nanogpt import train_gpt
-    from nanogpt import config
+    from nanogpt import config, train
 
-    assert inspect.getsource(train_gpt.field_comments) == inspect.getsource(config.field_comments)
+    for module in (train, train_gpt):
+        assert module.parse_config is config.parse_config and module.usage is config.usage
+        assert module.ConfigError is config.ConfigError
+        assert module.trainer_exit_status is config.trainer_exit_status  # the exit statuses of cli()
+    assert not hasattr(train_gpt, "field_comments") and not hasattr(train_gpt, "_coerce")
 
 
-def test_the_two_run_directory_write_checks_are_the_same_code():
-    """Like the help reader: the run-directory write check and the write-failure text of the two trainer
-    packages (self-contained on purpose, DESIGN.md) are identical copies."""
-    import inspect
+def test_both_trainers_write_and_read_run_directories_and_shards_with_one_module():
+    """The run directory, its checkpoints (contracts 3, 4) and the token shards (contract 2) had a second copy in
+    the speedrun's package (runlog.py, its loader's header check); both trainers now use nanogpt.rundir and
+    nanogpt.data.shards, and the speedrun's package has no run-directory module of its own."""
+    import importlib.util
 
-    from modded_nanogpt import runlog
-    from nanogpt import checkpoint, rundir
+    from modded_nanogpt import sample as modded_sample
+    from modded_nanogpt import train_gpt
+    from modded_nanogpt.data import cached_fineweb10B, loader
+    from nanogpt import checkpoint, rundir, train
+    from nanogpt.data import shards
 
-    assert inspect.getsource(runlog.check_writable) == inspect.getsource(rundir.check_writable)
-    assert inspect.getsource(runlog.write_failure) == inspect.getsource(checkpoint.write_failure)
+    assert importlib.util.find_spec("modded_nanogpt.runlog") is None
+    for name in ("RunDir", "RunDirError", "check_writable", "StopSignal", "check_same_trainer"):
+        assert getattr(train, name) is getattr(rundir, name) is getattr(train_gpt, name), name
+    for name in ("provenance", "load_newest", "save_checkpoint", "prune_checkpoints"):
+        assert getattr(train_gpt, name) is getattr(rundir, name), name
+    assert checkpoint.rundir is rundir and train.provenance is rundir.provenance
+    assert modded_sample.load_newest is rundir.load_newest
+    for name in ("ShardError", "check_token_ids", "find_shards", "read_shard_header"):
+        assert getattr(train_gpt, name) is getattr(shards, name), name
+    assert loader.read_shard_header is shards.read_shard_header is cached_fineweb10B.read_shard_header
+    assert loader.ShardError is shards.ShardError
+
+
+@pytest.mark.parametrize("trainer", ["baseline", "modded"])
+def test_one_grammar_the_recipe_first_and_the_older_recipe_option(trainer):
+    """`python -m nanogpt.train RECIPE --k=v` and `python -m modded_nanogpt.train_gpt RECIPE --k=v`; the
+    speedrun's older `--recipe=RECIPE` (and `--recipe RECIPE`) still work for both. Two recipes, or a
+    positional argument after the first, are errors naming them."""
+    from modded_nanogpt.train_gpt import parse_hyperparameters
+
+    if trainer == "baseline":
+        parse, key = (lambda argv: parse_config(TrainConfig, argv)[0]), "max_iters"
+    else:
+        parse, key = parse_hyperparameters, "num_iterations"
+    spellings = [["tiny_cpu", f"--{key}=7"], ["--recipe=tiny_cpu", f"--{key}=7"], [f"--{key}", "7", "--recipe", "tiny_cpu"]]
+    configs = [parse(argv) for argv in spellings]
+    assert configs[0] == configs[1] == configs[2]
+    assert getattr(configs[0], key) == 7 and configs[0] != parse([f"--{key}=7"])  # the recipe was read
+    with pytest.raises(ConfigError, match="two recipes given \\('tiny_cpu', 'demo'\\)"):
+        parse(["tiny_cpu", "--recipe=demo"])
+    with pytest.raises(ConfigError, match="unexpected argument 'demo': settings are given as --key=value"):
+        parse(["tiny_cpu", "demo"])
+    with pytest.raises(ConfigError, match="--recipe needs a value"):
+        parse(["--recipe"])

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from modded_nanogpt.data import cached_fineweb10B
-from modded_nanogpt.data.loader import HEADER_INTS, SHARD_MAGIC, SHARD_VERSION
+from nanogpt.data.shards import HEADER_INTS, SHARD_MAGIC, SHARD_VERSION
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REPO_ID = cached_fineweb10B.REPO_ID

@@ -7,16 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from modded_nanogpt.data.loader import (
-    HEADER_INTS,
-    SHARD_MAGIC,
-    SHARD_VERSION,
-    DistributedBOSLoader,
-    SequentialLoader,
-    ShardError,
-    find_shards,
-    read_shard,
-)
+from modded_nanogpt.data.loader import DistributedBOSLoader, SequentialLoader, read_shard
+from nanogpt.data.shards import HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, ShardError, find_shards
 
 VOCAB = 50257
 MAX_SEQ_LEN = 16

@@ -50,7 +50,7 @@ THREE_STEPS = ["--num_iterations=3", "--extension_iterations=0", "--batch_schedu
 
 
 def tiny(char_corpus, run_dir, *extra):
-    return ["--recipe=tiny_cpu", f"--data_dir={char_corpus}", f"--run_dir={run_dir}", *extra]
+    return ["tiny_cpu", f"--data_dir={char_corpus}", f"--run_dir={run_dir}", *extra]
 
 
 def final_params(run_dir):
@@ -59,7 +59,8 @@ def final_params(run_dir):
 
 
 def test_twenty_cpu_steps_on_the_local_corpus(char_corpus, tmp_path):
-    """The README's command: python -m modded_nanogpt.train_gpt --recipe=tiny_cpu ... --num_iterations=20."""
+    """The README's command, in the grammar of both trainers: python -m modded_nanogpt.train_gpt tiny_cpu ...
+    --num_iterations=20."""
     run_dir = tmp_path / "run"
     proc = run_module("modded_nanogpt.train_gpt", *tiny(char_corpus, run_dir, "--num_iterations=20"))
     metrics = read_metrics(run_dir)
@@ -242,7 +243,7 @@ def test_a_killed_run_resumes_from_its_periodic_checkpoint(char_corpus, tmp_path
 # ---- bad input: a clear error, before any allocation or write ----------------------------------------------
 
 @pytest.mark.parametrize("extra, env, message", [
-    (["--num_layer=3"], {}, "unknown setting --num_layer; did you mean num_layers"),
+    (["--num_layer=3"], {}, "unknown setting --num_layer on the command line; did you mean num_layers?"),
     (["--num_layers=three"], {}, "--num_layers: cannot read 'three' as int"),
     (["--optimizer=sgd"], {}, "--optimizer: 'sgd' is not one of normuon, adamw"),
     (["--embedding_grads=sparse"], {}, "--embedding_grads: 'sparse' is not one of scatter, dense"),
@@ -262,6 +263,7 @@ def test_bad_settings_fail_before_any_write(char_corpus, tmp_path, extra, env, m
 
 
 def test_missing_data_and_recipe(tmp_path):
+    """Also the older spelling of the recipe, --recipe=NAME, which the speedrun's command line still takes."""
     proc = run_module("modded_nanogpt.train_gpt", "--recipe=tiny_cpu", f"--data_dir={tmp_path / 'nope'}",
                       f"--run_dir={tmp_path / 'run'}", check=False)
     assert proc.returncode == 2 and f"{tmp_path / 'nope'}: data directory not found" in proc.stderr
@@ -554,8 +556,8 @@ def test_validation_forwards_are_262144_tokens_in_eval_mode(char_corpus):
     """Published validation: forwards of 262,144 tokens per rank whatever the stage (the default
     val_batch_tokens), with the model in eval mode (its head in bf16 without fp8: GPT.eval_loss) and no
     gradients; the model is back in train mode afterwards and no gradient is left behind."""
-    from modded_nanogpt.data.loader import find_shards
     from modded_nanogpt.train_gpt import Hyperparameters, validate
+    from nanogpt.data.shards import find_shards
 
     assert Hyperparameters().val_batch_tokens == 262_144 and Hyperparameters().val_tokens == 10_485_760
     hp = parse_hyperparameters(["--recipe=tiny_cpu", f"--data_dir={char_corpus}", "--val_tokens=3072",
@@ -599,8 +601,9 @@ def test_validation_scores_the_contiguous_val_stream(char_corpus):
     """Validation reads the first val_tokens of the val split as they are (the speedrun's val loader): the
     loss is the mean over forwards of the model's next-token loss on consecutive slices of the stream, the
     same whatever seq_len (training's document clipping does not apply)."""
-    from modded_nanogpt.data.loader import find_shards, read_shard
+    from modded_nanogpt.data.loader import read_shard
     from modded_nanogpt.train_gpt import validate
+    from nanogpt.data.shards import find_shards
 
     hp = parse_hyperparameters(["--recipe=tiny_cpu", f"--data_dir={char_corpus}", "--val_tokens=3072",
                                 "--val_batch_tokens=512"])
@@ -713,38 +716,6 @@ def test_micro_step_loss_is_the_token_sum_over_4_as_published(char_corpus):
     assert mtp_mean > next_mean
 
 
-def test_three_fresh_starts_keep_three_sets_of_logs(tmp_path):
-    """A fresh start (no checkpoint) sets an earlier run's metrics and log aside under the first free number: a
-    third start used to overwrite the first one's files (always renamed to .1)."""
-    from modded_nanogpt.runlog import RunLog
-
-    for attempt in range(3):
-        run = RunLog(tmp_path, True)
-        run.start({"attempt": attempt}, {}, None)
-        run.metric("train", step=1, attempt=attempt)
-        run.log(f"attempt {attempt}")
-    logs = {name: (tmp_path / name).read_text() for name in ("train.log", "train.log.1", "train.log.2")}
-    assert logs == {"train.log": "attempt 2\n", "train.log.1": "attempt 0\n", "train.log.2": "attempt 1\n"}
-    attempts = [json.loads((tmp_path / name).read_text())["attempt"]
-                for name in ("metrics.jsonl.1", "metrics.jsonl.2", "metrics.jsonl")]
-    assert attempts == [0, 1, 2]
-
-
-def test_a_resume_keeps_the_records_up_to_its_step_and_sets_the_rest_aside(tmp_path):
-    """Records after the checkpoint's step and lines cut by a kill go to metrics.dropped.jsonl; every record at or
-    before it stays, the stop record of the interruption too (the job scripts read it). Nothing is lost."""
-    from modded_nanogpt.runlog import RunLog
-
-    lines = [json.dumps({"kind": "train", "step": i}) for i in (1, 2, 3)] + [
-        json.dumps({"kind": "stop", "step": 3, "reason": "signal SIGUSR1"}), json.dumps({"kind": "train", "step": 4}),
-        json.dumps({"kind": "val", "step": 4}), '{"kind": "train", "st']
-    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    RunLog(tmp_path, True).truncate_metrics_after(3)
-    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == lines[:4]
-    assert (tmp_path / "metrics.dropped.jsonl").read_text().splitlines() == lines[4:]
-    assert not (tmp_path / "metrics.jsonl.tmp").exists()
-
-
 def test_each_trainer_refuses_a_run_directory_of_the_other(char_corpus, tmp_path):
     """The README's two tiny examples once shared runs/tiny: the speedrun died on a KeyError ('num_layers') in the
     baseline's checkpoint, the baseline skipped the speedrun's checkpoint and trained over its directory. Each now
@@ -781,7 +752,7 @@ def test_a_token_id_outside_the_vocabulary_and_an_unwritable_run_dir_are_named(c
     tokens[100] = 60000
     tokens.flush()
     del tokens
-    base = (["--recipe=tiny_cpu", *THREE_STEPS]
+    base = (["tiny_cpu", *THREE_STEPS]
             if module.startswith("modded") else ["tiny_cpu", "--max_iters=2"])
     proc = run_module(module, *base, f"--data_dir={data}", f"--run_dir={tmp_path / 'run'}", check=False)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -797,7 +768,7 @@ def test_a_checkpoint_that_cannot_be_written_is_named_with_the_free_space(char_c
     """A full disk ended in torch's "RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos",
     naming neither the file nor the cause. Now: the checkpoint's path, the reason and the free space, and
     the checkpoints already written stay."""
-    from modded_nanogpt.runlog import RunDirError
+    from nanogpt.rundir import RunDirError
 
     real_save = torch.save
     calls = []

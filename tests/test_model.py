@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from nanogpt.model import GPT, GPT2_SIZES, GPTConfig, peak_flops
+from nanogpt.gpus import gpu_table, peak_flops
+from nanogpt.model import GPT, GPT2_SIZES, GPTConfig
 
 # Published parameter counts of the GPT-2 family (tied embeddings, 50257 tokens, 1024 positions),
 # as the Hugging Face checkpoints report them.
@@ -63,11 +64,18 @@ def test_sequence_longer_than_block_size_is_an_error():
 
 
 def test_mfu_uses_the_gpu_table():
+    """The peaks come from slurm/gpus.tsv, the table the scripts and the launcher read (the trainer had its own
+    copy, whose H100 PCIe, H100 NVL and L40S figures differed from the table's)."""
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989.5e12
-    assert peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756.5e12
     assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_flops("cpu") is None
     with torch.device("meta"):
         model = GPT(GPTConfig(vocab_size=50304))
+    tokens_per_s = 100_000
+    for gpu_type, row in gpu_table().items():
+        expected = model.flops_per_token() * tokens_per_s / float(row["peak_bf16_flops"])
+        name = f"NVIDIA {row['torch_name']}"
+        assert model.estimate_mfu(tokens_per_s, name) == pytest.approx(expected, rel=1e-12), gpu_type
     # 6N + 12 L C T per token: at 480k tokens/s the original trainer's 41.5% on an H100
     assert model.estimate_mfu(480_000, "NVIDIA H100 80GB HBM3") == pytest.approx(0.416, abs=0.003)

@@ -166,7 +166,8 @@ def test_train_gpt2_runs_a_tiny_cpu_recipe_with_a_micro_batch(tmp_path, char_cor
     proc = run_script("slurm/nanogpt/train_gpt2.sh", RECIPE="tiny_cpu", DATASET_DIR=char_corpus, DEVICE="cpu",
                       RUNS_DIR=tmp_path / "runs", RUN_NAME="local", MICRO_BATCH=4, EXTRA_ARGS=TINY)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "launch: python -m nanogpt.train tiny_cpu" in proc.stdout and "srun" not in proc.stdout
+    assert f"launch: python -m nanogpt.train tiny_cpu --data_dir={char_corpus} --run_dir={tmp_path}/runs/local " \
+           f"--device=cpu --batch_size=4 {TINY}" in proc.stdout and "srun" not in proc.stdout
     run_dir = tmp_path / "runs" / "local"
     assert json.loads((run_dir / "config.json").read_text())["batch_size"] == 4
     assert read_metrics(run_dir)[-1]["kind"] == "end"
@@ -271,7 +272,9 @@ def test_train_speedrun_runs_the_tiny_cpu_recipe_with_two_processes(tmp_path, ch
                       NPROC_PER_NODE=2, RUNS_DIR=tmp_path / "runs", RUN_NAME="modded", EXTRA_ARGS=TINY_MODDED)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "launch: torchrun --standalone --nproc-per-node=2" in proc.stdout
-    assert "-m modded_nanogpt.train_gpt --recipe=tiny_cpu" in proc.stdout
+    # The grammar of both trainers (the recipe first), built by the prologue's run_trainer as for the baseline.
+    assert f"-m modded_nanogpt.train_gpt tiny_cpu --data_dir={char_corpus} --run_dir={tmp_path}/runs/modded " \
+           f"--device=cpu {TINY_MODDED}" in proc.stdout
     end = read_metrics(tmp_path / "runs" / "modded")[-1]
     assert end["kind"] == "end", end
 
@@ -519,3 +522,14 @@ def test_a_speedrun_preempted_three_times_requeues_each_time_and_ends_as_the_uni
     assert history == ["REQUEUED"] * 3 + ["COMPLETED"], history
     assert curve(run_dir) == curve(tmp_path / "runs" / "reference")
     assert curve(run_dir)[-1][:2] == ("end", 90)
+
+
+def test_the_training_scripts_build_the_trainer_command_line_in_one_place():
+    """Both trainers take `RECIPE --key=value`, so the three training scripts hand their knobs to one function of
+    the shared prologue (run_trainer); the speedrun's script used to build `--recipe=` itself."""
+    scripts = {name: (REPO_ROOT / name).read_text() for name in (
+        "slurm/nanogpt/train_shakespeare.sh", "slurm/nanogpt/train_gpt2.sh", "slurm/modded/train_speedrun.sh")}
+    for name, text in scripts.items():
+        code = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+        assert sum(line.startswith("run_trainer ") for line in code) == 1, name
+        assert not any(word in line for line in code for word in ("--recipe", "launch_trainer", "<<<\"$EXTRA_ARGS")), name

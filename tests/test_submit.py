@@ -360,3 +360,21 @@ def test_an_unwritable_runs_directory_is_refused_in_one_line(roots, tmp_path, ch
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert f"cannot write to the runs directory {runs}: Not a directory" in proc.stderr
     assert proc.stderr.rstrip().endswith("error: nothing was submitted")
+
+
+def test_one_ablation_table_serves_the_launcher_the_trainer_and_the_report(monkeypatch):
+    """slurm.submit.ABLATIONS (feature -> its value switched off) was written again in slurm/report.py as
+    ABLATION_OFF. Now: each override the launcher submits parses, in the speedrun trainer, to the table's value,
+    which differs from the default, and the report finds ablations by that same table."""
+    from modded_nanogpt.train_gpt import parse_hyperparameters
+    from slurm import report
+
+    monkeypatch.delenv("DISABLE_FP8", raising=False)
+    assert report.ABLATIONS is submit.ABLATIONS
+    default = parse_hyperparameters([])
+    for feature, off in submit.ABLATIONS.items():
+        override = submit.ablation_override(feature)
+        assert override.startswith(f"--{feature}=") and " " not in override, override
+        assert getattr(parse_hyperparameters([override]), feature) == off != getattr(default, feature), feature
+    assert submit.ablation_override("paired_head_layers") == "--paired_head_layers=none"
+    assert submit.ablation_override("value_embeds") == "--value_embeds=False"

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from nanogpt import checkpoint as ckpt
+from nanogpt import rundir
 from nanogpt.config import ConfigError, parse_config
 from nanogpt.data.shards import ShardError, write_shard
 from nanogpt.model import GPTConfig
@@ -68,10 +69,13 @@ def test_thirty_cpu_steps_lower_the_loss_and_fill_the_run_directory(char_corpus,
     assert sorted(p.name for p in (run_dir / "ckpt").iterdir()) == ["step_0000020.pt", "step_0000030.pt"]
 
 
-def test_tiny_recipe_runs(char_corpus, tmp_path):
-    summary = main(["tiny_cpu", f"--data_dir={char_corpus}", f"--run_dir={tmp_path / 'run'}", "--max_iters=20",
+@pytest.mark.parametrize("recipe", [["tiny_cpu"], ["--recipe=tiny_cpu"]])
+def test_tiny_recipe_runs(char_corpus, tmp_path, recipe):
+    """The recipe first (the grammar of both trainers), or as the option the speedrun used to take."""
+    summary = main([*recipe, f"--data_dir={char_corpus}", f"--run_dir={tmp_path / 'run'}", "--max_iters=20",
                     "--eval_interval=10"])
     assert summary["step"] == 20 and summary["final_val_loss"] < 4.0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["recipe"].endswith("tiny_cpu.toml")
 
 
 def _wait_for(predicate, proc, timeout=120.0):
@@ -146,7 +150,7 @@ def test_max_train_minutes_stops_with_a_checkpoint(char_corpus, tmp_path):
     summary = main([f"--data_dir={char_corpus}", f"--run_dir={run_dir}", *TINY, "--max_iters=100000",
                     "--max_train_minutes=0.02"])
     assert summary["stopped"] == "max_train_minutes"
-    assert ckpt.newest(run_dir / "ckpt").name == f"step_{summary['step']:07d}.pt"
+    assert rundir.newest_checkpoint(run_dir / "ckpt").name == f"step_{summary['step']:07d}.pt"
 
 
 def test_target_val_loss_stops_and_records_time_to_target(char_corpus, tmp_path):
@@ -172,24 +176,23 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(char_corpus, tmp_p
 
 KILL_DURING_SAVE = """
 import os, signal, sys, torch
-from nanogpt import checkpoint as ckpt
+from nanogpt import rundir
 
 class DiesWhilePickled:
     def __reduce__(self):  # runs in the middle of torch.save, after the file was opened and written to
         os.kill(os.getpid(), signal.SIGKILL)
 
-ckpt.atomic_torch_save({"format": 1, "step": 20, "big": torch.randn(200_000), "x": DiesWhilePickled()},
-                       ckpt.path_for(sys.argv[1], 20))
+rundir.save_checkpoint(sys.argv[1], 20, {"format": 1, "step": 20, "big": torch.randn(200_000), "x": DiesWhilePickled()})
 """
 
 
 def test_process_killed_while_writing_a_checkpoint_leaves_the_previous_loadable(tmp_path):
     ckpt_dir = tmp_path / "ckpt"
-    ckpt.atomic_torch_save({"format": 1, "step": 10, "weights": torch.arange(5)}, ckpt.path_for(ckpt_dir, 10))
+    rundir.save_checkpoint(ckpt_dir, 10, {"format": 1, "step": 10, "weights": torch.arange(5)})
     proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(ckpt_dir)], cwd=REPO_ROOT)
     assert proc.returncode == -signal.SIGKILL
-    assert not ckpt.path_for(ckpt_dir, 20).exists()  # only a temporary file was being written
-    assert [p.name for p in ckpt.complete_checkpoints(ckpt_dir)] == ["step_0000010.pt"]
+    assert not rundir.checkpoint_path(ckpt_dir, 20).exists()  # only a temporary file was being written
+    assert [p.name for p in rundir.checkpoints(ckpt_dir)] == ["step_0000010.pt"]
     assert torch.equal(ckpt.load_newest(ckpt_dir)["weights"], torch.arange(5))
 
 
@@ -209,7 +212,7 @@ def test_missing_data_dir_setting_and_cli_exit_code(tmp_path):
     with pytest.raises(ConfigError, match="data_dir is not set"):
         main([*TINY])
     proc = run_module("nanogpt.train", f"--data_dir={tmp_path / 'nope'}", "--n_layr=3", check=False)
-    assert proc.returncode == 2 and "error: unknown config key 'n_layr'" in proc.stderr
+    assert proc.returncode == 2 and "error: unknown setting --n_layr on the command line" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

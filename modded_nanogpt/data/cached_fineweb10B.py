@@ -30,7 +30,7 @@ import signal
 import sys
 from pathlib import Path
 
-from modded_nanogpt.data.loader import ShardError, check_shard_header
+from nanogpt.data.shards import ShardError, read_shard_header
 
 REPO_ID = "kjj0/fineweb10B-gpt2"
 NUM_TRAIN_SHARDS = 103  # in the dataset
@@ -88,7 +88,7 @@ def _complete_token_count(path: Path) -> int | None:
     if not path.exists():
         return None
     try:
-        return check_shard_header(path)
+        return read_shard_header(path)
     except ShardError as e:
         print(f"{path.name}: present but invalid, downloading it again ({e})", flush=True)
         path.unlink()  # else huggingface-hub would take the file as already downloaded
@@ -174,7 +174,7 @@ def main(argv=None) -> dict:
                   flush=True)
             hub.download(name)
             try:
-                tokens = check_shard_header(path)
+                tokens = read_shard_header(path)
             except ShardError as e:
                 path.unlink(missing_ok=True)  # never leave an invalid shard where the trainer would read it
                 raise DownloadError(f"downloaded {name} from {hub.endpoint} ({args.repo_id}@{args.revision})"

@@ -1,9 +1,9 @@
 """Token shards and the speedrun's BOS-aligned, document-packed, distributed batch loader.
 
-Shard format (DESIGN contract): a header of 256 little-endian int32 -- [0] = 20240520 (magic),
-[1] = 1 (version), [2] = token count -- then the tokens as little-endian uint16. One document is
-a BOS/end-of-text token followed by its tokens. FineWeb shards are `fineweb_{split}_NNNNNN.bin`;
-the local corpus writes `{split}_NNNNNN.bin`.
+Shard format (DESIGN contract 2, read and checked by nanogpt.data.shards for both trainers): a header of
+256 little-endian int32 -- [0] = 20240520 (magic), [1] = 1 (version), [2] = token count -- then the tokens
+as little-endian uint16. One document is a BOS/end-of-text token followed by its tokens. FineWeb shards are
+`fineweb_{split}_NNNNNN.bin`; the local corpus writes `{split}_NNNNNN.bin`.
 
 Packing rule (what `DistributedBOSLoader` yields):
 
@@ -29,7 +29,6 @@ on CUDA it lands in pinned memory so the host-to-device copies can be asynchrono
 
 from __future__ import annotations
 
-import glob
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,76 +38,15 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-SHARD_MAGIC = 20240520
-SHARD_VERSION = 1
-HEADER_INTS = 256
-HEADER_BYTES = HEADER_INTS * 4
-TOKEN_BYTES = 2  # uint16
-
-
-class ShardError(ValueError):
-    """A token shard that is missing, malformed or inconsistent; the message names the file."""
-
-
-def check_shard_header(path: str | os.PathLike) -> int:
-    """Check a shard's header and size without reading its tokens; return its token count."""
-    path = Path(path)
-    if not path.is_file():
-        raise ShardError(f"{path}: shard not found")
-    size = path.stat().st_size
-    if size < HEADER_BYTES:
-        raise ShardError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte shard header")
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    if header[0] != SHARD_MAGIC:
-        raise ShardError(f"{path}: bad magic number {header[0]} (expected {SHARD_MAGIC}); not a token shard")
-    if header[1] != SHARD_VERSION:
-        raise ShardError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
-    num_tokens = int(header[2])
-    expected = HEADER_BYTES + num_tokens * TOKEN_BYTES
-    if num_tokens < 0 or size != expected:
-        raise ShardError(
-            f"{path}: header says {num_tokens} tokens ({expected} bytes) but the file has {size} bytes"
-            " (truncated or still being written?)"
-        )
-    return num_tokens
+from nanogpt.data.shards import HEADER_BYTES, ShardError, read_shard_header
 
 
 def read_shard(path: str | os.PathLike) -> np.ndarray:
     """Read one shard's tokens into memory (uint16) after checking its header and size."""
-    num_tokens = check_shard_header(path)
+    num_tokens = read_shard_header(path)
     tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=HEADER_BYTES)
     # Native byte order so torch.from_numpy accepts it (a no-op on little-endian hosts).
     return tokens.astype(np.uint16, copy=False)
-
-
-def check_token_ids(files: list[Path], vocab_size: int, tokens_needed: int | None = None,
-                    chunk: int = 1 << 26) -> None:
-    """The token ids of `files` are below vocab_size, read once in chunks, file after file until tokens_needed
-    tokens are covered (None: every file): an id the embedding cannot look up otherwise fails as a device-side
-    assert, or as a misleading loader error, far from its cause. The error names the file and the id."""
-    covered = 0
-    for path in files:
-        if tokens_needed is not None and covered >= tokens_needed:
-            return
-        count = check_shard_header(path)
-        tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
-        largest = max((int(tokens[i:i + chunk].max()) for i in range(0, count, chunk)), default=-1)
-        if largest >= vocab_size:
-            raise ShardError(f"{path}: token id {largest} is outside the vocabulary of {vocab_size} (a shard of "
-                             "another tokenizer? set --vocab_size, or prepare the data again)")
-        covered += count
-
-
-def find_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
-    """The shards of one split ('train' or 'val') in `data_dir`, sorted by name."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise ShardError(f"{data_dir}: data directory not found")
-    pattern = f"*{split}_" + "[0-9]" * 6 + ".bin"
-    shards = sorted(Path(p) for p in glob.glob(str(data_dir / pattern)))
-    if not shards:
-        raise ShardError(f"{data_dir}: no {split} shards (expected files matching {pattern})")
-    return shards
 
 
 @dataclass
@@ -353,7 +291,7 @@ class SequentialLoader:
                              f"({tokens_per_rank}) x world_size ({world_size})")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        counts = [check_shard_header(f) for f in self.files]
+        counts = [read_shard_header(f) for f in self.files]
         if sum(counts) < num_tokens + 1:
             raise ShardError(f"{', '.join(str(f) for f in self.files)}: {sum(counts):,} tokens in all, fewer than "
                              f"the {num_tokens + 1:,} asked for (val_tokens + 1)")

@@ -9,7 +9,8 @@ One document is an end-of-text/BOS token followed by its tokens. The FineWeb10B 
 NanoGPT's own `train.bin`/`val.bin` are bare uint16 tokens with no header (`meta.pkl` beside
 them holds the vocabulary of character-level sets).
 
-Every reader checks what it reads and names the file in its error.
+Every reader checks what it reads and names the file in its error. Both trainers read token files through
+this module (the speedrun's loader too), so the format is checked by one piece of code.
 """
 
 from __future__ import annotations
@@ -104,18 +105,34 @@ def open_bin(path: str | os.PathLike) -> np.memmap:
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
 
 
+def _data_dir(data_dir: str | os.PathLike) -> Path:
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise ShardError(f"{data_dir}: data directory not found (prepare data first, e.g. python -m nanogpt.data.text_corpus)")
+    return data_dir
+
+
+def _shards(data_dir: Path, split: str) -> list[Path]:
+    return sorted(Path(p) for p in glob.glob(str(data_dir / f"*{split}_[0-9][0-9][0-9][0-9][0-9][0-9].bin")))
+
+
+def find_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
+    """The headered shards of one split ('train' or 'val') in `data_dir`: every `*{split}_NNNNNN.bin`, by name."""
+    shards = _shards(_data_dir(data_dir), split)
+    if not shards:
+        raise ShardError(f"{data_dir}: no {split} shards (expected files matching *{split}_NNNNNN.bin)")
+    return shards
+
+
 def find_split(data_dir: str | os.PathLike, split: str) -> list[Path]:
     """The token files of one split ('train' or 'val') in `data_dir`, in order.
 
     NanoGPT's `{split}.bin` wins when present; otherwise every `*{split}_NNNNNN.bin` shard.
     """
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise ShardError(f"{data_dir}: data directory not found (prepare data first, e.g. python -m nanogpt.data.text_corpus)")
-    plain = data_dir / f"{split}.bin"
+    plain = _data_dir(data_dir) / f"{split}.bin"
     if plain.is_file():
         return [plain]
-    shards = sorted(Path(p) for p in glob.glob(str(data_dir / f"*{split}_[0-9][0-9][0-9][0-9][0-9][0-9].bin")))
+    shards = _shards(Path(data_dir), split)
     if not shards:
         raise ShardError(f"{data_dir}: no {split} data (expected {split}.bin or *{split}_000000.bin shards)")
     return shards
@@ -126,12 +143,18 @@ def open_tokens(path: Path) -> np.memmap:
     return open_bin(path) if path.name in ("train.bin", "val.bin") else open_shard(path)
 
 
-def check_token_ids(files: list[Path], vocab_size: int, chunk: int = 1 << 26) -> None:
-    """Every token id of `files` is below vocab_size (one pass over the files, in chunks): an id the
-    embedding cannot look up otherwise fails later as an IndexError (a device-side assert on a GPU) far
-    from its cause. The error names the file, the largest id and the vocabulary."""
+def check_token_ids(files: list[Path], vocab_size: int, tokens_needed: int | None = None,
+                    chunk: int = 1 << 26) -> None:
+    """The token ids of `files` are below vocab_size, read once in chunks, file after file until tokens_needed
+    tokens are covered (None: every file): an id the embedding cannot look up otherwise fails later as an
+    IndexError (a device-side assert on a GPU), or as a misleading loader error, far from its cause. The error
+    names the file, the largest id and the vocabulary."""
+    covered = 0
     for path in files:
-        tokens = open_tokens(path)
+        if tokens_needed is not None and covered >= tokens_needed:
+            return
+        tokens = open_tokens(Path(path))
+        covered += len(tokens)
         largest = max((int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk)), default=-1)
         if largest >= vocab_size:
             raise ShardError(f"{path}: token id {largest} is outside the vocabulary of {vocab_size} (a shard of "

@@ -62,7 +62,4 @@ require_token_dir DATASET_DIR \
   "offline, for a tiny run: python -m nanogpt.data.text_corpus --out $DATASET_DIR --tokenizer char"
 refuse_grad_acc_steps modded_nanogpt.train_gpt "its world size (8 / GPUs); change the batch with EXTRA_ARGS"
 
-train_args=(--data_dir="$DATASET_DIR" --run_dir="$RUN_DIR" --device="$DEVICE")
-[[ -z $RECIPE ]] || train_args=(--recipe="$RECIPE" "${train_args[@]}")
-read -ra extra_args <<<"$EXTRA_ARGS"
-launch_trainer modded_nanogpt.train_gpt "${train_args[@]}" "${extra_args[@]}"
+run_trainer modded_nanogpt.train_gpt

@@ -54,13 +54,8 @@ require_token_dir DATASET_DIR \
   "for OpenWebText: python -m nanogpt.data.openwebtext --out $DATASET_DIR (or: sbatch slurm/nanogpt/prepare_openwebtext.sh)"
 refuse_grad_acc_steps nanogpt.train "--total_batch_size (tokens per optimizer step); set EXTRA_ARGS=--total_batch_size=N instead"
 
-train_args=("$RECIPE" --data_dir="$DATASET_DIR" --run_dir="$RUN_DIR" --device="$DEVICE")
 if [[ -z $MICRO_BATCH && $DEVICE == cuda ]]; then
   MICRO_BATCH=$(gpu_fact "$GPU_TYPE" micro_batch_124m)
 fi
-if [[ -n $MICRO_BATCH ]]; then
-  require_int MICRO_BATCH 1
-  train_args+=(--batch_size="$MICRO_BATCH")
-fi
-read -ra extra_args <<<"$EXTRA_ARGS"
-launch_trainer nanogpt.train "${train_args[@]}" "${extra_args[@]}"
+[[ -z $MICRO_BATCH ]] || require_int MICRO_BATCH 1
+run_trainer nanogpt.train ${MICRO_BATCH:+--batch_size="$MICRO_BATCH"}

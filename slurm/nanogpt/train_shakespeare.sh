@@ -54,6 +54,4 @@ require_token_dir DATASET_DIR \
   "python -m nanogpt.data.text_corpus --source DIR_OF_TEXT_FILES --out $DATASET_DIR --tokenizer char"
 refuse_grad_acc_steps nanogpt.train "--total_batch_size (tokens per optimizer step); set EXTRA_ARGS=--total_batch_size=N instead"
 
-train_args=("$RECIPE" --data_dir="$DATASET_DIR" --run_dir="$RUN_DIR" --device="$DEVICE")
-read -ra extra_args <<<"$EXTRA_ARGS"
-launch_trainer nanogpt.train "${train_args[@]}" "${extra_args[@]}"
+run_trainer nanogpt.train
