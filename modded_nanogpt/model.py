@@ -777,7 +777,7 @@ class GPT(nn.Module):
             loss = self.eval_loss(x, targets, mtp_weights, loss_divisor)
             return (loss, loss.detach()) if with_next_token else loss
         if c.fp8 and c.softcap and x.is_cuda:
-            # One op: its backward writes the logits' gradient straight in fp8 (kernels.py says why).
+            # One op: its backward writes the logits' gradient straight in fp8 (kernels/cross_entropy.py says why).
             out = kernels.fp8_softcapped_cross_entropy(
                 x, self.lm_head_t, targets, mtp_weights, c.fp8_x_scale, c.fp8_w_scale,
                 c.fp8_grad_scale / loss_divisor, with_next_token=with_next_token)

@@ -1,4 +1,4 @@
-"""Tests of the speedrun's fused ops (modded_nanogpt/kernels.py).
+"""Tests of the speedrun's fused ops (modded_nanogpt/kernels/, one module per op).
 
 CPU tier: each reference against an independent float64 computation, routing of CPU tensors
 and MODDED_NO_TRITON=1 to the references, and the error messages. GPU tier (`gpu` mark):
@@ -20,6 +20,9 @@ from modded_nanogpt import kernels
 from modded_nanogpt.kernels import (
     ba_plus_caa,
     ba_plus_caa_reference,
+    common,
+    cross_entropy,
+    fp8,
     fp8_linear,
     fp8_linear_reference,
     fp8_softcapped_cross_entropy,
@@ -111,8 +114,8 @@ def test_import_needs_no_triton_and_touches_no_cuda():
 def test_exact_sigmoid_switch_is_read_from_the_environment(value, fast):
     code = ("import torch, modded_nanogpt.kernels as k\n"
             f"assert k.FAST_SIGMOID is {fast}\n"
-            f"assert k._fast_sigmoid(torch.zeros(2, dtype=torch.bfloat16)) is {fast}\n"
-            "assert not k._fast_sigmoid(torch.zeros(2))  # float32 logits: always the exact sigmoid\n")
+            f"assert k.common.fast_sigmoid(torch.zeros(2, dtype=torch.bfloat16)) is {fast}\n"
+            "assert not k.common.fast_sigmoid(torch.zeros(2))  # float32 logits: always the exact sigmoid\n")
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True,
                    env={**os.environ, "MODDED_EXACT_SIGMOID": value})
 
@@ -121,6 +124,24 @@ def test_use_triton_false_on_cpu_and_when_disabled(monkeypatch):
     assert not use_triton(torch.zeros(2))
     monkeypatch.setenv("MODDED_NO_TRITON", "1")
     assert not use_triton(torch.zeros(2))
+
+
+def test_switches_set_on_the_package_reach_the_ops(monkeypatch):
+    """FAST_SIGMOID and use_triton live in kernels.common, where the op modules read them at call time; the
+    package's names read and set those, and monkeypatch's undo restores them."""
+    fast_default, use_triton_default = common.FAST_SIGMOID, common.use_triton
+    bf16_logits = torch.zeros(2, dtype=torch.bfloat16)
+    with monkeypatch.context() as patch:
+        for fast in (not fast_default, fast_default):
+            patch.setattr(kernels, "FAST_SIGMOID", fast)
+            assert common.FAST_SIGMOID is fast and kernels.FAST_SIGMOID is fast
+            assert common.fast_sigmoid(bf16_logits) is fast
+        patch.setattr(kernels, "use_triton", lambda t: True)
+        assert common.use_triton is kernels.use_triton
+        assert kernels.attention_inputs_supported(torch.zeros(2, 4, dtype=torch.bfloat16), 128)
+    assert common.FAST_SIGMOID is fast_default and kernels.FAST_SIGMOID is fast_default
+    assert common.use_triton is use_triton_default and kernels.use_triton is use_triton_default
+    assert not kernels.attention_inputs_supported(torch.zeros(2, 4, dtype=torch.bfloat16), 128)
 
 
 @pytest.mark.parametrize("shape", [(5, 7, 3), (1, 1, 1), (33, 17, 65)])
@@ -402,7 +423,7 @@ def test_attention_inputs_fused_path_only_where_it_can_run(monkeypatch):
     """The fused attention inputs need the Triton path (CUDA), bf16 and a power-of-two head_dim; CPU tensors
     and MODDED_NO_TRITON=1 take model.attention_inputs."""
     assert not kernels.attention_inputs_supported(torch.zeros(2, 4, dtype=torch.bfloat16), 128)
-    monkeypatch.setattr(kernels, "use_triton", lambda t: True)
+    monkeypatch.setattr(common, "use_triton", lambda t: True)
     assert kernels.attention_inputs_supported(torch.zeros(2, 4, dtype=torch.bfloat16), 128)
     assert not kernels.attention_inputs_supported(torch.zeros(2, 4, dtype=torch.bfloat16), 96)
     assert not kernels.attention_inputs_supported(torch.zeros(2, 4, dtype=torch.float32), 128)
@@ -535,11 +556,11 @@ def test_gpu_fp8_quantization_kernel_matches_torch(shape, src_dtype, fp8_dtype):
     t = cuda_randn(*shape, seed=22, dtype=src_dtype)
     scale = t.abs().max().item() / torch.finfo(fp8_dtype).max * 0.9  # a few values saturate
     poison_cuda_cache(t.numel() * 4)
-    q, q_t = kernels._quantize_both_layouts(t, scale, fp8_dtype)
+    q, q_t = fp8._quantize_both_layouts(t, scale, fp8_dtype)
     assert q.shape == shape and q_t.shape == shape[::-1] and q.is_contiguous() and q_t.is_contiguous()
     assert_finite(q.float(), q_t.float())
     assert torch.equal(q_t.view(torch.uint8), q.mT.contiguous().view(torch.uint8))
-    codes, torch_codes = q.view(torch.uint8).int(), kernels._quantize(t, scale, fp8_dtype).view(torch.uint8).int()
+    codes, torch_codes = q.view(torch.uint8).int(), fp8._quantize(t, scale, fp8_dtype).view(torch.uint8).int()
     assert (codes - torch_codes).abs().max() <= 1  # one step at most (a tie rounded the other way)
     assert (codes != torch_codes).float().mean() < 1e-4
 
@@ -578,7 +599,7 @@ def test_gpu_fp8_linear_matches_reference(shape, w_dtype):
 @pytest.mark.parametrize("weights", MTP_WEIGHTS)
 @pytest.mark.parametrize("shape", [(6144, 50304), (37, 1000), (2, 77)])
 def test_gpu_softcapped_ce_matches_reference(shape, weights, fast, monkeypatch):
-    monkeypatch.setattr(kernels, "FAST_SIGMOID", fast)
+    monkeypatch.setattr(common, "FAST_SIGMOID", fast)
     logits, targets = ce_inputs(*shape, torch.bfloat16, seed=12, device="cuda")
     poison_cuda_cache(logits.numel() * 2)
     loss, grad = autograd_outputs(lambda z: softcapped_cross_entropy(z, targets, weights), (logits,), None)
@@ -620,14 +641,15 @@ def test_gpu_ce_grad_fp8_kernel_matches_the_two_kernels(shape, weights):
         pytest.skip("no fp8 tensor cores (needs sm_89 or later)")
     logits, targets = ce_inputs(*shape, torch.bfloat16, seed=40, device="cuda")
     weight_tensor = torch.tensor(weights, device="cuda")
-    _, row_lse, _ = kernels._softcapped_ce_forward(logits, targets, weight_tensor, [], 23.0, 5.0, 7.5)
+    _, row_lse, _ = cross_entropy._softcapped_ce_forward(logits, targets, weight_tensor, [], 23.0, 5.0, 7.5)
     grad_rows = torch.full((1,), 1.0 / shape[0], device="cuda").expand(shape[0])  # a sum's gradient, stride 0
-    grad = kernels._softcapped_ce_backward_op(grad_rows, logits, targets, weight_tensor, [], row_lse, 23.0, 5.0, 7.5)
+    grad = cross_entropy._softcapped_ce_backward_op(grad_rows, logits, targets, weight_tensor, [], row_lse, 23.0,
+                                                    5.0, 7.5)
     scale = grad.float().abs().max().item() / E5M2_MAX
-    want, want_t = kernels._quantize_both_layouts(grad, scale, torch.float8_e5m2)
+    want, want_t = fp8._quantize_both_layouts(grad, scale, torch.float8_e5m2)
     poison_cuda_cache(logits.numel() * 2)
-    q, q_t = kernels._softcapped_ce_grad_fp8(grad_rows, logits, targets, weight_tensor, [], row_lse, 23.0, 5.0, 7.5,
-                                             scale)
+    q, q_t = cross_entropy._softcapped_ce_grad_fp8(grad_rows, logits, targets, weight_tensor, [], row_lse, 23.0,
+                                                   5.0, 7.5, scale)
     assert q.shape == shape and q_t.shape == shape[::-1] and q.is_contiguous() and q_t.is_contiguous()
     assert_finite(q.float(), q_t.float())
     assert torch.equal(q_t.view(torch.uint8), q.mT.contiguous().view(torch.uint8))

@@ -9,8 +9,8 @@ import sys
 
 import torch
 
-from modded_nanogpt import kernels
 from modded_nanogpt.bench import require_cuda
+from modded_nanogpt.kernels import mlp
 
 
 def main(argv):
@@ -46,7 +46,7 @@ def main(argv):
 
     def pointer_kernel():
         post = torch.empty_like(pre)
-        kernels._relu2_pointer(x, up, torch.empty_like(pre), post)
+        mlp._relu2_pointer(x, up, torch.empty_like(pre), post)
         return post
 
     report("fwd cuBLAS mm alone", lambda: x @ up.T)
@@ -65,7 +65,7 @@ def main(argv):
 def sweep(x, up, down, grad_y, pre, post_want, grad_pre_want, report):
     """The TMA kernel's tilings, programs per SM, automatic warp specialization, and the post-only variant
     (forward stores no pre; backward takes relu(pre) = sqrt(post)), each run without autotuning."""
-    config = kernels._relu2_tma_config
+    config = mlp._relu2_tma_config
     variants = [  # (name, config)
         ("128x256 w8 s4 sub (default fwd)", config(128, 256, 64, 8, 4, True)),
         ("128x256 w8 s3 sub (default bwd)", config(128, 256, 64, 8, 3, True)),
@@ -83,8 +83,8 @@ def sweep(x, up, down, grad_y, pre, post_want, grad_pre_want, report):
     def run_variant(name, cfg, post_only):
         p, q, g = torch.empty_like(pre), torch.empty_like(pre), torch.empty_like(pre)
         saved = post_bf16 if post_only else pre
-        fwd = lambda: kernels._relu2_tma(x, up, p, p, q, backward=False, post_only=post_only, config=cfg)
-        bwd = lambda: kernels._relu2_tma(grad_y, down, saved, g, g, backward=True, post_only=post_only, config=cfg)
+        fwd = lambda: mlp._relu2_tma(x, up, p, p, q, backward=False, post_only=post_only, config=cfg)
+        bwd = lambda: mlp._relu2_tma(grad_y, down, saved, g, g, backward=True, post_only=post_only, config=cfg)
         compiled = fwd()
         regs = f" ({getattr(compiled, 'n_regs', '?')} regs, {compiled.metadata.shared // 1024} KiB smem)"
         report(f"fwd {name}{regs}", fwd, q.float(), post_want)

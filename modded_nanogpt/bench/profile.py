@@ -60,50 +60,52 @@ class SyntheticLoader:
 def bench_head(rows: int):
     from triton.testing import do_bench
 
-    from modded_nanogpt import kernels
+    from modded_nanogpt.kernels import common, cross_entropy, fp8
 
     vocab, g = 50304, torch.Generator(device="cuda").manual_seed(0)
     logits = (3 * torch.randn(rows, vocab, generator=g, device="cuda")).bfloat16()
     targets = torch.randint(0, vocab, (rows,), generator=g, device="cuda")
     weights = torch.tensor([1.0], device="cuda")
-    _, lse, _ = kernels._softcapped_ce_forward(logits, targets, weights, [], 23.0, 5.0, 7.5)
+    _, lse, _ = cross_entropy._softcapped_ce_forward(logits, targets, weights, [], 23.0, 5.0, 7.5)
     grad_rows = torch.full((1,), 1.0 / rows, device="cuda").expand(rows)
     scale = 2.0**-10 / rows
 
     def apart():
-        grad = kernels._softcapped_ce_backward_op(grad_rows, logits, targets, weights, [], lse, 23.0, 5.0, 7.5)
-        return kernels._quantize_both_layouts(grad, scale, torch.float8_e5m2)
+        grad = cross_entropy._softcapped_ce_backward_op(grad_rows, logits, targets, weights, [], lse, 23.0, 5.0,
+                                                        7.5)
+        return fp8._quantize_both_layouts(grad, scale, torch.float8_e5m2)
 
     def fused():
-        return kernels._softcapped_ce_grad_fp8(grad_rows, logits, targets, weights, [], lse, 23.0, 5.0, 7.5, scale)
+        return cross_entropy._softcapped_ce_grad_fp8(grad_rows, logits, targets, weights, [], lse, 23.0, 5.0, 7.5,
+                                                     scale)
 
     def forward():
-        return kernels._softcapped_ce_forward(logits, targets, weights, [], 23.0, 5.0, 7.5)
+        return cross_entropy._softcapped_ce_forward(logits, targets, weights, [], 23.0, 5.0, 7.5)
 
     def with_sigmoid(fn, fast):
         def run():
-            kernels.FAST_SIGMOID = fast
+            common.FAST_SIGMOID = fast
             return fn()
         return run
 
-    fast_default = kernels.FAST_SIGMOID
+    fast_default = common.FAST_SIGMOID
     for fast in (False, True):
-        kernels.FAST_SIGMOID = fast
+        common.FAST_SIGMOID = fast
         ms = do_bench(forward, warmup=50, rep=300, return_mode="median")
         print(f"head forward  | CE loss + lse, fast sigmoid {fast!s:5} | {ms:7.3f} ms | "
               f"{rows * vocab * 2 / 1e9 / ms:6.2f} TB/s at 2 B/elt", flush=True)
-    kernels.FAST_SIGMOID = fast_default
+    common.FAST_SIGMOID = fast_default
     variants = {"CE backward + quantize": apart, "fused CE-gradient + e5m2": fused,
                 "fused, exact sigmoid": with_sigmoid(fused, False), "fused, fast sigmoid": with_sigmoid(fused, True)}
     for block_r, block_c, warps in ((64, 64, 8), (64, 128, 4), (64, 128, 8), (128, 128, 8), (32, 256, 4),
                                     (64, 256, 8), (128, 64, 4), (32, 128, 4)):
         variants[f"fused tile {block_r}x{block_c}, {warps} warps"] = (
-            lambda block_r=block_r, block_c=block_c, warps=warps: kernels._softcapped_ce_grad_fp8(
+            lambda block_r=block_r, block_c=block_c, warps=warps: cross_entropy._softcapped_ce_grad_fp8(
                 grad_rows, logits, targets, weights, [], lse, 23.0, 5.0, 7.5, scale, block_r, block_c, warps))
     want = apart()
     torch.cuda.synchronize()
     gbytes = rows * vocab * (2 + 1 + 1) / 1e9
-    kernels.FAST_SIGMOID = fast_default
+    common.FAST_SIGMOID = fast_default
     for name, fn in variants.items():
         got = fn()
         same = [(a.view(torch.uint8) != b.view(torch.uint8)).sum().item() for a, b in zip(got, want, strict=True)]

@@ -21,7 +21,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from modded_nanogpt import kernels
+from modded_nanogpt.kernels import cross_entropy, embedding_rows, mlp, qkv
 
 BF16, F32 = "*bf16", "*fp32"
 
@@ -37,33 +37,36 @@ def cases():
                ve_stride="i32", gate_stride="i32", eps="fp32")
     flags = [dict(H=6, HALF=64, QK_NORM=n, KEY_OFFSET=o, HAS_VE=v, PAIRED=p, BLOCK_T=32)
              for n, o, v, p in itertools.product((True, False), repeat=4) if not (o and p)]
-    yield ("attention_inputs forward", kernels._attention_inputs_kernel, fwd,
+    yield ("attention_inputs forward", qkv._attention_inputs_kernel, fwd,
            ["qkv_stride", "table_stride", "ve_stride"], flags, 4)
-    yield ("attention_inputs backward", kernels._attention_inputs_backward_kernel, bwd,
+    yield ("attention_inputs backward", qkv._attention_inputs_backward_kernel, bwd,
            ["gq_t", "gk_t", "gv_t", "gq_h", "gk_h", "gv_h", "qkv_stride", "table_stride", "ve_stride"], flags, 4)
     gather = dict(table_ptr=F32, index_ptr="*i64", out_ptr=BF16, T="i32", V="i32", D="i32")
-    yield "gather_rows", kernels._gather_rows_kernel, gather, ["D"], [dict(BLOCK_T=16, BLOCK_D=256)], 4
+    yield "gather_rows", embedding_rows._gather_rows_kernel, gather, ["D"], [dict(BLOCK_T=16, BLOCK_D=256)], 4
     scatter = dict(grad_ptr=F32, sorted_ptr="*i32", positions_ptr="*i64", rows_ptr=BF16, T="i32", V="i32", D="i32")
-    yield "scatter_add_rows", kernels._scatter_add_rows_kernel, scatter, ["D"], [dict(CHUNK=32, BLOCK_D=256)], 2
+    yield ("scatter_add_rows", embedding_rows._scatter_add_rows_kernel, scatter, ["D"],
+           [dict(CHUNK=32, BLOCK_D=256)], 2)
     # The kernels GPUs without TMA (A100) take, each autotuning config as a variant (num_warps/num_stages in it).
     # Unit strides are constants here, as Triton's launcher specializes an integer argument equal to 1.
     matmul = dict(x_ptr=BF16, w_ptr=BF16, pre_ptr=BF16, post_ptr=BF16, M="i32", N="i32", K="i32", stride_xm="i32",
                   stride_xk="i32", stride_wn="i32", stride_wk="i32", stride_om="i32", stride_on="i32")
     unit = dict(stride_xk=1, stride_wk=1, stride_on=1)
-    yield ("relu2_matmul (pointer)", kernels._relu2_matmul_kernel, matmul, ["N", "K", "stride_xm", "stride_wn", "stride_om"],
+    yield ("relu2_matmul (pointer)", mlp._relu2_matmul_kernel, matmul, ["N", "K", "stride_xm", "stride_wn", "stride_om"],
            [dict(c.kwargs, **unit, num_warps=c.num_warps, num_stages=c.num_stages)
-            for c in kernels._relu2_matmul_kernel.configs], 4)
+            for c in mlp._relu2_matmul_kernel.configs], 4)
     grad = dict(grad_post_ptr=BF16, saved_ptr=BF16, grad_pre_ptr=BF16, numel="i32")
-    yield "relu2_grad", kernels._relu2_grad_kernel, grad, ["numel"], [dict(FROM_POST=f, BLOCK=4096) for f in (0, 1)], 8
+    yield "relu2_grad", mlp._relu2_grad_kernel, grad, ["numel"], [dict(FROM_POST=f, BLOCK=4096) for f in (0, 1)], 8
     ce = dict(logits_ptr=BF16, stride_row="i32", targets_ptr="*i64", weights_ptr=F32, row_loss_ptr=F32,
-              row_lse_ptr=F32, N="i32", V="i32", cap="fp32", shift="fp32", inv_div="fp32", N_MTP="i32")
-    ce_variants = [dict(c.kwargs, FAST=fast, num_warps=c.num_warps) for c in kernels._ROW_CONFIGS for fast in (0, 1)]
-    yield "softcapped_ce forward", kernels._softcapped_ce_forward_kernel, ce, ["stride_row", "V"], ce_variants, 4
+              row_lse_ptr=F32, row_next_ptr=F32, N="i32", V="i32", cap="fp32", shift="fp32", inv_div="fp32",
+              N_MTP="i32")
+    ce_variants = [dict(c.kwargs, FAST=fast, num_warps=c.num_warps) for c in cross_entropy._ROW_CONFIGS
+                   for fast in (0, 1)]
+    yield "softcapped_ce forward", cross_entropy._softcapped_ce_forward_kernel, ce, ["stride_row", "V"], ce_variants, 4
     ce_bwd = dict(grad_rows_ptr=F32, grad_rows_stride="i32", logits_ptr=BF16, stride_row="i32", grad_ptr=BF16,
                   grad_stride_row="i32", targets_ptr="*i64", weights_ptr=F32, row_lse_ptr=F32, N="i32", V="i32",
                   cap="fp32", shift="fp32", inv_div="fp32", N_MTP="i32")
-    yield ("softcapped_ce backward", kernels._softcapped_ce_backward_kernel, ce_bwd, ["stride_row", "grad_stride_row", "V"],
-           ce_variants, 4)
+    yield ("softcapped_ce backward", cross_entropy._softcapped_ce_backward_kernel, ce_bwd,
+           ["stride_row", "grad_stride_row", "V"], ce_variants, 4)
 
 
 def compile_sm90(kernel, types, divisible, constexprs, num_warps, arch: int = 90):
