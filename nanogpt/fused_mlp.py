@@ -268,7 +268,7 @@ if triton is not None:
                     nargs[name].block_shape = [_BLOCK_M, bn // 2 if subtile else bn]
             return triton.Config({"BLOCK_M": _BLOCK_M, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SUBTILE": subtile},
                                  num_warps=warps, num_stages=stages, pre_hook=set_block_shapes)
-        # The shapes measured best for the speedrun's squared-ReLU MLP on H100/H200 (modded_nanogpt/kernels.py),
+        # The shapes measured best for the speedrun's squared-ReLU MLP on H100/H200 (modded_nanogpt/kernels/mlp.py),
         # plus a smaller tile; the autotuner picks per (M, N, K, direction).
         return [config(256, 64, 8, 4, True), config(256, 64, 8, 3, True), config(128, 64, 8, 4, False),
                 config(128, 64, 4, 4, False)]
