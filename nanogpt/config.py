@@ -249,17 +249,24 @@ def usage(doc: str, cls) -> str:
     return f"{doc.strip()}\n\nsettings (RECIPE first, then --key=value; defaults shown):\n{config_help(cls)}"
 
 
-def trainer_exit_status(main, exit_statuses: dict[type, int]) -> int:
-    """Run a trainer's main() as its command line does: an error of a type in `exit_statuses` (a bad setting or
-    bad data: 2; a run directory that cannot be written: 1) is one line on stderr and that status, without a
-    traceback; Ctrl-C before the training loop, or twice in it, is 130 (nothing more was saved)."""
+def exit_status(main, exit_statuses: dict[type, int]) -> int:
+    """Run an entry point's main() (no arguments: a closure over argv) as its command line does: an error of a
+    type in `exit_statuses` is one line on stderr, "error: ...", and that status, without a traceback; 0 when
+    main() returns. Every entry point of both trainers and of the reports ends this way."""
     try:
         main()
     except tuple(exit_statuses) as e:
         print(f"error: {e}", file=sys.stderr)
         return next(status for kind, status in exit_statuses.items() if isinstance(e, kind))
+    return 0
+
+
+def trainer_exit_status(main, exit_statuses: dict[type, int]) -> int:
+    """exit_status() for a trainer's main(): a bad setting or bad data is 2, a run directory that cannot be
+    written 1; Ctrl-C before the training loop, or twice in it, is 130 (nothing more was saved)."""
+    try:
+        return exit_status(main, exit_statuses)
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C): stopped without a checkpoint; checkpoints already written stay, and the same "
               "command resumes from the newest", file=sys.stderr)
         return 130
-    return 0
