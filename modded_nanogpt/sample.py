@@ -22,21 +22,12 @@ from modded_nanogpt.train_gpt import Hyperparameters, model_config
 from nanogpt.config import ConfigError, exit_status
 from nanogpt.data.tokenizer import gpt2_tokenizer, load_tokenizer
 from nanogpt.rundir import load_newest
-from nanogpt.sample import sampling_checkpoint, sampling_command, sampling_device
+from nanogpt.sample import SamplingSettings, sampling_checkpoint, sampling_command, sampling_device
 
 
 @dataclass
-class SampleConfig:
-    run_dir: str = ""  # sample from this run's newest readable checkpoint
-    checkpoint: str = ""  # or from this checkpoint file
-    data_dir: str = ""  # where the tokenizer is; default: the run's data_dir
-    start: str = "\n"  # the prompt, or FILE:path to read it from a file
-    num_samples: int = 2
-    max_new_tokens: int = 200
-    temperature: float = 0.8  # < 1 sharper, > 1 more random
-    top_k: int = 200  # keep only the k most likely tokens (0 = all)
-    seed: int = 1337
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+class SampleConfig(SamplingSettings):
+    max_new_tokens: int = 200  # each token runs the whole sequence again
 
 
 def load(cfg: SampleConfig) -> tuple[GPT, Hyperparameters]:

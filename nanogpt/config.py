@@ -207,7 +207,16 @@ def parse_config(cls, argv: list[str] | None, recipe_dir: Path = RECIPE_DIR, env
 
 def field_comments(cls) -> dict[str, str]:
     """Each field's help text from the dataclass's source: the comment at the end of its line, else the comment
-    lines right above it (the settings are documented where they are declared)."""
+    lines right above it (the settings are documented where they are declared). A field a dataclass inherits has
+    the text of the class that declares it last."""
+    found = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass) and "__dataclass_fields__" in vars(klass):
+            found |= {name: text for name, text in _own_field_comments(klass).items() if text or name not in found}
+    return found
+
+
+def _own_field_comments(cls) -> dict[str, str]:
     import ast
     import inspect
     import io

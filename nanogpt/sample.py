@@ -25,10 +25,11 @@ from nanogpt.model import GPT, GPT2_SIZES, GPTConfig
 
 
 @dataclass
-class SampleConfig:
-    run_dir: str = ""  # sample from this run's newest complete checkpoint
+class SamplingSettings:
+    """The settings both trainers' samplers take (python -m nanogpt.sample, python -m modded_nanogpt.sample)."""
+
+    run_dir: str = ""  # sample from this run's newest checkpoint that loads
     checkpoint: str = ""  # or from this checkpoint file
-    init_from: str = ""  # or from Hugging Face GPT-2 weights: gpt2 | gpt2-medium | gpt2-large | gpt2-xl | HF dir
     data_dir: str = ""  # where the tokenizer is; default: the checkpoint's data_dir
     start: str = "\n"  # the prompt, or FILE:path to read it from a file
     num_samples: int = 2
@@ -37,6 +38,11 @@ class SampleConfig:
     top_k: int = 200  # keep only the k most likely tokens (0 = all)
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class SampleConfig(SamplingSettings):
+    init_from: str = ""  # or from Hugging Face GPT-2 weights: gpt2 | gpt2-medium | gpt2-large | gpt2-xl | HF dir
 
 
 def load_model(cfg: SampleConfig) -> tuple[GPT, str]:
