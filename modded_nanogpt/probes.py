@@ -1,6 +1,6 @@
 """Probe documents scored during training (--probe_docs with --probe_every or --probe_steps) and from kept checkpoints
 (python -m modded_nanogpt.score_checkpoints): every document's next-token losses, into the run's probes/
-(probe_store.py).
+(nanogpt/probe_store.py, the one format both trainers write).
 
 The model scores as it validates (train_gpt.validate): eval mode, model.states() then the head in the compute
 dtype without fp8 (GPT.eval_loss), the softcap, next-token only, with the validation's attention windows of that
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from modded_nanogpt import kernels
 from modded_nanogpt.model import BLOCK, EVAL_HEAD_ROWS
-from modded_nanogpt.probe_store import Docs
+from nanogpt.probe_store import Docs
 
 
 def token_losses(model, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

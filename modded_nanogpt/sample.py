@@ -19,39 +19,22 @@ import torch
 
 from modded_nanogpt.model import GPT
 from modded_nanogpt.train_gpt import Hyperparameters, model_config
+from nanogpt.config import ConfigError, exit_status
+from nanogpt.data.tokenizer import gpt2_tokenizer, load_tokenizer
 from nanogpt.rundir import load_newest
+from nanogpt.sample import SamplingSettings, sampling_checkpoint, sampling_command, sampling_device
 
 
 @dataclass
-class SampleConfig:
-    run_dir: str = ""  # sample from this run's newest readable checkpoint
-    checkpoint: str = ""  # or from this checkpoint file
-    data_dir: str = ""  # where the tokenizer is; default: the run's data_dir
-    start: str = "\n"  # the prompt, or FILE:path to read it from a file
-    num_samples: int = 2
-    max_new_tokens: int = 200
-    temperature: float = 0.8  # < 1 sharper, > 1 more random
-    top_k: int = 200  # keep only the k most likely tokens (0 = all)
-    seed: int = 1337
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+class SampleConfig(SamplingSettings):
+    max_new_tokens: int = 200  # each token runs the whole sequence again
 
 
 def load(cfg: SampleConfig) -> tuple[GPT, Hyperparameters]:
     """The model of the checkpoint and the run's settings."""
-    from nanogpt.config import ConfigError
-
     if bool(cfg.run_dir) == bool(cfg.checkpoint):
         raise ConfigError("give exactly one of --run_dir or --checkpoint")
-    if cfg.run_dir:
-        if not Path(cfg.run_dir).is_dir():
-            raise ConfigError(f"run_dir {cfg.run_dir}: not found")
-        payload = load_newest(Path(cfg.run_dir) / "ckpt", log=lambda m: print(m, file=sys.stderr))
-        if payload is None:
-            raise ConfigError(f"{Path(cfg.run_dir) / 'ckpt'}: no checkpoint to sample from")
-    else:
-        if not Path(cfg.checkpoint).is_file():
-            raise ConfigError(f"checkpoint {cfg.checkpoint}: not found")
-        payload = torch.load(cfg.checkpoint, map_location="cpu", weights_only=False)
+    payload = sampling_checkpoint(cfg, load_newest)
     if not isinstance(payload, dict) or "config" not in payload or "batch_schedule" not in payload["config"]:
         raise ConfigError("not a checkpoint of the speedrun trainer (for the baseline: python -m nanogpt.sample)")
     known = Hyperparameters.__dataclass_fields__
@@ -82,21 +65,15 @@ def sample(model: GPT, ids: list[int], hp: Hyperparameters, cfg: SampleConfig, g
 
 
 def main(argv: list[str] | None = None) -> list[str]:
-    from nanogpt.config import config_help, parse_config
-    from nanogpt.data.tokenizer import gpt2_tokenizer, load_tokenizer
-    from nanogpt.sample import sampling_prompt
-
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__ + "\nsettings:\n" + config_help(SampleConfig))
+    command = sampling_command(SampleConfig, argv, __doc__)
+    if command is None:
         return []
-    cfg, _ = parse_config(SampleConfig, argv)
-    prompt = sampling_prompt(cfg)
+    cfg, prompt = command
     model, hp = load(cfg)
     data_dir = cfg.data_dir or hp.data_dir
     tokenizer = load_tokenizer(data_dir) if data_dir and Path(data_dir).is_dir() else gpt2_tokenizer()
     ids = [hp.bos_id] + tokenizer.encode(prompt)  # a new document, as the speedrun trains on them
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = sampling_device(cfg.device)
     model.eval().to(device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     samples = []
@@ -108,14 +85,7 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 
 def cli() -> int:
-    from nanogpt.config import ConfigError
-
-    try:
-        main()
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(main, {ConfigError: 2})
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from modded_nanogpt.model import GPT, select_attention_backend
-from modded_nanogpt.probe_store import Docs, ProbeError, check_vocabulary, score_checkpoints_main
 from modded_nanogpt.probes import score_documents
 from modded_nanogpt.train_gpt import (
     ConfigError,
@@ -28,6 +27,8 @@ from modded_nanogpt.train_gpt import (
     schedule_of,
     validation_windows,
 )
+from nanogpt.config import exit_status
+from nanogpt.probe_store import Docs, ProbeError, check_vocabulary, score_checkpoints_main
 
 
 def score_checkpoint(path: Path, docs: Docs, device: torch.device) -> tuple[np.ndarray, int]:
@@ -58,12 +59,7 @@ def main(argv=None) -> list[int]:
 
 
 def cli() -> int:
-    try:
-        main()
-    except (ProbeError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(main, {ProbeError: 2, ConfigError: 2})
 
 
 if __name__ == "__main__":

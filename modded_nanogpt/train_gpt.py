@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from modded_nanogpt import kernels, probe_store
+from modded_nanogpt import kernels
 from modded_nanogpt.data.loader import DistributedBOSLoader, SequentialLoader, to_device_async
 from modded_nanogpt.dist_optim import AdamGroup, BankSpec, SpeedrunOptimizer
 from modded_nanogpt.model import (
@@ -47,11 +47,12 @@ from modded_nanogpt.model import (
     describe_attention_backend,
     select_attention_backend,
 )
-from modded_nanogpt.probe_store import ProbeError, Study
 from modded_nanogpt.probes import score_documents
 from modded_nanogpt.schedule import Momentum, Schedule, ScheduleError
+from nanogpt import probe_store
 from nanogpt.config import ConfigError, parse_config, trainer_exit_status, usage
 from nanogpt.data.shards import ShardError, check_token_ids, find_shards, read_shard_header
+from nanogpt.probe_store import ProbeError, Study
 from nanogpt.rundir import (
     RunDir,
     RunDirError,

@@ -207,7 +207,16 @@ def parse_config(cls, argv: list[str] | None, recipe_dir: Path = RECIPE_DIR, env
 
 def field_comments(cls) -> dict[str, str]:
     """Each field's help text from the dataclass's source: the comment at the end of its line, else the comment
-    lines right above it (the settings are documented where they are declared)."""
+    lines right above it (the settings are documented where they are declared). A field a dataclass inherits has
+    the text of the class that declares it last."""
+    found = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass) and "__dataclass_fields__" in vars(klass):
+            found |= {name: text for name, text in _own_field_comments(klass).items() if text or name not in found}
+    return found
+
+
+def _own_field_comments(cls) -> dict[str, str]:
     import ast
     import inspect
     import io
@@ -249,17 +258,24 @@ def usage(doc: str, cls) -> str:
     return f"{doc.strip()}\n\nsettings (RECIPE first, then --key=value; defaults shown):\n{config_help(cls)}"
 
 
-def trainer_exit_status(main, exit_statuses: dict[type, int]) -> int:
-    """Run a trainer's main() as its command line does: an error of a type in `exit_statuses` (a bad setting or
-    bad data: 2; a run directory that cannot be written: 1) is one line on stderr and that status, without a
-    traceback; Ctrl-C before the training loop, or twice in it, is 130 (nothing more was saved)."""
+def exit_status(main, exit_statuses: dict[type, int]) -> int:
+    """Run an entry point's main() (no arguments: a closure over argv) as its command line does: an error of a
+    type in `exit_statuses` is one line on stderr, "error: ...", and that status, without a traceback; 0 when
+    main() returns. Every entry point of both trainers and of the reports ends this way."""
     try:
         main()
     except tuple(exit_statuses) as e:
         print(f"error: {e}", file=sys.stderr)
         return next(status for kind, status in exit_statuses.items() if isinstance(e, kind))
+    return 0
+
+
+def trainer_exit_status(main, exit_statuses: dict[type, int]) -> int:
+    """exit_status() for a trainer's main(): a bad setting or bad data is 2, a run directory that cannot be
+    written 1; Ctrl-C before the training loop, or twice in it, is 130 (nothing more was saved)."""
+    try:
+        return exit_status(main, exit_statuses)
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C): stopped without a checkpoint; checkpoints already written stay, and the same "
               "command resumes from the newest", file=sys.stderr)
         return 130
-    return 0

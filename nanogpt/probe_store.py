@@ -1,8 +1,8 @@
 """Probe documents and their per-token losses: the contract between the trainers (which score them during
 training), score_checkpoints (which scores kept checkpoints) and the study tools (which gather the scores).
 
-This file is the same, byte for byte, in nanogpt/ and modded_nanogpt/ (a test compares them): each trainer
-folder stays self-contained.
+Written once, here, for both trainers (modded_nanogpt imports it, as it imports nanogpt.rundir); the files are
+written as the run directory writes its checkpoints (nanogpt.rundir.atomic_write, fsync_dir).
 
 Docs file (python -m nanogpt.data.select_docs writes one): an .npz of
   tokens    uint16, the documents one after another, each starting with its BOS/end-of-text token
@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from nanogpt.rundir import atomic_write, fsync_dir
 
 INDEX_FORMAT = 1
 _STEP_FILE = re.compile(r"^step_(\d+)\.npy$")
@@ -91,22 +93,9 @@ def make_docs(documents: list[np.ndarray], shards: list[str], offsets: list[int]
                 content_hash(tokens, lengths))
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_docs(path: str | os.PathLike, docs: Docs) -> None:
     """Write a docs file atomically (temporary name + rename)."""
-    _atomic_write(Path(path), lambda f: np.savez(f, tokens=docs.tokens, lengths=docs.lengths, shards=docs.shards,
+    atomic_write(Path(path), lambda f: np.savez(f, tokens=docs.tokens, lengths=docs.lengths, shards=docs.shards,
                                                   offsets=docs.offsets, meta=np.array(json.dumps(docs.meta)),
                                                   sha256=np.array(docs.sha256)))
 
@@ -174,19 +163,6 @@ def checkpoint_steps(spec: str, total_steps: int) -> set[int]:
         raise ProbeError(f"--save_checkpoints: {spec!r} is not '', 'every:N' or a list of steps like '100,500'") from None
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on a directory
-        pass
-    finally:
-        os.close(fd)
-
-
 class ProbeStore:
     """probes/ of one run directory. Only an enabled store (rank 0) writes; any store reads."""
 
@@ -252,7 +228,7 @@ class ProbeStore:
         if not self.enabled:
             return
         array = np.ascontiguousarray(scores, dtype=np.float32)
-        _atomic_write(self.path(step), lambda f: np.save(f, array))
+        atomic_write(self.path(step), lambda f: np.save(f, array))
         index = self.index()
         index["steps"][str(step)] = {"tokens": int(tokens), "source": source}
         self._write_index(index)
@@ -273,8 +249,8 @@ class ProbeStore:
         return later
 
     def _write_index(self, index: dict) -> None:
-        _atomic_write(self.dir / "index.json", lambda f: f.write((json.dumps(index, indent=1) + "\n").encode()))
-        _fsync_dir(self.dir)
+        atomic_write(self.dir / "index.json", lambda f: f.write((json.dumps(index, indent=1) + "\n").encode()))
+        fsync_dir(self.dir)
 
 
 def kept_checkpoints(run_dir: str | os.PathLike) -> dict[int, Path]:
@@ -371,8 +347,8 @@ class Study:
 
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"format": "weights_bf16", "step": step, "tokens": tokens, "model": bf16_weights(state_dict), **extra}
-        _atomic_write(path, lambda f: torch.save(payload, f))
-        _fsync_dir(path.parent)
+        atomic_write(path, lambda f: torch.save(payload, f))
+        fsync_dir(path.parent)
         log(f"checkpoint (weights, bf16) | step {step} | {path}")
 
 

@@ -253,7 +253,7 @@ def newest_checkpoint(ckpt_dir: Path) -> Path | None:
     return files[-1] if files else None
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Make a rename in `path` durable; some file systems refuse fsync on a folder, which is no error here."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -267,6 +267,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def atomic_write(path: Path, write) -> None:
+    """Write a file under `path` whole or not at all: `write(f)` fills a temporary file (path + ".tmp"), which is
+    flushed to disk and renamed over `path`; on any failure the temporary file is removed and the error raised.
+    The rename is durable after fsync_dir(path.parent)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def save_checkpoint(ckpt_dir: Path, step: int, payload: dict) -> Path:
     """Write `payload` as the checkpoint of `step`: a temporary file, flushed to disk, renamed, the rename
     made durable. A process killed meanwhile leaves at most the temporary file; the checkpoints already
@@ -274,22 +290,13 @@ def save_checkpoint(ckpt_dir: Path, step: int, payload: dict) -> Path:
     import torch
 
     path = checkpoint_path(ckpt_dir, step)
-    tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: torch.save(payload, f))
     except (OSError, RuntimeError) as e:
-        tmp.unlink(missing_ok=True)
         raise RunDirError(f"cannot write the checkpoint {path}: {write_failure(e, path.parent)}; the "
                           "checkpoints already written stay") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 

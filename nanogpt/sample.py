@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from nanogpt import checkpoint as ckpt
-from nanogpt.config import ConfigError, config_help, parse_config
+from nanogpt.config import ConfigError, config_help, exit_status, parse_config
 from nanogpt.data.common import DataError
 from nanogpt.data.shards import ShardError
 from nanogpt.data.tokenizer import gpt2_tokenizer, load_tokenizer
@@ -25,10 +25,11 @@ from nanogpt.model import GPT, GPT2_SIZES, GPTConfig
 
 
 @dataclass
-class SampleConfig:
-    run_dir: str = ""  # sample from this run's newest complete checkpoint
+class SamplingSettings:
+    """The settings both trainers' samplers take (python -m nanogpt.sample, python -m modded_nanogpt.sample)."""
+
+    run_dir: str = ""  # sample from this run's newest checkpoint that loads
     checkpoint: str = ""  # or from this checkpoint file
-    init_from: str = ""  # or from Hugging Face GPT-2 weights: gpt2 | gpt2-medium | gpt2-large | gpt2-xl | HF dir
     data_dir: str = ""  # where the tokenizer is; default: the checkpoint's data_dir
     start: str = "\n"  # the prompt, or FILE:path to read it from a file
     num_samples: int = 2
@@ -37,6 +38,11 @@ class SampleConfig:
     top_k: int = 200  # keep only the k most likely tokens (0 = all)
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class SampleConfig(SamplingSettings):
+    init_from: str = ""  # or from Hugging Face GPT-2 weights: gpt2 | gpt2-medium | gpt2-large | gpt2-xl | HF dir
 
 
 def load_model(cfg: SampleConfig) -> tuple[GPT, str]:
@@ -48,22 +54,47 @@ def load_model(cfg: SampleConfig) -> tuple[GPT, str]:
         if cfg.init_from not in GPT2_SIZES and not Path(cfg.init_from).is_dir():
             raise ConfigError(f"init_from={cfg.init_from!r}: one of {', '.join(GPT2_SIZES)} or a Hugging Face model directory")
         return GPT.from_pretrained(cfg.init_from), cfg.data_dir
-    if cfg.run_dir:
-        if not Path(cfg.run_dir).is_dir():
-            raise ConfigError(f"run_dir {cfg.run_dir}: not found")
-        payload = ckpt.load_newest(Path(cfg.run_dir) / "ckpt", warn=lambda m: print(m, file=sys.stderr))
-        if payload is None:
-            raise ConfigError(f"{Path(cfg.run_dir) / 'ckpt'}: no complete checkpoint to sample from")
-    else:
-        if not Path(cfg.checkpoint).is_file():
-            raise ConfigError(f"checkpoint {cfg.checkpoint}: not found")
-        try:
-            payload = torch.load(cfg.checkpoint, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - any damaged file
-            raise ConfigError(f"checkpoint {cfg.checkpoint}: cannot be read ({type(e).__name__}: {e})") from e
+    payload = sampling_checkpoint(cfg, ckpt.load_newest)
     model = GPT(GPTConfig(**payload["model_args"]))
     model.load_state_dict(payload["model"])
     return model, cfg.data_dir or payload["config"]["data_dir"]
+
+
+def sampling_checkpoint(cfg, load_newest) -> dict:
+    """The checkpoint either trainer's sampler reads: the newest of --run_dir that `load_newest(ckpt_dir, warn)`
+    loads (the trainer's own: nanogpt.checkpoint.load_newest checks the format), or the --checkpoint file. A
+    folder or file that is missing, a run without a complete checkpoint or a file that does not load is a
+    ConfigError naming it."""
+    if cfg.run_dir:
+        ckpt_dir = Path(cfg.run_dir) / "ckpt"
+        if not Path(cfg.run_dir).is_dir():
+            raise ConfigError(f"run_dir {cfg.run_dir}: not found")
+        payload = load_newest(ckpt_dir, lambda m: print(m, file=sys.stderr))
+        if payload is None:
+            raise ConfigError(f"{ckpt_dir}: no complete checkpoint to sample from")
+        return payload
+    if not Path(cfg.checkpoint).is_file():
+        raise ConfigError(f"checkpoint {cfg.checkpoint}: not found")
+    try:
+        return torch.load(cfg.checkpoint, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any damaged file
+        raise ConfigError(f"checkpoint {cfg.checkpoint}: cannot be read ({type(e).__name__}: {e})") from e
+
+
+def sampling_command(config_class, argv: list[str] | None, doc: str):
+    """Either trainer's sampler's command line: None after printing --help (the module's `doc`, then every
+    setting), else the parsed settings and the prompt (sampling_prompt)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(doc + "\nsettings:\n" + config_help(config_class))
+        return None
+    cfg, _ = parse_config(config_class, argv)
+    return cfg, sampling_prompt(cfg)
+
+
+def sampling_device(name: str) -> str:
+    """--device of a sampler: auto is the GPU when there is one, else the CPU."""
+    return name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def sampling_prompt(cfg) -> str:
@@ -80,12 +111,10 @@ def sampling_prompt(cfg) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[str]:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__ + "\nsettings:\n" + config_help(SampleConfig))
+    command = sampling_command(SampleConfig, argv, __doc__)
+    if command is None:
         return []
-    cfg, _ = parse_config(SampleConfig, argv)
-    prompt = sampling_prompt(cfg)
+    cfg, prompt = command
     model, data_dir = load_model(cfg)
     tokenizer = load_tokenizer(data_dir) if data_dir else gpt2_tokenizer()
     ids = tokenizer.encode(prompt)
@@ -96,7 +125,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"the tokenizer of {data_dir} has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
 
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = sampling_device(cfg.device)
     model.eval().to(device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     context = torch.tensor([ids], dtype=torch.long, device=device).repeat(cfg.num_samples, 1)
@@ -115,9 +144,9 @@ def main(argv: list[str] | None = None) -> list[str]:
     return samples
 
 
+def cli() -> int:
+    return exit_status(main, {ConfigError: 2, ShardError: 2, DataError: 2})
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, ShardError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli())

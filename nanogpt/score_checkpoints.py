@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanogpt.config import ConfigError
+from nanogpt.config import ConfigError, exit_status
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.probe_store import Docs, ProbeError, check_vocabulary, score_checkpoints_main
 from nanogpt.probes import score_documents
@@ -48,12 +48,7 @@ def main(argv=None) -> list[int]:
 
 
 def cli() -> int:
-    try:
-        main()
-    except (ProbeError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(main, {ProbeError: 2, ConfigError: 2})
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nanogpt.config import exit_status
 from nanogpt.rundir import read_metrics
 from slurm.submit import ABLATIONS
 
@@ -417,12 +418,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    try:
-        main(argv)
-    except ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: main(argv), {ReportError: 2})
 
 
 if __name__ == "__main__":

@@ -141,6 +141,45 @@ def test_both_trainers_parse_and_explain_settings_with_one_parser():
     assert not hasattr(train_gpt, "field_comments") and not hasattr(train_gpt, "_coerce")
 
 
+def test_every_command_line_ends_a_bad_input_with_one_line_and_its_status(capsys):
+    """The samplers, the checkpoint scorers, the benchmark and the report end as the trainers do (one helper): an
+    error of a listed kind is "error: ..." on stderr and its status, any other error propagates."""
+    from modded_nanogpt import sample as modded_sample
+    from modded_nanogpt import score_checkpoints as modded_score
+    from nanogpt import config, sample, score_checkpoints
+    from nanogpt.bench import throughput
+    from slurm import report
+
+    for module in (sample, modded_sample, score_checkpoints, modded_score, throughput, report):
+        assert module.exit_status is config.exit_status, module.__name__
+
+    def bad_setting():
+        raise config.ConfigError("lr=-1: must be positive")
+
+    assert config.exit_status(bad_setting, {KeyError: 1, config.ConfigError: 2}) == 2
+    assert capsys.readouterr().err == "error: lr=-1: must be positive\n"
+    assert config.exit_status(lambda: None, {config.ConfigError: 2}) == 0
+    with pytest.raises(ZeroDivisionError):
+        config.exit_status(lambda: 1 / 0, {config.ConfigError: 2})
+
+
+def test_the_samplers_share_their_settings_and_an_inherited_setting_keeps_its_help_text():
+    """Both samplers' settings are one dataclass (nanogpt.sample.SamplingSettings) that each extends: --help
+    shows the comment where a setting is declared, the subclass's where it declares the setting again."""
+    from modded_nanogpt import sample as modded_sample
+    from nanogpt import sample
+    from nanogpt.config import config_help
+
+    for cls, max_new_tokens in ((sample.SampleConfig, 300), (modded_sample.SampleConfig, 200)):
+        assert issubclass(cls, sample.SamplingSettings)
+        text = config_help(cls)
+        assert "--top_k=200  (int)\n      keep only the k most likely tokens (0 = all)" in text
+        assert f"--max_new_tokens={max_new_tokens}  (int)" in text
+    assert "--max_new_tokens=200  (int)\n      each token runs the whole sequence again" in config_help(
+        modded_sample.SampleConfig)
+    assert "--init_from=''  (str)\n      or from Hugging Face GPT-2 weights" in config_help(sample.SampleConfig)
+
+
 def test_both_trainers_write_and_read_run_directories_and_shards_with_one_module():
     """The run directory, its checkpoints (contracts 3, 4) and the token shards (contract 2) had a second copy in
     the speedrun's package (runlog.py, its loader's header check); both trainers now use nanogpt.rundir and

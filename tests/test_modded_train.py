@@ -1000,8 +1000,11 @@ def test_sampling_from_a_speedrun_run_and_its_errors(char_corpus, tmp_path):
     baseline = tmp_path / "baseline"
     run_module("nanogpt.train", "tiny_cpu", f"--data_dir={char_corpus}", f"--run_dir={baseline}", "--max_iters=2",
                "--eval_interval=2", "--eval_iters=1")
+    damaged = tmp_path / "step_0000001.pt"
+    damaged.write_bytes(b"not a checkpoint")
     for bad, message in (([], "exactly one of --run_dir or --checkpoint"),
                          ([f"--run_dir={tmp_path / 'none'}"], "not found"),
+                         ([f"--checkpoint={damaged}"], f"checkpoint {damaged}: cannot be read"),
                          ([f"--run_dir={baseline}"], "not a checkpoint of the speedrun trainer (for the baseline")):
         with pytest.raises(ConfigError, match=re.escape(message)):
             sample.main(bad + args)

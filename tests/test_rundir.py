@@ -124,6 +124,22 @@ def test_a_checkpoint_is_on_disk_before_its_rename_and_the_rename_is_made_durabl
         assert path == rundir.checkpoint_path(tmp_path / "ckpt", 5) and not path.with_name(path.name + ".tmp").exists()
 
 
+def test_a_write_that_fails_midway_leaves_the_file_as_it_was_and_no_temporary(tmp_path):
+    """atomic_write, through which the checkpoints and the probe store's files are written: all or nothing."""
+    path = tmp_path / "index.json"
+    rundir.atomic_write(path, lambda f: f.write(b"first"))
+
+    def full_disk(f):
+        f.write(b"half of the second")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        rundir.atomic_write(path, full_disk)
+    assert path.read_bytes() == b"first" and [p.name for p in tmp_path.iterdir()] == ["index.json"]
+    rundir.atomic_write(path, lambda f: f.write(b"second"))
+    assert path.read_bytes() == b"second" and [p.name for p in tmp_path.iterdir()] == ["index.json"]
+
+
 def test_pruning_keeps_the_checkpoint_just_written_and_those_kept_for_studies(tmp_path):
     """After a resume that fell back past an unreadable newest checkpoint (step 8), the checkpoint written at
     step 6 is the one to resume from: pruning only looks at steps up to the one written (keeping the newest

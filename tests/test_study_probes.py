@@ -67,8 +67,24 @@ def hand_scores_baseline(model, docs, block_size) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
-def test_the_probe_store_is_the_same_file_in_both_trainers():
-    assert (REPO_ROOT / "nanogpt/probe_store.py").read_bytes() == (REPO_ROOT / "modded_nanogpt/probe_store.py").read_bytes()
+def test_both_trainers_store_probes_with_one_module():
+    """The probe store (the docs file, probes/, kept checkpoints, score_checkpoints' command line) is written once,
+    in nanogpt/, and the speedrun imports it; its files are written as the run directory writes checkpoints."""
+    import importlib.util
+
+    from modded_nanogpt import probes as modded_probes
+    from modded_nanogpt import score_checkpoints as modded_score
+    from modded_nanogpt import train_gpt
+    from nanogpt import probe_store, probes, rundir, score_checkpoints
+
+    assert importlib.util.find_spec("modded_nanogpt.probe_store") is None
+    assert not (REPO_ROOT / "modded_nanogpt" / "probe_store.py").exists()
+    assert train_gpt.Study is probe_store.Study and train_gpt.ProbeError is probe_store.ProbeError
+    assert train_gpt.probe_store is probe_store and modded_probes.Docs is probes.Docs is probe_store.Docs
+    for module in (score_checkpoints, modded_score):
+        assert module.score_checkpoints_main is probe_store.score_checkpoints_main
+        assert module.check_vocabulary is probe_store.check_vocabulary
+    assert probe_store.atomic_write is rundir.atomic_write and probe_store.fsync_dir is rundir.fsync_dir
 
 
 def test_baseline_probes_at_the_right_steps_outside_the_clock_equal_to_scoring_by_hand(char_corpus, docs_file,

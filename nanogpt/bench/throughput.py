@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from nanogpt.config import ConfigError, config_help, parse_config
+from nanogpt.config import ConfigError, config_help, exit_status, parse_config
 from nanogpt.data.loader import TokenLoader
 from nanogpt.data.shards import ShardError, find_split
 from nanogpt.model import GPT, GPTConfig
@@ -150,12 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def cli(argv: list[str] | None = None) -> int:
     """The command line (`python -m nanogpt.bench`): a bad setting or data folder is one line and exit 2."""
-    try:
-        main(argv)
-    except (ConfigError, ShardError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: main(argv), {ConfigError: 2, ShardError: 2})
 
 
 if __name__ == "__main__":
