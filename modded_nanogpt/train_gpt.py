@@ -593,8 +593,8 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
         start_step, state = saved["step"], saved["state"]
     config = dataclasses.asdict(hp)
     backend_detail = describe_attention_backend(backend)
-    log_run.start(config, provenance("modded_nanogpt.train_gpt", argv, rt.world_size, backend)
-                  | {"attention_backend_detail": backend_detail, "parameters": parameter_counts(model)},
+    log_run.start(config, provenance("modded_nanogpt.train_gpt", argv, rt.world_size, backend_detail)
+                  | {"parameters": parameter_counts(model)},
                   start_step if saved else None)
     log(f"modded_nanogpt: world_size {rt.world_size} | {TOTAL_MICRO_STEPS // rt.world_size} micro-steps/rank "
         f"| attention {backend_detail} | compile {compiled} | params {sum(p.numel() for p in model.parameters()):,} | run {hp.run_dir}")
