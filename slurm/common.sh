@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # The one prologue shared by every sbatch script in slurm/. Source it, do not run it:
 #
-#   source "$REPO_DIR/slurm/common.sh"          # (the script finds REPO_DIR first, see train_shakespeare.sh)
+#   source "$REPO_DIR/slurm/common.sh"          # (the script finds it first, see train_shakespeare.sh)
 #   run_trainer nanogpt.train --batch_size=16         # or: launch MODULE ARGS...
 #
 # It reads the knobs below, validates them (the error names the knob), activates the environment
@@ -343,9 +343,15 @@ launch_trainer() {
 # run_trainer MODULE ARGS...: launch_trainer MODULE [RECIPE] --data_dir=DATASET_DIR --run_dir=RUN_DIR --device=DEVICE
 # ARGS EXTRA_ARGS: the command line both trainers take (nanogpt.config: the recipe first, then --key=value; the
 # later of two settings wins, so EXTRA_ARGS win over the script's ARGS). No RECIPE: the trainer's own defaults.
+# Both trainers derive gradient accumulation themselves, so a GRAD_ACC_STEPS knob is refused first.
 run_trainer() {
   local module=$1 extra_args
   shift
+  case $module in
+    nanogpt.train) refuse_grad_acc_steps "$module" \
+      "--total_batch_size (tokens per optimizer step); set EXTRA_ARGS=--total_batch_size=N instead" ;;
+    modded_nanogpt.train_gpt) refuse_grad_acc_steps "$module" "its world size (8 / GPUs); change the batch with EXTRA_ARGS" ;;
+  esac
   read -ra extra_args <<<"$EXTRA_ARGS"
   launch_trainer "$module" ${RECIPE:+"$RECIPE"} --data_dir="$DATASET_DIR" --run_dir="$RUN_DIR" --device="$DEVICE" \
     "$@" "${extra_args[@]}"
@@ -375,10 +381,29 @@ refuse_grad_acc_steps() {
   exit 2
 }
 
+# prepare_data MODULE ARGS...: launch MODULE ARGS EXTRA_ARGS (word-split), the preparer of a data script, then
+# say where the data went (OUT_DIR).
+prepare_data() {
+  local extra_args
+  read -ra extra_args <<<"$EXTRA_ARGS"
+  launch "$@" "${extra_args[@]}"
+  echo "prepared: $OUT_DIR"
+}
+
+# require_cpus KNOB: an empty KNOB becomes the CPUs of the job (step_cpus), outside a job those of this
+# machine; then it must be an integer >= 1.
+require_cpus() {
+  if [[ -z ${!1} ]]; then
+    if in_slurm_job; then printf -v "$1" '%s' "$(step_cpus)"; else printf -v "$1" '%s' "$(nproc)"; fi
+  fi
+  require_int "$1" 1
+}
+
 # ---- prologue --------------------------------------------------------------------------------------
 [[ ${BASH_SOURCE[0]} != "$0" ]] || { echo "error: source slurm/common.sh from an sbatch script; do not run it" >&2; exit 2; }
 COMMON_SCRIPT=${BASH_SOURCE[${#BASH_SOURCE[@]} - 1]}   # the outermost script, the one sbatch runs
-REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
+# REPO_DIR unset: the script found this file in its own repo (its preamble), which is then the repo.
+REPO_DIR=${REPO_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 [[ -d $REPO_DIR/nanogpt && -f $REPO_DIR/slurm/common.sh ]] ||
   common_die "REPO_DIR=$REPO_DIR is not the repo root (no nanogpt/ and slurm/common.sh there); submit from the repo root or set REPO_DIR"
 REPO_DIR=$(cd "$REPO_DIR" && pwd)

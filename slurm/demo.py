@@ -143,7 +143,7 @@ def slurm_offer() -> str | None:
     """A line about the Slurm cluster answering here (None when there is none)."""
     if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
         return None
-    from slurm.submit import query_cluster
+    from slurm.plans import query_cluster
 
     offered, why = query_cluster(None)
     if offered is None:

@@ -35,22 +35,33 @@ class ScriptFailed(RuntimeError):
     """The script of a job exited with an error; the message names the script, the status and the log."""
 
 
-class ScriptJob:
-    """Run `bash SCRIPT` from REPO_DIR (the code snapshot) with the knobs as environment variables."""
+class RepoJob:
+    """What a job runs from REPO_DIR (the code snapshot), with the knobs as environment variables."""
 
-    def __init__(self, script: str, knobs: dict[str, str], label: str):
-        self.script = script
+    def __init__(self, knobs: dict[str, str], label: str):
         self.knobs = dict(knobs)
         self.label = label
+
+    def environment(self, what: str) -> tuple[Path, dict[str, str]]:
+        """(REPO_DIR, the job's environment: this one without the managed knobs it inherited, plus its own)."""
+        repo = Path(self.knobs["REPO_DIR"])
+        env = {key: value for key, value in os.environ.items() if key not in MANAGED_KNOBS} | self.knobs
+        print(f"job {self.label}: {what} in {repo}", flush=True)
+        return repo, env
+
+
+class ScriptJob(RepoJob):
+    """Run `bash SCRIPT`."""
+
+    def __init__(self, script: str, knobs: dict[str, str], label: str):
+        super().__init__(knobs, label)
+        self.script = script
 
     def __repr__(self) -> str:
         return f"ScriptJob({self.label}: {self.script})"
 
     def __call__(self) -> dict:
-        repo = Path(self.knobs["REPO_DIR"])
-        env = {key: value for key, value in os.environ.items() if key not in MANAGED_KNOBS}
-        env.update(self.knobs)
-        print(f"job {self.label}: bash {self.script} in {repo}", flush=True)
+        repo, env = self.environment(f"bash {self.script}")
         process = subprocess.Popen(["bash", str(repo / self.script)], cwd=repo, env=env)
 
         def forward(signum, frame):
@@ -82,22 +93,18 @@ class ScriptJob:
         return summary
 
 
-class ModuleJob:
-    """Run `python -m MODULE ARGS...` from REPO_DIR (the code snapshot), e.g. a report over finished runs."""
+class ModuleJob(RepoJob):
+    """Run `python -m MODULE ARGS...`, e.g. a report over finished runs."""
 
     def __init__(self, command: list[str], knobs: dict[str, str], label: str):
+        super().__init__(knobs, label)
         self.command = list(command)
-        self.knobs = dict(knobs)
-        self.label = label
 
     def __repr__(self) -> str:
         return f"ModuleJob({self.label}: python -m {' '.join(self.command)})"
 
     def __call__(self) -> dict:
-        repo = Path(self.knobs["REPO_DIR"])
-        env = {key: value for key, value in os.environ.items() if key not in MANAGED_KNOBS}
-        env.update(self.knobs)
-        print(f"job {self.label}: python -m {' '.join(self.command)} in {repo}", flush=True)
+        repo, env = self.environment(f"python -m {' '.join(self.command)}")
         status = subprocess.run([sys.executable, "-m", *self.command], cwd=repo, env=env).returncode
         if status != 0:
             raise ScriptFailed(f"python -m {' '.join(self.command)} ({self.label}) ended with status {status}")

@@ -20,22 +20,20 @@
 #   EXTRA_ARGS  more options for the preparer, e.g. "--val_fraction 0.05 --max_files 500"
 set -euo pipefail
 
-SOURCE=${SOURCE:-}
-TOKENIZER=${TOKENIZER:-char}
-VOCAB_SIZE=${VOCAB_SIZE:-}
-OUT_DIR=${OUT_DIR:-}                  # default needs DATA_DIR, known only after common.sh: set below
 # shellcheck disable=SC2034  # read by common.sh: no run directory; one process, also on a GPU node
 NEEDS_RUN_DIR=0 NPROC_PER_NODE=1
 
 # Under sbatch this file runs from a copy in the spool directory, so its own location says nothing
 # about the repo: REPO_DIR if given, else this file's repo when run with bash, else the submit dir.
-if [[ -z ${REPO_DIR:-} ]]; then
-  REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-  [[ -f $REPO_DIR/slurm/common.sh ]] || REPO_DIR=${SLURM_SUBMIT_DIR:-$PWD}
-fi
+[[ -n ${REPO_DIR:-} || -f $(dirname "${BASH_SOURCE[0]}")/../slurm/common.sh ]] || REPO_DIR=${SLURM_SUBMIT_DIR:-$PWD}
 # shellcheck source=common.sh
-source "$REPO_DIR/slurm/common.sh" ||
+source "${REPO_DIR:-$(dirname "${BASH_SOURCE[0]}")/..}/slurm/common.sh" ||
   { echo "error: REPO_DIR=$REPO_DIR has no slurm/common.sh; submit from the repo root or set REPO_DIR" >&2; exit 2; }
+
+SOURCE=${SOURCE:-}
+TOKENIZER=${TOKENIZER:-char}
+VOCAB_SIZE=${VOCAB_SIZE:-}
+OUT_DIR=${OUT_DIR:-}                  # default needs the checked TOKENIZER (and SOURCE): set below
 
 case $TOKENIZER in
   char | bpe | gpt2 | auto) ;;
@@ -52,6 +50,4 @@ if [[ -n $VOCAB_SIZE ]]; then
   require_int VOCAB_SIZE 1
   args+=(--vocab_size "$VOCAB_SIZE")
 fi
-read -ra extra_args <<<"$EXTRA_ARGS"
-launch nanogpt.data.text_corpus "${args[@]}" "${extra_args[@]}"
-echo "prepared: $OUT_DIR"
+prepare_data nanogpt.data.text_corpus "${args[@]}"

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from nanogpt.config import exit_status
 from nanogpt.rundir import read_metrics
-from slurm.submit import ABLATIONS
+from slurm.plans import ABLATIONS
 
 DEFAULT_TARGET = 3.28
 # Config keys that say where or how a run ran, not what it trained: runs differing only in these are seeds

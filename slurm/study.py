@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from nanogpt.probe_store import Docs, ProbeError, ProbeStore, read_docs
+from slurm import plans
 
 TRAINER_NAMES = {"nanogpt": "baseline", "baseline": "baseline", "modded": "modded"}
 SCORERS = {"baseline": "nanogpt.score_checkpoints", "modded": "modded_nanogpt.score_checkpoints"}
@@ -287,18 +288,16 @@ def free_bytes(path: Path) -> int:
 def plan_study(args, ctx, errors: list[str]):
     """The study's jobs for slurm.submit: the training array (with the study's settings), for the checkpoint path
     the scoring array after it, then the gathering job."""
-    from slurm import submit
-
-    trainer = submit.TRAINERS[TRAINER_NAMES[args.trainer]]
-    errors += submit.gpu_checks(trainer, args.gpu_type, args.num_gpus, args.nodes)
+    trainer = plans.TRAINERS[TRAINER_NAMES[args.trainer]]
+    errors += plans.gpu_checks(trainer, args.gpu_type, args.num_gpus, args.nodes)
     recipe = args.recipe or trainer.default_recipe
-    try:  # errors are returned, not raised: under python -m slurm.submit, submit's LaunchError is __main__'s
-        submit.check_recipe(trainer, recipe)
+    try:  # errors are returned with the others, not raised
+        plans.check_recipe(trainer, recipe)
         seeds = parse_seed_range(args.seeds)
         docs = read_docs(args.docs)
-        overrides, data = submit.parse_overrides(args.set), submit.data_plan(args, ctx)
-    except (StudyError, ProbeError, submit.LaunchError) as e:
-        return [], errors + [str(e)], submit.gpu_request(args, ctx)
+        overrides, data = plans.parse_overrides(args.set), plans.data_plan(args, ctx)
+    except (StudyError, ProbeError, plans.LaunchError) as e:
+        return [], errors + [str(e)], plans.gpu_request(args, ctx)
     if args.probe_every < 1:
         errors.append(f"--probe-every {args.probe_every}: must be at least 1")
     docs_file = Path(args.docs).resolve()
@@ -307,10 +306,10 @@ def plan_study(args, ctx, errors: list[str]):
     else:
         study_args = [f"--save_checkpoints=every:{args.probe_every}", "--save_checkpoints_as=weights_bf16"]
     try:
-        train = submit.train_job(args, ctx, trainer, "study", [("", study_args)], seeds, data[0], recipe, overrides)
+        train = plans.train_job(args, ctx, trainer, "study", [("", study_args)], seeds, data[0], recipe, overrides)
         steps, params = trainer_settings(trainer.name, recipe, overrides, data[0])
     except Exception as e:  # a bad setting, reported with the other errors
-        return [], errors + [str(e)], submit.gpu_request(args, ctx)
+        return [], errors + [str(e)], plans.gpu_request(args, ctx)
     need = disk_estimate(docs, docs_file, len(seeds), steps, params, max(1, args.probe_every), args.path)
     free = free_bytes(ctx.runs_dir)
     print(f"study disk: {sum(need.values()) / 2**30:.2f} GiB in {ctx.runs_dir} ({free / 2**30:.1f} GiB free): "
@@ -319,23 +318,23 @@ def plan_study(args, ctx, errors: list[str]):
         errors.append(f"the study needs about {sum(need.values()) / 2**30:.2f} GiB but {ctx.runs_dir} has "
                       f"{free / 2**30:.2f} GiB free: fewer seeds or documents, a larger --probe-every, or another "
                       "--runs-dir")
-    job_list = submit.with_data(data, [train])
+    job_list = plans.with_data(data, [train])
     after = [train.name]
     if args.path == "checkpoints":
-        score_tasks = [submit.Task(f"score-{t.label}", ctx.base_knobs() | {"RUN_DIR": t.run_dir}) for t in train.tasks]
-        job_list.append(submit.JobSpec(
+        score_tasks = [plans.Task(f"score-{t.label}", ctx.base_knobs() | {"RUN_DIR": t.run_dir}) for t in train.tasks]
+        job_list.append(plans.JobSpec(
             name="score", role="score", script=None, tasks=score_tasks, cpus_per_task=args.cpus_per_gpu,
-            time_min=submit.parse_time_min(args.time or "04:00:00"), gpus_per_node=1 if args.device != "cpu" else 0,
+            time_min=plans.parse_time_min(args.time or "04:00:00"), gpus_per_node=1 if args.device != "cpu" else 0,
             gpu_type=args.gpu_type, partition=ctx.partition, after=[train.name], after_kind="afterok",
             module=["slurm.study", "score", "--trainer", trainer.name, "--docs", str(docs_file),
                     "--device", args.device]))
         after.append("score")
-    job_list.append(submit.JobSpec(
-        name="gather", role="report", script=None, tasks=[submit.Task("gather", ctx.base_knobs())], cpus_per_task=2,
+    job_list.append(plans.JobSpec(
+        name="gather", role="report", script=None, tasks=[plans.Task("gather", ctx.base_knobs())], cpus_per_task=2,
         time_min=60, partition=ctx.cpu_partition, after=after, after_kind="afterany",
         module=["slurm.study", "gather", "--manifest", str(ctx.submission_dir / "manifest.json"), "--out",
                 str(ctx.submission_dir / "study")]))
-    return job_list, errors, submit.gpu_request(args, ctx)
+    return job_list, errors, plans.gpu_request(args, ctx)
 
 
 def add_study_arguments(parser: argparse.ArgumentParser) -> None:

@@ -163,7 +163,7 @@ def test_unwritable_out_exits_2(tmp_path, capsys):
 
 
 def test_manifest_names_groups_and_places_the_report(tmp_path):
-    """The compare job's command line: `python -m slurm.report --manifest PATH` (slurm/submit.py)."""
+    """The compare job's command line: `python -m slurm.report --manifest PATH` (slurm/plans.py)."""
     runs_dir = tmp_path / "runs"
     tasks = {"baseline": [], "modded": []}
     for trainer, name in (("nanogpt", "baseline"), ("modded", "modded")):

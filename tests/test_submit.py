@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm import submit
+from slurm import plans
 from tests.fixtures import read_metrics
 from tests.slurm_cluster import REPO_ROOT
 
@@ -110,7 +110,7 @@ def test_dry_run_of_an_ablation_is_one_array_of_variants_times_seeds(roots, char
 
     everything = planned_tasks(dry_run(roots, "ablate", "--features", "all", "--gpu-type", "h100", "--num-gpus", "1",
                                        "--data-dir", char_corpus))
-    assert len(everything) == 1 + len(submit.ABLATIONS)
+    assert len(everything) == 1 + len(plans.ABLATIONS)
 
 
 def test_dry_run_of_a_comparison_trains_both_on_the_same_data(roots, char_corpus):
@@ -205,22 +205,22 @@ def test_bad_requests_are_refused_before_anything_is_submitted(roots, tmp_path, 
 
 
 def test_parsers():
-    assert [submit.parse_time_min(t) for t in ("30", "01:30:00", "45:30", "1-00", "2-01:00:00")] == [
+    assert [plans.parse_time_min(t) for t in ("30", "01:30:00", "45:30", "1-00", "2-01:00:00")] == [
         30, 90, 46, 1440, 2940]
-    assert submit.parse_seeds("3", count_allowed=True) == [1, 2, 3]
-    assert submit.parse_seeds("3", count_allowed=False) == [3]
-    assert submit.parse_seeds("7,2", count_allowed=True) == [7, 2]
-    assert submit.parse_overrides(["max_iters=10", "lr=3e-4"]) == ["--max_iters=10", "--lr=3e-4"]
+    assert plans.parse_seeds("3", count_allowed=True) == [1, 2, 3]
+    assert plans.parse_seeds("3", count_allowed=False) == [3]
+    assert plans.parse_seeds("7,2", count_allowed=True) == [7, 2]
+    assert plans.parse_overrides(["max_iters=10", "lr=3e-4"]) == ["--max_iters=10", "--lr=3e-4"]
     for bad in (["x y=1"], ["a=b c"], ["=1"], ["a="]):
-        with pytest.raises(submit.LaunchError):
-            submit.parse_overrides(bad)
-    with pytest.raises(submit.LaunchError):
-        submit.parse_time_min("soon")
+        with pytest.raises(plans.LaunchError):
+            plans.parse_overrides(bad)
+    with pytest.raises(plans.LaunchError):
+        plans.parse_time_min("soon")
 
 
 def test_sinfo_gres_parsing_counts_nodes_once_and_skips_untyped_gpus():
     text = "h100-1|gpu:h100:8(S:0-1)\nh100-1|gpu:h100:8(S:0-1)\nh100-2|gpu:h100:4\nmix-1|gpu:a100:2,gpu:h100:2\ncpu-1|(null)\nold-1|gpu:8\n"
-    assert submit.parse_sinfo(text) == {"h100": (3, 8), "a100": (1, 2)}
+    assert plans.parse_sinfo(text) == {"h100": (3, 8), "a100": (1, 2)}
 
 
 # ---- --cluster local: the jobs run on this machine, one after the other -----------------------------------
@@ -363,18 +363,18 @@ def test_an_unwritable_runs_directory_is_refused_in_one_line(roots, tmp_path, ch
 
 
 def test_one_ablation_table_serves_the_launcher_the_trainer_and_the_report(monkeypatch):
-    """slurm.submit.ABLATIONS (feature -> its value switched off) was written again in slurm/report.py as
+    """slurm.plans.ABLATIONS (feature -> its value switched off) was written again in slurm/report.py as
     ABLATION_OFF. Now: each override the launcher submits parses, in the speedrun trainer, to the table's value,
     which differs from the default, and the report finds ablations by that same table."""
     from modded_nanogpt.train_gpt import parse_hyperparameters
     from slurm import report
 
     monkeypatch.delenv("DISABLE_FP8", raising=False)
-    assert report.ABLATIONS is submit.ABLATIONS
+    assert report.ABLATIONS is plans.ABLATIONS
     default = parse_hyperparameters([])
-    for feature, off in submit.ABLATIONS.items():
-        override = submit.ablation_override(feature)
+    for feature, off in plans.ABLATIONS.items():
+        override = plans.ablation_override(feature)
         assert override.startswith(f"--{feature}=") and " " not in override, override
         assert getattr(parse_hyperparameters([override]), feature) == off != getattr(default, feature), feature
-    assert submit.ablation_override("paired_head_layers") == "--paired_head_layers=none"
-    assert submit.ablation_override("value_embeds") == "--value_embeds=False"
+    assert plans.ablation_override("paired_head_layers") == "--paired_head_layers=none"
+    assert plans.ablation_override("value_embeds") == "--value_embeds=False"

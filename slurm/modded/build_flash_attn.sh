@@ -35,7 +35,17 @@
 #   PIP_ARGS           more pip options (word-split), e.g. "--no-deps" offline, "-v"
 set -euo pipefail
 
-FA_VERSION=${FA_VERSION:-}            # default needs GPU_TYPE, known only after common.sh: set below
+# shellcheck disable=SC2034  # read by common.sh: no run directory; one pip process (it runs MAX_JOBS compilers)
+NEEDS_RUN_DIR=0 NPROC_PER_NODE=1
+
+# Under sbatch this file runs from a copy in the spool directory, so its own location says nothing
+# about the repo: REPO_DIR if given, else this file's repo when run with bash, else the submit dir.
+[[ -n ${REPO_DIR:-} || -f $(dirname "${BASH_SOURCE[0]}")/../../slurm/common.sh ]] || REPO_DIR=${SLURM_SUBMIT_DIR:-$PWD}
+# shellcheck source=../common.sh
+source "${REPO_DIR:-$(dirname "${BASH_SOURCE[0]}")/../..}/slurm/common.sh" ||
+  { echo "error: REPO_DIR=$REPO_DIR has no slurm/common.sh; submit from the repo root or set REPO_DIR" >&2; exit 2; }
+
+FA_VERSION=${FA_VERSION:-}            # default needs CUDA_ARCHS: set below
 FLASH_ATTN_SRC=${FLASH_ATTN_SRC:-}
 FLASH_ATTN_SPEC=${FLASH_ATTN_SPEC:-}
 FLASH_ATTN_MODULE=${FLASH_ATTN_MODULE:-}
@@ -43,18 +53,6 @@ MAX_JOBS=${MAX_JOBS:-}
 CUDA_ARCHS=${CUDA_ARCHS:-}
 BUILD_REQUIRES=${BUILD_REQUIRES-default}
 PIP_ARGS=${PIP_ARGS:-}
-# shellcheck disable=SC2034  # read by common.sh: no run directory; one pip process (it runs MAX_JOBS compilers)
-NEEDS_RUN_DIR=0 NPROC_PER_NODE=1
-
-# Under sbatch this file runs from a copy in the spool directory, so its own location says nothing
-# about the repo: REPO_DIR if given, else this file's repo when run with bash, else the submit dir.
-if [[ -z ${REPO_DIR:-} ]]; then
-  REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-  [[ -f $REPO_DIR/slurm/common.sh ]] || REPO_DIR=${SLURM_SUBMIT_DIR:-$PWD}
-fi
-# shellcheck source=../common.sh
-source "$REPO_DIR/slurm/common.sh" ||
-  { echo "error: REPO_DIR=$REPO_DIR has no slurm/common.sh; submit from the repo root or set REPO_DIR" >&2; exit 2; }
 
 CUDA_ARCHS=${CUDA_ARCHS:-$(gpu_fact "$GPU_TYPE" cuda_arch)}
 if [[ -z $FA_VERSION ]]; then
@@ -86,10 +84,7 @@ case $FA_VERSION in
 esac
 [[ $BUILD_REQUIRES != default ]] || BUILD_REQUIRES="torch setuptools wheel packaging psutil ninja cmd:nvcc"
 [[ $FLASH_ATTN_MODULE =~ ^[A-Za-z_][A-Za-z0-9_.]*$ ]] || common_die "FLASH_ATTN_MODULE must be a module name, got '$FLASH_ATTN_MODULE'"
-if [[ -z $MAX_JOBS ]]; then
-  if in_slurm_job; then MAX_JOBS=$(step_cpus); else MAX_JOBS=$(nproc); fi
-fi
-require_int MAX_JOBS 1
+require_cpus MAX_JOBS
 
 missing=()
 for requirement in $BUILD_REQUIRES; do

@@ -29,18 +29,15 @@
 #   EXTRA_ARGS   more --key=value for the trainer, e.g. "--value_embeds=False --mlp_activation=gelu"
 set -euo pipefail
 
-RECIPE=${RECIPE:-}
-DATASET_DIR=${DATASET_DIR:-}          # default needs DATA_DIR, known only after common.sh: set below
-
 # Under sbatch this file runs from a copy in the spool directory, so its own location says nothing
 # about the repo: REPO_DIR if given, else this file's repo when run with bash, else the submit dir.
-if [[ -z ${REPO_DIR:-} ]]; then
-  REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-  [[ -f $REPO_DIR/slurm/common.sh ]] || REPO_DIR=${SLURM_SUBMIT_DIR:-$PWD}
-fi
+[[ -n ${REPO_DIR:-} || -f $(dirname "${BASH_SOURCE[0]}")/../../slurm/common.sh ]] || REPO_DIR=${SLURM_SUBMIT_DIR:-$PWD}
 # shellcheck source=../common.sh
-source "$REPO_DIR/slurm/common.sh" ||
+source "${REPO_DIR:-$(dirname "${BASH_SOURCE[0]}")/../..}/slurm/common.sh" ||
   { echo "error: REPO_DIR=$REPO_DIR has no slurm/common.sh; submit from the repo root or set REPO_DIR" >&2; exit 2; }
+
+RECIPE=${RECIPE:-}
+DATASET_DIR=${DATASET_DIR:-$DATA_DIR/fineweb10B}
 
 # The speedrun's batch and schedule are laid out for 8 ranks on one node.
 if ((NUM_NODES != 1)); then
@@ -56,10 +53,8 @@ for count in "$GPUS_PER_NODE GPUs" "$NPROC_PER_NODE processes"; do
 done
 [[ -f $REPO_DIR/modded_nanogpt/train_gpt.py ]] ||
   common_die "$REPO_DIR/modded_nanogpt/train_gpt.py does not exist: this checkout has no speedrun trainer"
-DATASET_DIR=${DATASET_DIR:-$DATA_DIR/fineweb10B}
 require_token_dir DATASET_DIR \
   "python -m modded_nanogpt.data.cached_fineweb10B 9 --out $DATASET_DIR   (or: sbatch slurm/modded/prepare_fineweb.sh)" \
   "offline, for a tiny run: python -m nanogpt.data.text_corpus --out $DATASET_DIR --tokenizer char"
-refuse_grad_acc_steps modded_nanogpt.train_gpt "its world size (8 / GPUs); change the batch with EXTRA_ARGS"
 
 run_trainer modded_nanogpt.train_gpt

@@ -23,29 +23,23 @@
 #   EXTRA_ARGS  more options for the preparer, e.g. "--revision refs/convert/parquet"
 set -euo pipefail
 
-OUT_DIR=${OUT_DIR:-}                  # default needs DATA_DIR, known only after common.sh: set below
-NUM_PROC=${NUM_PROC:-}
-DATASET=${DATASET:-}
-DATA_FILES=${DATA_FILES:-}
-CACHE_DIR=${CACHE_DIR:-}
 # shellcheck disable=SC2034  # read by common.sh: no run directory; one launcher process (it starts NUM_PROC workers itself)
 NEEDS_RUN_DIR=0 NPROC_PER_NODE=1
 
 # Under sbatch this file runs from a copy in the spool directory, so its own location says nothing
 # about the repo: REPO_DIR if given, else this file's repo when run with bash, else the submit dir.
-if [[ -z ${REPO_DIR:-} ]]; then
-  REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-  [[ -f $REPO_DIR/slurm/common.sh ]] || REPO_DIR=${SLURM_SUBMIT_DIR:-$PWD}
-fi
+[[ -n ${REPO_DIR:-} || -f $(dirname "${BASH_SOURCE[0]}")/../../slurm/common.sh ]] || REPO_DIR=${SLURM_SUBMIT_DIR:-$PWD}
 # shellcheck source=../common.sh
-source "$REPO_DIR/slurm/common.sh" ||
+source "${REPO_DIR:-$(dirname "${BASH_SOURCE[0]}")/../..}/slurm/common.sh" ||
   { echo "error: REPO_DIR=$REPO_DIR has no slurm/common.sh; submit from the repo root or set REPO_DIR" >&2; exit 2; }
 
 OUT_DIR=${OUT_DIR:-$DATA_DIR/openwebtext}
-if [[ -z $NUM_PROC ]]; then
-  if in_slurm_job; then NUM_PROC=$(step_cpus); else NUM_PROC=$(nproc); fi
-fi
-require_int NUM_PROC 1
+NUM_PROC=${NUM_PROC:-}
+DATASET=${DATASET:-}
+DATA_FILES=${DATA_FILES:-}
+CACHE_DIR=${CACHE_DIR:-}
+
+require_cpus NUM_PROC
 
 args=(--out "$OUT_DIR" --num_proc "$NUM_PROC")
 [[ -z $DATASET ]] || args+=(--dataset "$DATASET")
@@ -54,6 +48,4 @@ if [[ -n $DATA_FILES ]]; then
   read -ra patterns <<<"$DATA_FILES"   # the preparer expands the globs and names a pattern that matches nothing
   args+=(--data_files "${patterns[@]}")
 fi
-read -ra extra_args <<<"$EXTRA_ARGS"
-launch nanogpt.data.openwebtext "${args[@]}" "${extra_args[@]}"
-echo "prepared: $OUT_DIR"
+prepare_data nanogpt.data.openwebtext "${args[@]}"

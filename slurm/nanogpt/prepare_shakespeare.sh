@@ -22,22 +22,20 @@
 #   EXTRA_ARGS more options for the preparer, e.g. "--val_fraction 0.05"
 set -euo pipefail
 
-TOKENIZER=${TOKENIZER:-char}
-OUT_DIR=${OUT_DIR:-}                  # default needs DATA_DIR, known only after common.sh: set below
-INPUT=${INPUT:-}
-URL=${URL:-}
 # shellcheck disable=SC2034  # read by common.sh: no run directory; one process, also on a GPU node
 NEEDS_RUN_DIR=0 NPROC_PER_NODE=1
 
 # Under sbatch this file runs from a copy in the spool directory, so its own location says nothing
 # about the repo: REPO_DIR if given, else this file's repo when run with bash, else the submit dir.
-if [[ -z ${REPO_DIR:-} ]]; then
-  REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-  [[ -f $REPO_DIR/slurm/common.sh ]] || REPO_DIR=${SLURM_SUBMIT_DIR:-$PWD}
-fi
+[[ -n ${REPO_DIR:-} || -f $(dirname "${BASH_SOURCE[0]}")/../../slurm/common.sh ]] || REPO_DIR=${SLURM_SUBMIT_DIR:-$PWD}
 # shellcheck source=../common.sh
-source "$REPO_DIR/slurm/common.sh" ||
+source "${REPO_DIR:-$(dirname "${BASH_SOURCE[0]}")/../..}/slurm/common.sh" ||
   { echo "error: REPO_DIR=$REPO_DIR has no slurm/common.sh; submit from the repo root or set REPO_DIR" >&2; exit 2; }
+
+TOKENIZER=${TOKENIZER:-char}
+OUT_DIR=${OUT_DIR:-}                  # default needs the checked TOKENIZER: set below
+INPUT=${INPUT:-}
+URL=${URL:-}
 
 case $TOKENIZER in
   char) module=nanogpt.data.shakespeare_char ;;
@@ -51,6 +49,4 @@ OUT_DIR=${OUT_DIR:-$DATA_DIR/${module##*.}}
 args=(--out "$OUT_DIR")
 [[ -z $INPUT ]] || args+=(--input "$INPUT")
 [[ -z $URL ]] || args+=(--url "$URL")
-read -ra extra_args <<<"$EXTRA_ARGS"
-launch "$module" "${args[@]}" "${extra_args[@]}"
-echo "prepared: $OUT_DIR"
+prepare_data "$module" "${args[@]}"

@@ -34,25 +34,20 @@
 #   EXTRA_ARGS   more --key=value for nanogpt.train (they win over MICRO_BATCH), e.g. "--max_iters=100"
 set -euo pipefail
 
-RECIPE=${RECIPE:-train_gpt2_fineweb}
-DATASET_DIR=${DATASET_DIR:-}          # default needs DATA_DIR, known only after common.sh: set below
-MICRO_BATCH=${MICRO_BATCH:-}          # default needs GPU_TYPE and DEVICE: set below
-
 # Under sbatch this file runs from a copy in the spool directory, so its own location says nothing
 # about the repo: REPO_DIR if given, else this file's repo when run with bash, else the submit dir.
-if [[ -z ${REPO_DIR:-} ]]; then
-  REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-  [[ -f $REPO_DIR/slurm/common.sh ]] || REPO_DIR=${SLURM_SUBMIT_DIR:-$PWD}
-fi
+[[ -n ${REPO_DIR:-} || -f $(dirname "${BASH_SOURCE[0]}")/../../slurm/common.sh ]] || REPO_DIR=${SLURM_SUBMIT_DIR:-$PWD}
 # shellcheck source=../common.sh
-source "$REPO_DIR/slurm/common.sh" ||
+source "${REPO_DIR:-$(dirname "${BASH_SOURCE[0]}")/../..}/slurm/common.sh" ||
   { echo "error: REPO_DIR=$REPO_DIR has no slurm/common.sh; submit from the repo root or set REPO_DIR" >&2; exit 2; }
 
+RECIPE=${RECIPE:-train_gpt2_fineweb}
 DATASET_DIR=${DATASET_DIR:-$DATA_DIR/fineweb10B}
+MICRO_BATCH=${MICRO_BATCH:-}          # default needs GPU_TYPE and DEVICE: set below
+
 require_token_dir DATASET_DIR \
   "python -m modded_nanogpt.data.cached_fineweb10B 9 --out $DATASET_DIR   (or: sbatch slurm/modded/prepare_fineweb.sh)" \
   "for OpenWebText: python -m nanogpt.data.openwebtext --out $DATASET_DIR (or: sbatch slurm/nanogpt/prepare_openwebtext.sh)"
-refuse_grad_acc_steps nanogpt.train "--total_batch_size (tokens per optimizer step); set EXTRA_ARGS=--total_batch_size=N instead"
 
 if [[ -z $MICRO_BATCH && $DEVICE == cuda ]]; then
   MICRO_BATCH=$(gpu_fact "$GPU_TYPE" micro_batch_124m)

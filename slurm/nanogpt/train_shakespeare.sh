@@ -35,23 +35,18 @@
 #   EXTRA_ARGS   more --key=value for nanogpt.train, e.g. "--max_iters=100 --compile=False"
 set -euo pipefail
 
-RECIPE=${RECIPE:-train_shakespeare_char}
-DATASET_DIR=${DATASET_DIR:-}          # default needs DATA_DIR, known only after common.sh: set below
-
 # Under sbatch this file runs from a copy in the spool directory, so its own location says nothing
 # about the repo: REPO_DIR if given, else this file's repo when run with bash, else the submit dir.
-if [[ -z ${REPO_DIR:-} ]]; then
-  REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-  [[ -f $REPO_DIR/slurm/common.sh ]] || REPO_DIR=${SLURM_SUBMIT_DIR:-$PWD}
-fi
+[[ -n ${REPO_DIR:-} || -f $(dirname "${BASH_SOURCE[0]}")/../../slurm/common.sh ]] || REPO_DIR=${SLURM_SUBMIT_DIR:-$PWD}
 # shellcheck source=../common.sh
-source "$REPO_DIR/slurm/common.sh" ||
+source "${REPO_DIR:-$(dirname "${BASH_SOURCE[0]}")/../..}/slurm/common.sh" ||
   { echo "error: REPO_DIR=$REPO_DIR has no slurm/common.sh; submit from the repo root or set REPO_DIR" >&2; exit 2; }
 
+RECIPE=${RECIPE:-train_shakespeare_char}
 DATASET_DIR=${DATASET_DIR:-$DATA_DIR/shakespeare_char}
+
 require_token_dir DATASET_DIR \
   "python -m nanogpt.data.shakespeare_char --out $DATASET_DIR     (downloads Tiny Shakespeare), or offline:" \
   "python -m nanogpt.data.text_corpus --source DIR_OF_TEXT_FILES --out $DATASET_DIR --tokenizer char"
-refuse_grad_acc_steps nanogpt.train "--total_batch_size (tokens per optimizer step); set EXTRA_ARGS=--total_batch_size=N instead"
 
 run_trainer nanogpt.train
