@@ -3,7 +3,8 @@
 # local BPE corpus (compile + warmup time, step_avg per stage, peak memory, val curve), then its GPU tests.
 # Prepare the data first (here or there):
 #   python -m nanogpt.data.text_corpus --out data/stdlib_bpe50257 --tokenizer bpe --vocab_size 50257
-# The reference proxy corpus (../shared/tools/proxy_corpus.py, see its docstring) with the published vocabulary:
+# A FineWeb-format corpus with the published vocabulary (GPT-2 tokens, fineweb_{train,val}_*.bin), e.g. the
+# cached FineWeb10B shards (python -m modded_nanogpt.data.cached_fineweb10B) or any proxy built in that format:
 #   DATA=/tmp/corpus/data/fineweb10B STEPS=450 VAL_TOKENS=10485760 EXTRA="--vocab_size=50304 --bos_id=50256" \
 #     TESTS=0 bash modded_nanogpt/bench/gpu_session.sh
 # Knobs: DATA (data dir), STEPS (scheduled steps), EXT (extension steps, 12), VAL_EVERY (50), TESTS=0 to skip

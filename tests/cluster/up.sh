@@ -3,8 +3,8 @@
 # scripts by hand). Debian's slurmctld + several slurmd "nodes" on one host, munge, and (WITH_DBD=1)
 # a private MariaDB + slurmdbd so that sacct works. Everything lives under $BASE and listens on
 # 127.0.0.1 only; the GPUs are fake (character devices), typed per node, so jobs that ask for
-# `--gres=gpu:h100:8` are scheduled and see CUDA_VISIBLE_DEVICES=0..7. Measured recipe:
-# /work/shared/LOCAL_SLURM.md (the team's notes).
+# `--gres=gpu:h100:8` are scheduled and see CUDA_VISIBLE_DEVICES=0..7. tests/README.md says what it needs
+# (root, Debian's slurm packages) and how the test suite uses it.
 #
 #   sudo bash tests/cluster/up.sh                 # nodes h100-1, h100-2 (8 GPUs each), a100-1 (8 GPUs)
 #   export SLURM_CONF=/tmp/localslurm/etc/slurm.conf; sinfo; sbatch --gres=gpu:h100:1 --wrap hostname
