@@ -271,6 +271,7 @@ def attention_mask(doc: torch.Tensor, window, backend: str):
 # torch/CUDA), as the published speedrun loads it; MODDED_FA3_HUB_KERNEL names another hub repository.
 FA3_HUB_KERNEL = "kernels-community/flash-attn3"
 ATTENTION_BACKENDS = ("auto", "fa3", "fa4", "flex", "sdpa")
+FLASH_BACKENDS = ("fa3", "fa4")  # windows and documents are kernel arguments (ints, cu_seqlens), no mask
 
 
 @functools.lru_cache(maxsize=1)
@@ -424,7 +425,7 @@ def attend(q, k, v, mask, cu_seqlens, window: int, shift: int, scale: float, bac
     token has two positions, and max_seqlen, the longest document in tokens or None for unknown, are read by
     FA3/FA4 only). Scores are q.k * scale, times temperature (a 0-d tensor, flex only) where given. Returns
     (P, H, D)."""
-    if backend in ("fa3", "fa4"):
+    if backend in FLASH_BACKENDS:
         cu = (cu_seqlens << shift).to(torch.int32)
         longest = q.size(0) if max_seqlen is None else min(q.size(0), max_seqlen << shift)
         if backend == "fa4":

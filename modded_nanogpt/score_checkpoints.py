@@ -28,7 +28,8 @@ from modded_nanogpt.train_gpt import (
     validation_windows,
 )
 from nanogpt.config import exit_status
-from nanogpt.probe_store import Docs, ProbeError, check_vocabulary, score_checkpoints_main
+from nanogpt.probe_store import Docs, ProbeError, check_vocabulary, checkpoint_tokens, score_checkpoints_main
+from nanogpt.sample import sampling_device
 
 
 def score_checkpoint(path: Path, docs: Docs, device: torch.device) -> tuple[np.ndarray, int]:
@@ -45,17 +46,13 @@ def score_checkpoint(path: Path, docs: Docs, device: torch.device) -> tuple[np.n
     check_vocabulary(docs, hp.vocab_size, str(path))
     step = payload["step"]
     windows = validation_windows(model, schedule_of(hp), step)
-    tokens = payload["state"]["tokens"] if "state" in payload else payload["tokens"]
+    tokens = checkpoint_tokens(payload)
     return score_documents(model, docs, *windows, hp.val_batch_tokens, device), tokens
-
-
-def resolve_device(name: str) -> torch.device:
-    return torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def main(argv=None) -> list[int]:
     return score_checkpoints_main(argv, __doc__, "python -m modded_nanogpt.score_checkpoints", score_checkpoint,
-                                  resolve_device)
+                                  lambda name: torch.device(sampling_device(name)))
 
 
 def cli() -> int:

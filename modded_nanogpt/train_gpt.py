@@ -42,6 +42,7 @@ from modded_nanogpt.data.loader import DistributedBOSLoader, SequentialLoader, t
 from modded_nanogpt.dist_optim import AdamGroup, BankSpec, SpeedrunOptimizer
 from modded_nanogpt.model import (
     ATTENTION_BACKENDS,
+    FLASH_BACKENDS,
     GPT,
     ModelConfig,
     describe_attention_backend,
@@ -377,7 +378,7 @@ def window_inputs(model, short_window: int, long_window: int, device):
     """The attention windows as the forward takes them: 0-d tensors, which the compiled graph reads as inputs,
     so the stages that differ only in windows (the last stage and the extension; every validation) share
     one graph; FlashAttention 3 takes its window as a Python int (then each window compiles its own)."""
-    if model.attention_backend in ("fa3", "fa4"):
+    if model.attention_backend in FLASH_BACKENDS:
         return short_window, long_window
     return tuple(to_device_async(torch.tensor(w, dtype=torch.int64), device) for w in (short_window, long_window))
 
@@ -392,7 +393,7 @@ def flash_boundaries(model, cu_seqlens: torch.Tensor, tokens: int) -> torch.Tens
     would compile again for each new count; in a few fixed lengths it compiles once each. (Every slot costs:
     FA4 forward + backward at 49,152 tokens and 70 documents took 1.1 ms with 71 entries and with 1,025, but
     11.9 ms with 49,153 on an H200.) The other backends do not read cu_seqlens."""
-    if model.attention_backend not in ("fa3", "fa4") or cu_seqlens is None:
+    if model.attention_backend not in FLASH_BACKENDS or cu_seqlens is None:
         return cu_seqlens
     slots = max(FLASH_BOUNDARY_SLOTS, 1 << (cu_seqlens.numel() - 1).bit_length())
     return torch.nn.functional.pad(cu_seqlens, (0, min(slots, tokens + 1) - cu_seqlens.numel()), value=tokens)

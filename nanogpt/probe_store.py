@@ -367,6 +367,11 @@ def score_checkpoints_main(argv, module_doc: str, prog: str, score_checkpoint, r
     return score_checkpoints(args.run_dir, args.docs, lambda path, docs: score_checkpoint(path, docs, device))
 
 
+def checkpoint_tokens(payload: dict) -> int:
+    """Training tokens seen by a checkpoint: a full one keeps them in its state, a weights-only one beside it."""
+    return payload["state"]["tokens"] if "state" in payload else payload["tokens"]
+
+
 def weights_checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
     return Path(run_dir) / "ckpt" / WEIGHTS_DIR / f"step_{step:07d}.pt"
 

@@ -20,7 +20,7 @@ import torch
 
 from nanogpt.config import ConfigError, exit_status
 from nanogpt.model import GPT, GPTConfig
-from nanogpt.probe_store import Docs, ProbeError, check_vocabulary, score_checkpoints_main
+from nanogpt.probe_store import Docs, ProbeError, check_vocabulary, checkpoint_tokens, score_checkpoints_main
 from nanogpt.probes import score_documents
 from nanogpt.train import Runtime, TrainConfig, apply_run_time_options, mixed_precision, resolve_device
 
@@ -38,7 +38,7 @@ def score_checkpoint(path: Path, docs: Docs, device: str) -> tuple[np.ndarray, i
     check_vocabulary(docs, model.config.vocab_size, str(path))
     rt = Runtime(device=device, device_type=device.split(":")[0])
     _, autocast, _ = mixed_precision(cfg, rt)
-    tokens = payload["state"]["tokens"] if "state" in payload else payload["tokens"]
+    tokens = checkpoint_tokens(payload)
     return score_documents(model, docs, model.config.block_size, autocast, device), tokens
 
 
