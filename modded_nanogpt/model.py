@@ -271,7 +271,7 @@ def attention_mask(doc: torch.Tensor, window, backend: str):
 # torch/CUDA), as the published speedrun loads it; MODDED_FA3_HUB_KERNEL names another hub repository.
 FA3_HUB_KERNEL = "kernels-community/flash-attn3"
 ATTENTION_BACKENDS = ("auto", "fa3", "fa4", "flex", "sdpa")
-FLASH_BACKENDS = ("fa3", "fa4")  # windows and documents are kernel arguments (ints, cu_seqlens), no mask
+FLASH_BACKENDS = ("fa3", "fa4")  # windows and documents are kernel arguments (windows, cu_seqlens), not a mask
 
 
 @functools.lru_cache(maxsize=1)
@@ -368,21 +368,25 @@ def describe_attention_backend(backend: str) -> str:
 
 # FlashAttention 4 as a custom op: torch.compile(fullgraph=True) cannot trace the CuTe DSL launcher, so the
 # compiled graph holds one opaque node per call, with a shape function and its own backward (FA4's).
+# The window and the YaRN temperature come in as 0-d CPU tensors, read on the host when the op runs: a
+# compiled graph takes them as inputs instead of specializing on their values, so one graph serves every
+# window and temperature of a shape (as FlexAttention's tensor windows do), and reading them waits for nothing.
 @torch.library.custom_op("modded_nanogpt::fa4_varlen", mutates_args=())
 def _fa4_varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                   scale: float, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (P, H, D), lse (H, P) fp32) of causal attention within the documents of cu_seqlens, each query
-    seeing keys at most `window` positions back."""
+                   scale: float, temperature: torch.Tensor, window: torch.Tensor,
+                   window_unit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (P, H, D), lse (H, P) fp32) of causal attention within the documents of cu_seqlens, scores
+    q.k * scale * temperature, each query seeing keys at most window * window_unit positions back."""
     from flash_attn.cute.interface import _flash_attn_fwd
 
     out, lse, *_ = _flash_attn_fwd(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
-                                   max_seqlen_k=max_seqlen, softmax_scale=scale, causal=True,
-                                   window_size_left=window, window_size_right=0, return_lse=True)
+                                   max_seqlen_k=max_seqlen, softmax_scale=scale * float(temperature), causal=True,
+                                   window_size_left=int(window) * window_unit, window_size_right=0, return_lse=True)
     return out, lse
 
 
 @_fa4_varlen_op.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, scale, window):
+def _(q, k, v, cu_seqlens, max_seqlen, scale, temperature, window, window_unit):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((q.shape[1], q.shape[0]),
                                                                                   dtype=torch.float32)
 
@@ -390,48 +394,69 @@ def _(q, k, v, cu_seqlens, max_seqlen, scale, window):
 @torch.library.custom_op("modded_nanogpt::fa4_varlen_backward", mutates_args=())
 def _fa4_varlen_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                             lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float,
-                            window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            temperature: torch.Tensor, window: torch.Tensor,
+                            window_unit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from flash_attn.cute.interface import _flash_attn_bwd
 
-    dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout.contiguous(), lse, scale, True, 0.0, window_size_left=window,
-                                 window_size_right=0, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
-                                 max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)[:3]
+    dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout.contiguous(), lse, scale * float(temperature), True, 0.0,
+                                 window_size_left=int(window) * window_unit, window_size_right=0,
+                                 cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+                                 max_seqlen_k=max_seqlen)[:3]
     return dq, dk, dv
 
 
 @_fa4_varlen_backward_op.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, window):
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, temperature, window, window_unit):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _fa4_setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, scale, window = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens)
-    ctx.args = (max_seqlen, scale, window)
+    q, k, v, cu_seqlens, max_seqlen, scale, temperature, window, window_unit = inputs
+    # The host scalars too: the model changes them in place only between steps, never between a forward and
+    # its backward (autograd's version check would refuse a backward that saw another value).
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens, temperature, window)
+    ctx.args = (max_seqlen, scale)
+    ctx.window_unit = window_unit
 
 
 def _fa4_backward(ctx, dout, _dlse):
-    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = torch.ops.modded_nanogpt.fa4_varlen_backward(dout, q, k, v, out, lse, cu_seqlens, *ctx.args)
-    return dq, dk, dv, None, None, None, None
+    q, k, v, out, lse, cu_seqlens, temperature, window = ctx.saved_tensors
+    dq, dk, dv = torch.ops.modded_nanogpt.fa4_varlen_backward(dout, q, k, v, out, lse, cu_seqlens, *ctx.args,
+                                                              temperature, window, ctx.window_unit)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _fa4_varlen_op.register_autograd(_fa4_backward, setup_context=_fa4_setup_context)
 
 
-def attend(q, k, v, mask, cu_seqlens, window: int, shift: int, scale: float, backend: str, temperature=None,
-           max_seqlen: int | None = None):
-    """q, k, v: (P, H, D) for P positions; mask from attention_mask (window, in positions, shift, 1 when each
-    token has two positions, and max_seqlen, the longest document in tokens or None for unknown, are read by
-    FA3/FA4 only). Scores are q.k * scale, times temperature (a 0-d tensor, flex only) where given. Returns
-    (P, H, D)."""
+def host_scalar(value, dtype) -> torch.Tensor:
+    """value as a 0-d CPU tensor (unchanged if it is one already): how FA4 takes its window and temperature."""
+    if isinstance(value, torch.Tensor):
+        if value.device.type != "cpu" or value.ndim:
+            raise ValueError(f"attention_backend=fa4 takes its window and temperature as ints/floats or 0-d CPU "
+                             f"tensors, got a tensor of shape {tuple(value.shape)} on {value.device}")
+        return value
+    return torch.tensor(value, dtype=dtype)
+
+
+def attend(q, k, v, mask, cu_seqlens, window, shift: int, scale: float, backend: str, temperature=None,
+           max_seqlen: int | None = None, window_unit: int = 1):
+    """q, k, v: (P, H, D) for P positions; mask from attention_mask. window (keys at most window * window_unit
+    positions back), shift (1 when each token has two positions) and max_seqlen (the longest document in tokens,
+    None for unknown) are read by FA3/FA4 only; FA4 also takes window as a 0-d CPU tensor. Scores are q.k *
+    scale, times temperature where given: a 0-d tensor (flex: on the device, fa4: on the CPU). Returns (P, H, D)."""
     if backend in FLASH_BACKENDS:
         cu = (cu_seqlens << shift).to(torch.int32)
         longest = q.size(0) if max_seqlen is None else min(q.size(0), max_seqlen << shift)
         if backend == "fa4":
-            return torch.ops.modded_nanogpt.fa4_varlen(q, k, v, cu, longest, float(scale), int(window))[0]
+            return torch.ops.modded_nanogpt.fa4_varlen(q, k, v, cu, longest, float(scale),
+                                                       host_scalar(1.0 if temperature is None else temperature,
+                                                                   torch.float32),
+                                                       host_scalar(window, torch.int64), window_unit)[0]
+        if temperature is not None:
+            raise ValueError("attention_backend=fa3 takes the temperature in its scale")
         out = fa3_interface()[0].flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, softmax_scale=scale,
-                                                        causal=True, window_size=(window, 0))
+                                                        causal=True, window_size=(int(window) * window_unit, 0))
         return out[0] if isinstance(out, tuple) else out
     qt, kt, vt = (t.transpose(0, 1)[None] for t in (q, k, v))  # (1, H, P, D)
     if backend == "flex":
@@ -506,6 +531,11 @@ class GPT(nn.Module):
         # at every step, that drained the GPU before each step was queued. Only init and loads read the buffers.
         self.is_tied = bool(self.tied)
         self.temperature = float(self.attn_temperature)
+        # FA4 reads the temperature on the host from this CPU tensor, changed in place (a graph input, so a
+        # compiled graph does not specialize on its value).
+        if not hasattr(self, "host_temperature"):
+            self.host_temperature = torch.ones((), dtype=torch.float32)
+        self.host_temperature.fill_(self.temperature)
         self.yarn_tokens = int(self.yarn_window)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -550,6 +580,7 @@ class GPT(nn.Module):
             self.rotary_freqs.copy_(freqs)
             self.attn_temperature.mul_(temperature)
             self.temperature = float(self.attn_temperature)  # a wait, but only when the window grows
+            self.host_temperature.fill_(self.temperature)
         self.yarn_window.fill_(tokens)
         self.yarn_tokens = tokens
 
@@ -649,6 +680,8 @@ class GPT(nn.Module):
         if self.attention_backend == "flex":
             # The YaRN temperature as a tensor (a score_mod): a compiled graph outlives its changes.
             scale, temperature = c.attn_scale, self.attn_temperature
+        elif self.attention_backend == "fa4":
+            scale, temperature = c.attn_scale, self.host_temperature  # the same, on the host (see _fa4_varlen_op)
         else:
             scale, temperature = c.attn_scale * self.temperature, None
         if paired:
@@ -656,11 +689,11 @@ class GPT(nn.Module):
             # a sequence twice as long, so each head also sees its partner head's keys at earlier tokens.
             q, k, v = (t.reshape(2 * T, H // 2, D) for t in (q, k, v))
             y = attend(q, k, v, mask, ctx["cu_seqlens"], window, 1, scale, self.attention_backend, temperature,
-                       ctx["max_seqlen"])
+                       ctx["max_seqlen"], window_unit=BLOCK)
             y = y.reshape(T, H, D)
         else:
             y = attend(q, k, v, mask, ctx["cu_seqlens"], window, 0, scale, self.attention_backend, temperature,
-                       ctx["max_seqlen"])
+                       ctx["max_seqlen"], window_unit=BLOCK)
         y = y * torch.sigmoid(x[:, :GATE_INPUTS] @ self.attn_gate[self.attn_slot[layer]].to(x.dtype).T)[..., None]
         return y.reshape(T, hd) @ w_o.T
 
@@ -691,7 +724,8 @@ class GPT(nn.Module):
                 loss_divisor: float = 1.0, cu_seqlens=None, rows=None, with_next_token: bool = False):
         """Loss of one packed sequence: sum over positions t and k of mtp_weights[k] * CE(logits_t,
         targets[t + k]), divided by loss_divisor. Windows in blocks of 128 tokens: ints, or 0-d integer
-        tensors (flex, sdpa), which a compiled graph takes as inputs instead of specializing on them.
+        tensors (on the device for flex and sdpa, on the CPU for fa4), which a compiled graph takes as inputs
+        instead of specializing on them (FA3 takes ints).
         rows: the embedding rows of these inputs from gather_rows (else the tables are read here).
         In eval mode (model.eval(), validation) the head runs in the compute dtype, without fp8, as the
         published validation does. with_next_token=True returns (loss, next_token_loss): the second is the
@@ -718,10 +752,13 @@ class GPT(nn.Module):
         T = inputs.numel()
         paired_cos, paired_sin = rotary_table(self.rotary_freqs, 2 * T if paired else T)
         cos, sin = paired_cos[:T], paired_sin[:T]
-        short_tokens, long_tokens = short_window * BLOCK, long_window * BLOCK
-        ctx = {"cu_seqlens": cu_seqlens, "short_window": short_tokens, "long_window": long_tokens,
+        # Windows stay in blocks for the flash kernels (FA4 may get them as CPU tensors: multiplying one here
+        # would put a CPU kernel in the compiled graph); the masks of the others count positions.
+        masks = {}
+        if self.attention_backend not in FLASH_BACKENDS:
+            masks = self.attention_masks(doc, short_window * BLOCK, long_window * BLOCK)
+        ctx = {"cu_seqlens": cu_seqlens, "short_window": short_window, "long_window": long_window, "masks": masks,
                "max_seqlen": self.max_doc_tokens if self.training else None,
-               "masks": self.attention_masks(doc, short_tokens, long_tokens),
                "cos": cos, "sin": sin, "paired_cos": paired_cos, "paired_sin": paired_sin,
                "not_doc_start": (~is_doc_start).to(dtype)}
 

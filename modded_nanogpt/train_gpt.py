@@ -377,9 +377,12 @@ def build_optimizer(model: GPT, hp: Hyperparameters, rt: Runtime) -> SpeedrunOpt
 def window_inputs(model, short_window: int, long_window: int, device):
     """The attention windows as the forward takes them: 0-d tensors, which the compiled graph reads as inputs,
     so the stages that differ only in windows (the last stage and the extension; every validation) share
-    one graph; FlashAttention 3 takes its window as a Python int (then each window compiles its own)."""
-    if model.attention_backend in FLASH_BACKENDS:
+    one graph. FA4 reads them on the host, so they stay on the CPU; FlashAttention 3 takes its window as a
+    Python int (then each window compiles its own graph)."""
+    if model.attention_backend == "fa3":
         return short_window, long_window
+    if model.attention_backend == "fa4":
+        return tuple(torch.tensor(w, dtype=torch.int64) for w in (short_window, long_window))
     return tuple(to_device_async(torch.tensor(w, dtype=torch.int64), device) for w in (short_window, long_window))
 
 
@@ -626,7 +629,7 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
             if schedule.untie_step is not None and plan.step > schedule.untie_step and model.is_tied:
                 model.untie()
             train_step(model, step_fn, optimizer, loader, plan, rt)
-            # Validation's eval-mode graph, tied and untied (flex: one for every window; FA3: one per window pair).
+            # Validation's eval-mode graph, tied and untied (flex, fa4: one for every window; FA3: one per window pair).
             validate(model, step_fn, val_files, hp, rt, plan.short_window, plan.long_window, max_forwards=1)
             log(f"warmup: step shape of step {plan.step} (batch {plan.batch_tokens}, windows {plan.short_window},"
                 f"{plan.long_window}, {len(plan.mtp_weights)} MTP terms) compiled at {time.perf_counter() - t0:.0f}s")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from modded_nanogpt.model import FA4_ARCHS, GPT, ModelConfig, attend, attention_mask, fa4_import_error
+from modded_nanogpt.train_gpt import flash_boundaries, window_inputs
 
 pytestmark = pytest.mark.gpu
 
@@ -117,7 +118,8 @@ def test_compiled_model_matches_eager_reference(qkv_kernel, backend):
 
     model.attention_backend = backend
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
-    loss_fast = compiled(inputs, targets, 1, 3, mtp, float(T), cu)
+    loss_fast = compiled(inputs, targets, *window_inputs(model, 1, 3, inputs.device), mtp, float(T),
+                         flash_boundaries(model, cu, T))  # as the trainer passes them
     loss_fast.backward()
     grads_fast = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -168,3 +170,39 @@ def test_compiled_model_is_causal(qkv_kernel, backend):
         b = compiled(changed.cuda().int(), targets, 2, 8, mtp, float(T), cu_seqlens_of(changed.cuda(), cfg.bos_id)).float()
     assert torch.equal(a[:j], b[:j])
     assert not torch.equal(a[j:], b[j:])
+
+
+@pytest.mark.skipif(fa4_missing() is not None, reason=str(fa4_missing()))
+def test_compiled_fa4_model_serves_every_window_and_temperature_with_one_graph():
+    """The trainer's fa4 route: windows as 0-d CPU tensors (window_inputs), the YaRN temperature read on the
+    host, padded boundaries. Three windows and two temperatures run through one compiled graph (no recompile),
+    each loss equal to the eager model's with int windows."""
+    cfg = ModelConfig(vocab_size=50304, num_layers=4, model_dim=256, num_heads=2, head_dim=128,
+                      attention_skip_layers=[2], long_window_layers=[1, 3], paired_head_layers=[0],
+                      value_embed_layers=[0, 3], skip_from=0, skip_to=2, backout_layer=2, fp8=False)
+    torch.manual_seed(0)
+    model = GPT(cfg).cuda()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.attention_backend = "fa4"
+    g = torch.Generator().manual_seed(2)
+    T = 8192
+    inputs = torch.randint(0, 50256, (T + 1,), generator=g)
+    inputs[torch.randint(0, T, (6,), generator=g)] = cfg.bos_id
+    inputs[0] = cfg.bos_id
+    inputs, targets = inputs[:-1].cuda().int(), inputs[1:].cuda()
+    mtp = torch.tensor([1.0, 0.5], device="cuda")
+    cu = flash_boundaries(model, cu_seqlens_of(inputs, cfg.bos_id), T)
+    torch._dynamo.reset()
+    frames = []
+    compiled = torch.compile(model, fullgraph=True, dynamic=False,
+                             backend=lambda gm, example: frames.append(gm) or torch._inductor.compile(gm, example))
+    for short, long in ((1, 3), (2, 5), (2, 7)):
+        model.set_long_window(long)
+        with torch.no_grad():
+            got = compiled(inputs, targets, *window_inputs(model, short, long, inputs.device), mtp, float(T), cu)
+            want = model(inputs, targets, short, long, mtp, float(T), cu)
+        assert abs(got.item() - want.item()) < 1e-2 * abs(want.item()), (short, long, got.item(), want.item())
+    assert model.temperature != 1.0
+    assert len(frames) == 1, f"{len(frames)} graphs for one shape"

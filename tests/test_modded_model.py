@@ -596,10 +596,12 @@ def attend_calls(model, inputs, short=1, long=2):
     """Each attention layer's call of attend in one forward: {layer: {q, k, v, window, scale}}."""
     calls, original = [], modded_model.attend
 
-    def record(q, k, v, mask, cu_seqlens, window, shift, scale, backend, temperature=None, max_seqlen=None):
-        calls.append(dict(q=q.detach().clone(), k=k.detach().clone(), v=v.detach().clone(), window=window,
-                          scale=scale))
-        return original(q, k, v, mask, cu_seqlens, window, shift, scale, backend, temperature, max_seqlen)
+    def record(q, k, v, mask, cu_seqlens, window, shift, scale, backend, temperature=None, max_seqlen=None,
+               window_unit=1):
+        calls.append(dict(q=q.detach().clone(), k=k.detach().clone(), v=v.detach().clone(),
+                          window=window * window_unit, scale=scale))  # in positions
+        return original(q, k, v, mask, cu_seqlens, window, shift, scale, backend, temperature, max_seqlen,
+                        window_unit)
 
     modded_model.attend = record
     try:
@@ -871,3 +873,128 @@ def test_eval_mode_loss():
             torch.testing.assert_close(evaluated, plain)
         with pytest.raises(ValueError, match="next token only"):
             loss_of(model, inputs, targets, mtp=(1.0, 0.5))
+
+
+def reference_fa4_interface():
+    """A stand-in for flash_attn.cute.interface on the CPU: FA4's two entry points as the model calls them,
+    computed with the dense document + causal + window mask (cu_seqlens padded with empty documents, as the
+    trainer pads them). Records each call's (softmax scale, left window)."""
+    import types
+
+    calls = []
+
+    def probabilities(q, k, cu_seqlens, scale, window):
+        positions = torch.arange(q.size(0))
+        doc = torch.searchsorted(cu_seqlens[1:].long(), positions, right=True)
+        scores = torch.einsum("phd,shd->hps", q.float(), k.float()) * scale
+        return scores.masked_fill(~dense_mask(doc, window), float("-inf"))
+
+    def attention(q, k, v, cu_seqlens, scale, window):
+        scores = probabilities(q, k, cu_seqlens, scale, window)
+        out = torch.einsum("hps,shd->phd", scores.softmax(-1), v.float()).to(q.dtype)
+        return out.contiguous(), torch.logsumexp(scores, -1).contiguous()  # contiguous, as FA4's are
+
+    def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                window_size_left, window_size_right, return_lse):
+        assert causal and window_size_right == 0 and return_lse and cu_seqlens_q is cu_seqlens_k
+        calls.append((softmax_scale, window_size_left))
+        return attention(q, k, v, cu_seqlens_q, softmax_scale, window_size_left)
+
+    def backward(q, k, v, out, dout, lse, softmax_scale, causal, softcap, window_size_left, window_size_right,
+                 cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+        calls.append((softmax_scale, window_size_left))
+        # By hand (a custom op's body runs below autograd): P = softmax(S), O = P V, dS = P (dP - rowsum(dP P)).
+        p = probabilities(q, k, cu_seqlens_q, softmax_scale, window_size_left).softmax(-1)
+        dout = dout.float()
+        dv = torch.einsum("hps,phd->shd", p, dout)
+        dp = torch.einsum("phd,shd->hps", dout, v.float())
+        ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * softmax_scale
+        dq = torch.einsum("hps,shd->phd", ds, k.float())
+        dk = torch.einsum("hps,phd->shd", ds, q.float())
+        return tuple(g.to(q.dtype).contiguous() for g in (dq, dk, dv))
+
+    interface = types.ModuleType("flash_attn.cute.interface")
+    interface._flash_attn_fwd, interface._flash_attn_bwd = forward, backward
+    return interface, calls
+
+
+@pytest.fixture
+def fa4_on_cpu(monkeypatch):
+    import sys
+    import types
+
+    interface, calls = reference_fa4_interface()
+    cute = types.ModuleType("flash_attn.cute")
+    cute.interface = interface
+    package = types.ModuleType("flash_attn")
+    package.cute = cute
+    for name, module in (("flash_attn", package), ("flash_attn.cute", cute), ("flash_attn.cute.interface", interface)):
+        monkeypatch.setitem(sys.modules, name, module)
+    return calls
+
+
+def fa4_loss_and_grads(model, fn, inputs, targets, short, long, cu):
+    model.zero_grad(set_to_none=True)
+    loss = fn(inputs, targets, short, long, torch.tensor([1.0, 0.5]), 1.0, cu)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_fa4_compiled_graph_serves_every_window_and_temperature(fa4_on_cpu):
+    """FA4 takes the windows and the YaRN temperature as 0-d CPU tensors, read on the host when the op runs: one
+    compiled graph (fullgraph, static shapes) serves every window and temperature of a shape, where ints and a
+    Python-float scale compiled one graph per value. Each call equals the sdpa model (windows in blocks of 128
+    positions, paired heads' cu_seqlens doubled, the temperature in the scale), forward and backward, and the
+    kernel gets the window and scale of that call."""
+    from modded_nanogpt.train_gpt import window_inputs
+
+    T = 512
+    model = randomized(GPT(tiny_config()))
+    inputs, targets = packed_tokens(T=T, doc_lengths=(150, 40, 200, 122))
+    cu = torch.cat([torch.nonzero(inputs == BOS).flatten(), torch.tensor([T])]).to(torch.int32)
+    cu = F.pad(cu, (0, 7), value=T)  # padded with empty documents, as train_gpt.flash_boundaries pads
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.common.aot_autograd(fw_compiler=lambda g, _: g, bw_compiler=lambda g, _: g)(
+            gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend=counting_backend)
+    for short, long in ((1, 2), (1, 3), (2, 3)):
+        model.set_long_window(long)  # from the second window on, YaRN changes the temperature
+        model.attention_backend = "fa4"
+        short_t, long_t = window_inputs(model, short, long, torch.device("cpu"))
+        assert short_t.device.type == "cpu" and short_t.ndim == 0 and int(long_t) == long
+        fa4_on_cpu.clear()
+        got = fa4_loss_and_grads(model, compiled, inputs, targets, short_t, long_t, cu)
+        layers = len(model.attn_layers)
+        scale = model.config.attn_scale * model.temperature
+        want_windows = [(long if layer in model.config.long_window_layers else short) * BLOCK
+                        for layer in model.attn_layers]
+        assert [w for _, w in fa4_on_cpu[:layers]] == want_windows  # the forwards, in layer order
+        assert len(fa4_on_cpu) == 2 * layers and all(s == pytest.approx(scale, rel=1e-6) for s, _ in fa4_on_cpu)
+        model.attention_backend = "sdpa"
+        want = fa4_loss_and_grads(model, model, inputs, targets, short, long, None)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        assert got[1].keys() == want[1].keys()
+        for name in want[1]:
+            torch.testing.assert_close(got[1][name], want[1][name], rtol=1e-4, atol=1e-5, msg=name)
+    assert model.temperature != 1.0
+    assert len(graphs) == 1, f"{len(graphs)} graphs compiled for one shape"
+    torch._dynamo.reset()
+
+
+def test_fa4_takes_windows_only_as_ints_or_cpu_scalars(fa4_on_cpu):
+    """A window on another device (or not 0-d) would make the op wait for the GPU or mean nothing: refused."""
+    q = k = v = torch.randn(8, 1, 4)
+    cu = torch.tensor([0, 8], dtype=torch.int32)
+    for window in (3, torch.tensor(3)):
+        attend(q, k, v, None, cu, window, 0, 0.5, "fa4", window_unit=2)
+        assert fa4_on_cpu[-1] == (0.5, 6)
+    with pytest.raises(ValueError, match=r"0-d CPU tensors, got a tensor of shape \(2,\) on cpu"):
+        attend(q, k, v, None, cu, torch.tensor([3, 4]), 0, 0.5, "fa4")
+    with pytest.raises(ValueError, match="0-d CPU tensors, got a tensor of shape"):
+        attend(q, k, v, None, cu, 3, 0, 0.5, "fa4", temperature=torch.ones((), device="meta"))
