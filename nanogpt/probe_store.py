@@ -5,7 +5,8 @@ Written once, here, for both trainers (modded_nanogpt imports it, as it imports 
 written as the run directory writes its checkpoints (nanogpt.rundir.atomic_write, fsync_dir).
 
 Docs file (python -m nanogpt.data.select_docs writes one): an .npz of
-  tokens    uint16, the documents one after another, each starting with its BOS/end-of-text token
+  tokens    uint16, the documents one after another, each starting with its BOS/end-of-text token (the speedrun
+            packs documents into one forward by it, and refuses a file whose documents do not: check_document_starts)
   lengths   int64, tokens per document (BOS included)
   shards    str, the val token file each came from ("" for a document encoded from text)
   offsets   int64, the position of its BOS in that file (-1 for text); a document may run on into the next file

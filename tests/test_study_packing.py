@@ -23,13 +23,13 @@ FORWARD = 256  # tokens per packed forward in these tests (two FlexAttention blo
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 
 
-def tiny_model(backend: str, seed: int = 0) -> GPT:
+def tiny_model(backend: str, seed: int = 0, **changes) -> GPT:
     """Every feature on (paired heads, long windows, key offset, value and bigram embeddings, smear, skip,
     backout, softcap), every parameter random: zero-initialized gates and tables would hide features."""
-    config = ModelConfig(vocab_size=VOCAB, bos_id=BOS, num_layers=4, model_dim=64, num_heads=2, head_dim=32,
-                         attention_skip_layers=[2], long_window_layers=[1, 3], paired_head_layers=[0],
-                         value_embed_layers=[0, 3], skip_from=0, skip_to=2, backout_layer=2, fp8=False)
-    model = GPT(config)
+    config = dict(vocab_size=VOCAB, bos_id=BOS, num_layers=4, model_dim=64, num_heads=2, head_dim=32,
+                  attention_skip_layers=[2], long_window_layers=[1, 3], paired_head_layers=[0],
+                  value_embed_layers=[0, 3], skip_from=0, skip_to=2, backout_layer=2, fp8=False)
+    model = GPT(ModelConfig(**config | changes))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -226,7 +226,7 @@ def test_gpu_compiled_packed_scores_near_one_document_per_forward(backend):
 
     if backend == "fa4" and (torch.cuda.get_device_capability()[0] not in (9, 10) or fa4_import_error()):
         pytest.skip("FlashAttention 4 needs sm90/sm100 and flash-attn-4")
-    model = tiny_model(backend).cuda()
+    model = tiny_model(backend, model_dim=256, head_dim=128).cuda()  # head dimensions the GPU kernels take
     docs = random_docs(4, extra_lengths=(3000,))
     tokens = probes.forward_tokens(backend, True, 262_144)
     packed = probes.pack_documents(model, docs, tokens, "cuda")
