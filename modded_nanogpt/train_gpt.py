@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from modded_nanogpt import kernels
+from modded_nanogpt import kernels, probes
 from modded_nanogpt.data.loader import DistributedBOSLoader, SequentialLoader, to_device_async
 from modded_nanogpt.dist_optim import AdamGroup, BankSpec, SpeedrunOptimizer
 from modded_nanogpt.model import (
@@ -48,7 +48,6 @@ from modded_nanogpt.model import (
     describe_attention_backend,
     select_attention_backend,
 )
-from modded_nanogpt.probes import score_documents
 from modded_nanogpt.schedule import Momentum, Schedule, ScheduleError
 from nanogpt import probe_store
 from nanogpt.config import ConfigError, parse_config, trainer_exit_status, usage
@@ -553,8 +552,10 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
     total_steps = schedule.total_steps
     check_token_ids(val_files, hp.vocab_size)
     check_token_ids(train_files, hp.vocab_size, sum(schedule.at(s).batch_tokens for s in range(total_steps)))
+    # Probe documents are packed by their BOS token (probes.py): a file whose documents do not start with it is
+    # refused here, before the model is built.
     study = Study(hp.run_dir, hp.probe_docs, hp.probe_every, hp.probe_steps, hp.save_checkpoints,
-                  hp.save_checkpoints_as, total_steps, hp.vocab_size, rt.master)
+                  hp.save_checkpoints_as, total_steps, hp.vocab_size, rt.master, hp.bos_id)
     keep_steps = study.full_steps
     periodic = set(range(hp.checkpoint_every, total_steps, hp.checkpoint_every)) if hp.checkpoint_every else set()
     log_run = RunDir(Path(hp.run_dir), rt.master)
@@ -582,8 +583,13 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
         # Static shapes: one graph per schedule shape (the warmup compiles them all); dynamic sequence
         # lengths trip Inductor on the block-mask arithmetic and would slow every kernel.
         step_fn = torch.compile(model, fullgraph=True, dynamic=False)
+        probe_fn = torch.compile(probes.packed_losses, fullgraph=True, dynamic=False)
     else:
-        step_fn = model
+        step_fn, probe_fn = model, probes.packed_losses
+    packed_probes = None  # the probe documents packed once, on the device, for every probe step
+    if study.docs is not None:
+        packed_probes = probes.pack_documents(model, study.docs, probes.forward_tokens(backend, compiled,
+                                                                                   hp.val_batch_tokens), rt.device)
     optimizer = build_optimizer(model, hp, rt)
     loader = DistributedBOSLoader(train_files, schedule.at(0).batch_tokens // TOTAL_MICRO_STEPS, hp.seq_len,
                                   hp.bos_id, rt.rank, rt.world_size, rt.device)
@@ -618,6 +624,12 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
             save_checkpoint(log_run.ckpt_dir, step, ckpt)
             prune_checkpoints(log_run.ckpt_dir, step, keep_newest=1, keep_steps=keep_steps)  # the newest resumes
 
+    def warm_probe(short_window: int, long_window: int):
+        """One probe forward (all have one shape): its graph compiled in the warmup, for these windows and the
+        model's tying state, as validation's."""
+        if packed_probes is not None:
+            probes.forward_losses(model, packed_probes, short_window, long_window, probe_fn, max_forwards=1)
+
     # --- warmup: compile every shape the schedule meets, untimed, then put everything back ---
     warmup_s = 0.0
     # On CUDA also without torch.compile: the Triton kernels compile and autotune per shape on first use.
@@ -631,14 +643,17 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
             train_step(model, step_fn, optimizer, loader, plan, rt)
             # Validation's eval-mode graph, tied and untied (flex, fa4: one for every window; FA3: one per window pair).
             validate(model, step_fn, val_files, hp, rt, plan.short_window, plan.long_window, max_forwards=1)
+            warm_probe(plan.short_window, plan.long_window)
             log(f"warmup: step shape of step {plan.step} (batch {plan.batch_tokens}, windows {plan.short_window},"
                 f"{plan.long_window}, {len(plan.mtp_weights)} MTP terms) compiled at {time.perf_counter() - t0:.0f}s")
         validate(model, step_fn, val_files, hp, rt, *schedule.windows_at(total_steps), max_forwards=1)
+        warm_probe(*schedule.windows_at(total_steps))
         restore(saved_state, model, optimizer, loader)
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
         warmup_s = time.perf_counter() - t0
-        log(f"warmup (compile of {len(plans)} step shapes + validation): {warmup_s:.1f}s, not timed")
+        probed = " + probe forward" if packed_probes is not None else ""
+        log(f"warmup (compile of {len(plans)} step shapes + validation{probed}): {warmup_s:.1f}s, not timed")
         torch.manual_seed(hp.seed)
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -653,7 +668,7 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
         if study.due(step):
             started = time.perf_counter()
             windows = validation_windows(model, schedule, step)
-            scores = score_documents(model, study.docs, *windows, hp.val_batch_tokens, rt.device)
+            scores = probes.score_documents(model, packed_probes, *windows, probe_fn)
             study.record(step, scores, state["tokens"], time.perf_counter() - started, log)
 
     study_step(start_step)  # step 0, or the step a resumed run starts from

@@ -5,7 +5,8 @@ Written once, here, for both trainers (modded_nanogpt imports it, as it imports 
 written as the run directory writes its checkpoints (nanogpt.rundir.atomic_write, fsync_dir).
 
 Docs file (python -m nanogpt.data.select_docs writes one): an .npz of
-  tokens    uint16, the documents one after another, each starting with its BOS/end-of-text token
+  tokens    uint16, the documents one after another, each starting with its BOS/end-of-text token (the speedrun
+            packs documents into one forward by it, and refuses a file whose documents do not: check_document_starts)
   lengths   int64, tokens per document (BOS included)
   shards    str, the val token file each came from ("" for a document encoded from text)
   offsets   int64, the position of its BOS in that file (-1 for text); a document may run on into the next file
@@ -125,6 +126,22 @@ def check_vocabulary(docs: Docs, vocab_size: int, where: str) -> None:
     if largest >= vocab_size:
         raise ProbeError(f"{where}: token id {largest} is outside the model's vocabulary of {vocab_size} (documents "
                          "of another tokenizer? select them from the run's data_dir)")
+
+
+def check_document_starts(docs: Docs, bos_id: int, where: str) -> None:
+    """Every document starts with the trainer's BOS token (bos_id < 0: the trainer has none to check). The speedrun
+    packs documents into one forward and tells them apart by it: a document without one would be read as the
+    rest of the document before it."""
+    if bos_id < 0:
+        return
+    firsts = docs.tokens[docs.starts]
+    bad = np.flatnonzero(firsts != bos_id)
+    if len(bad):
+        first = int(bad[0])
+        raise ProbeError(f"{where}: document {first} starts with token {int(firsts[first])}, not the model's BOS "
+                         f"token {bos_id} ({len(bad)} of {len(docs)} documents do not; the file was selected with "
+                         f"bos_id {docs.meta.get('bos_id')}); select them from the run's data_dir (python -m "
+                         f"nanogpt.data.select_docs DATA_DIR --bos_id={bos_id} ...)")
 
 
 def probe_steps(every: int, steps: str, total_steps: int) -> list[int]:
@@ -263,9 +280,10 @@ def kept_checkpoints(run_dir: str | os.PathLike) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
-def score_checkpoints(run_dir: str | os.PathLike, docs_file: str | None, score, log=print) -> list[int]:
+def score_checkpoints(run_dir: str | os.PathLike, docs_file: str | None, score, log=print, check=None) -> list[int]:
     """Score every kept checkpoint of a run not scored yet (`score(path, docs) -> (scores, tokens)`), each step
-    written as soon as it is done: run again, it goes on where it stopped and scores nothing twice."""
+    written as soon as it is done: run again, it goes on where it stopped and scores nothing twice. `check(docs,
+    where, kept)` (kept: step -> checkpoint) may refuse the documents (ProbeError) before anything is written."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ProbeError(f"{run_dir}: run directory not found")
@@ -279,6 +297,8 @@ def score_checkpoints(run_dir: str | os.PathLike, docs_file: str | None, score, 
     kept = kept_checkpoints(run_dir)
     if not kept:
         raise ProbeError(f"{run_dir / 'ckpt'}: no checkpoint to score (keep them with --save_checkpoints=every:N)")
+    if check is not None:
+        check(docs, docs_file or str(store.dir / "docs.npz"), kept)
     store.attach(docs)
     done = store.steps()
     todo = [step for step in kept if step not in done]
@@ -296,11 +316,13 @@ class Study:
     own, in ckpt/; weights-only ones, save_as=weights_bf16, in ckpt/weights/)."""
 
     def __init__(self, run_dir, probe_docs: str, probe_every: int, probe_steps_spec: str, save_checkpoints: str,
-                 save_as: str, total_steps: int, vocab_size: int, master: bool):
+                 save_as: str, total_steps: int, vocab_size: int, master: bool, bos_id: int = -1):
+        """bos_id >= 0: every document must start with it (check_document_starts); -1: nothing to check."""
         self.run_dir = Path(run_dir)
         self.docs = read_docs(probe_docs) if probe_docs else None
         if self.docs is not None:
             check_vocabulary(self.docs, vocab_size, probe_docs)
+            check_document_starts(self.docs, bos_id, probe_docs)
         self.steps = set(probe_steps(probe_every, probe_steps_spec, total_steps))
         if self.steps and self.docs is None:
             raise ProbeError("probe_every/probe_steps need --probe_docs=FILE (python -m nanogpt.data.select_docs)")
@@ -352,8 +374,10 @@ class Study:
         log(f"checkpoint (weights, bf16) | step {step} | {path}")
 
 
-def score_checkpoints_main(argv, module_doc: str, prog: str, score_checkpoint, resolve_device) -> list[int]:
-    """The command line of <trainer>.score_checkpoints: `score_checkpoint(path, docs, device) -> (scores, tokens)`."""
+def score_checkpoints_main(argv, module_doc: str, prog: str, score_checkpoint, resolve_device,
+                           check=None) -> list[int]:
+    """The command line of <trainer>.score_checkpoints: `score_checkpoint(path, docs, device) -> (scores, tokens)`;
+    `check` as score_checkpoints takes it."""
     import argparse
 
     parser = argparse.ArgumentParser(prog=prog, description=module_doc.split("\n")[0],
@@ -364,7 +388,8 @@ def score_checkpoints_main(argv, module_doc: str, prog: str, score_checkpoint, r
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    return score_checkpoints(args.run_dir, args.docs, lambda path, docs: score_checkpoint(path, docs, device))
+    return score_checkpoints(args.run_dir, args.docs, lambda path, docs: score_checkpoint(path, docs, device),
+                             check=check)
 
 
 def checkpoint_tokens(payload: dict) -> int:
