@@ -357,7 +357,7 @@ class Study:
     def record(self, step: int, scores: np.ndarray, tokens: int, seconds: float, log=print) -> None:
         self.store.write(step, scores, tokens, "train")
         self.stored.add(step)
-        log(f"probe | step {step} | {len(self.docs)} documents | mean loss {scores.mean():.4f} | {seconds:.1f}s, "
+        log(f"probe | step {step} | {len(self.docs)} documents | mean loss {scores.mean():.4f} | {seconds:.3f}s, "
             "not timed")
 
     def save_weights(self, step: int, state_dict: dict, tokens: int, extra: dict, log=print) -> None:
