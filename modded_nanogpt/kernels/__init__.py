@@ -23,6 +23,7 @@ One module per op holds its reference (`*_reference`), its Triton kernels and it
     embedding_rows    gather_rows, scatter_add_rows, sort_index
     qkv               attention_inputs, attention_inputs_supported
     common            use_triton, has_fp8_tensor_cores, FAST_SIGMOID, the kernels' sigmoid, dtype constants
+    tma_tiles         the tile walk of mlp's persistent TMA kernel (a byte-identical copy of nanogpt/tma_tiles.py)
 
 Each public function takes CPU or CUDA tensors. `use_triton(t)` picks the fused path: a CUDA
 tensor, triton importable, and MODDED_NO_TRITON unset (MODDED_NO_TRITON=1 forces the
