@@ -71,7 +71,7 @@ class ModelConfig:
     qk_norm: bool = True
     mlp_activation: str = "relu2"
     mlp_kernel: str = "triton"  # relu2 MLP: triton (kernels.relu2_mlp: TMA kernel, fused backward) | torch (Inductor)
-    qkv_kernel: str = "triton"  # attention inputs: triton (kernels.attention_inputs, where supported) | torch (attention_inputs, Inductor)
+    qkv_kernel: str = "triton"  # attention inputs: triton (kernels.attention_inputs, where supported) | torch (its reference, Inductor)
     fp8: bool = True
     attn_scale: float = 0.1  # softmax scale at the start; each YaRN rescale multiplies it (yarn_attn_factor)
     yarn_attn_factor: float = 0.2  # a long window grown by s multiplies the scale by yarn_attn_factor * ln(s) + 1
@@ -130,48 +130,6 @@ def rotary_table(freqs: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.
 @rotary_table.register_fake
 def _(freqs, length):
     return tuple(freqs.new_empty((length, freqs.numel()), dtype=torch.float32) for _ in range(2))
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (T, H, D); cos/sin: (T, D // 2), or (T, H, D // 2) for a position per head. Rotates pairs (i, i + D/2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    if cos.dim() == 2:
-        cos, sin = cos[:, None, :], sin[:, None, :]
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
-
-
-def paired_rotary(table: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """(T, H, D // 2) rows of a (2 T, D // 2) table for a paired-head layer: head h at token t takes position
-    2 t + (h % 2), as the published code rotates its (T, H / 2, 2 D) view (a head pair's two halves at 2 t and
-    2 t + 1) before it reads the same memory as the (2 T, H / 2, D) stream in which heads h and h + H / 2
-    share a stream (rows 2 t and 2 t + 1)."""
-    parity = torch.arange(num_heads, device=table.device) % 2
-    return table.view(-1, 2, table.size(-1))[:, parity]
-
-
-def attention_inputs(x, w_qkv, cos, sin, not_doc_start, ve, ve_gate, num_heads: int, qk_norm: bool, key_offset: bool,
-                     paired: bool = False):
-    """q, k, v (T, H, D) of an attention layer from its normalized input x (T, dim): the projection, RMSNorm
-    on q and k, the rotation, the key offset, and the value embeddings mixed into v with their gate (T, H).
-    paired: cos/sin have 2 T rows, head h at token t rotates by row 2 t + (h % 2) (paired_rotary).
-    Plain tensor code for Inductor; kernels.attention_inputs is the same in one Triton kernel each way."""
-    T, H = x.size(0), num_heads
-    D = w_qkv.size(0) // (3 * H)
-    q, k, v = (x @ w_qkv.T).view(T, 3, H, D).unbind(1)
-    if qk_norm:
-        q, k = norm(q), norm(k)
-    if paired:
-        cos, sin = paired_rotary(cos, H), paired_rotary(sin, H)
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    if key_offset:
-        # Stationary dims of a key carry the previous token's content: a query can match "the token
-        # after X" in one layer (induction). Nothing is carried across a document start.
-        stationary = k[..., D // 4 : D // 2], k[..., 3 * D // 4 :]
-        shifted = [torch.cat([s[:1] * 0, s[:-1]]) * not_doc_start[:, None, None] for s in stationary]
-        k = torch.cat([k[..., : D // 4], shifted[0], k[..., D // 2 : 3 * D // 4], shifted[1]], dim=-1)
-    if ve is not None:
-        v = v + ve_gate[..., None] * ve.view(T, H, D)
-    return q, k, v
 
 
 # ---- attention masks (documents + causal + sliding window) and the three backends ------------------
@@ -674,7 +632,7 @@ class GPT(nn.Module):
         if c.qkv_kernel == "triton" and kernels.attention_inputs_supported(x, D):
             q, k, v = kernels.attention_inputs(*inputs)
         else:
-            q, k, v = attention_inputs(*inputs)
+            q, k, v = kernels.attention_inputs_reference(*inputs)
         window = ctx["long_window"] if long else ctx["short_window"]
         mask = ctx["masks"].get((long, paired))
         if self.attention_backend == "flex":

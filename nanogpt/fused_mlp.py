@@ -222,6 +222,7 @@ def _launch(a, b, bias, pre, out, h, partial, backward: bool):
 
 
 if triton is not None:
+    from nanogpt.tma_tiles import tile_matmul, tile_offsets
 
     @triton.jit
     def _tanh_u(z, APPROX_TANH: tl.constexpr):
@@ -281,20 +282,15 @@ if triton is not None:
                                     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, SUBTILE: tl.constexpr):
         """acc = a @ b^T through TMA tiles, one program per SM walking the output tiles (so a tile's loads
         overlap the previous tile's epilogue), GROUP_M row-tiles sweeping the columns together (shared b
-        tiles come from L2). SUBTILE runs the epilogue on two column halves (less shared memory for stores)."""
+        tiles come from L2; the walk: nanogpt/tma_tiles.py). SUBTILE runs the epilogue on two column halves (less
+        shared memory for stores)."""
         tiles_m = tl.cdiv(M, BLOCK_M)
         tiles_n = tl.cdiv(N, BLOCK_N)
         k_tiles = tl.cdiv(K, BLOCK_K)
         programs_per_group = GROUP_M * tiles_n
         for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_SMS, flatten=True):
-            first_tile_m = (tile // programs_per_group) * GROUP_M
-            group_rows = tl.minimum(tiles_m - first_tile_m, GROUP_M)
-            off_m = (first_tile_m + (tile % programs_per_group) % group_rows) * BLOCK_M
-            off_n = ((tile % programs_per_group) // group_rows) * BLOCK_N
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for ki in range(k_tiles):
-                k = ki * BLOCK_K
-                acc = tl.dot(a_desc.load([off_m, k]), b_desc.load([off_n, k]).T, acc)
+            off_m, off_n = tile_offsets(tile, tiles_m, programs_per_group, BLOCK_M, BLOCK_N, GROUP_M)
+            acc = tile_matmul(a_desc, b_desc, off_m, off_n, k_tiles, BLOCK_M, BLOCK_N, BLOCK_K)
             if SUBTILE:
                 left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
                 _gelu_epilogue(left, bias_ptr, partial_ptr, pre_desc, out_desc, h_desc, off_m, off_n, N,

@@ -22,7 +22,8 @@
 # after a dry pass of the same script (CHECK_ONLY=1: every check, no launch) has passed.
 # In a batch job every launch is a job step (srun), so `scancel --signal=USR1 JOBID` reaches the trainer as
 # well as `scancel --signal=USR1 --batch JOBID` does. A script that needs no run directory (data
-# preparation, builds) sets NEEDS_RUN_DIR=0 before sourcing this file.
+# preparation, builds) sets NEEDS_RUN_DIR=0 before sourcing this file; a training script sets the defaults of
+# its RECIPE and DATASET_DIR knobs there (DEFAULT_RECIPE, and DEFAULT_DATASET: a folder of DATA_DIR).
 
 # ---- knobs (environment variables); empty = derived as described -----------------------------------
 GPU_TYPE=${GPU_TYPE:-}              # a gpu_type of slurm/gpus.tsv; default: the type the job asked for
@@ -44,6 +45,9 @@ SBATCH_FLAGS=${SBATCH_FLAGS:-}      # more sbatch options for SUBMIT=1 (word-spl
 RUN_NAME=${RUN_NAME:-}              # default: <job name>-<job id> (array jobs: <name>-<array id>_<task>)
 RUN_DIR=${RUN_DIR:-}                # default: $RUNS_DIR/$RUN_NAME; a requeued job reuses it and resumes
 RDZV_PORT=${RDZV_PORT:-}            # multi-node rendezvous port on the first node; default 29500 + job id % 1000
+RECIPE=${RECIPE:-${DEFAULT_RECIPE:-}}  # training scripts: the trainer's recipe; default: the script's DEFAULT_RECIPE
+                                    # (none: the trainer's own defaults)
+DATASET_DIR=${DATASET_DIR:-}        # training scripts: the token directory; default: $DATA_DIR/$DEFAULT_DATASET
 EXTRA_ARGS=${EXTRA_ARGS:-}          # more --key=value for the trainer (word-split)
 REQUEUE=${REQUEUE:-auto}            # 1 = after the trainer stopped on SIGUSR1/SIGUSR2 with a checkpoint, scontrol
                                     # requeue the job (it resumes from RUN_DIR); 0 = just exit; auto = 1 in a batch job
@@ -420,6 +424,7 @@ export REPO_DIR
 # shellcheck source=../activate_env.sh
 source "$REPO_DIR/activate_env.sh" || common_die "could not activate the environment (ENV_PATH=${ENV_PATH:-}); run: bash setup_env.sh"
 cd "$REPO_DIR" || common_die "cannot cd to REPO_DIR=$REPO_DIR"
+[[ -n $DATASET_DIR || -z ${DEFAULT_DATASET:-} ]] || DATASET_DIR=$DATA_DIR/$DEFAULT_DATASET
 if [[ ${NEEDS_RUN_DIR:-1} == 1 ]]; then
   RUN_NAME=${RUN_NAME:-$(default_run_name "$COMMON_SCRIPT")}
   [[ $RUN_NAME =~ ^[A-Za-z0-9._-]+$ ]] || common_die "RUN_NAME must be a plain name (letters, digits, . _ -), got '$RUN_NAME'"

@@ -421,7 +421,7 @@ def test_embedding_rows_references_match_float64(tables):
 
 def test_attention_inputs_fused_path_only_where_it_can_run(monkeypatch):
     """The fused attention inputs need the Triton path (CUDA), bf16 and a power-of-two head_dim; CPU tensors
-    and MODDED_NO_TRITON=1 take model.attention_inputs."""
+    and MODDED_NO_TRITON=1 take kernels.attention_inputs_reference."""
     assert not kernels.attention_inputs_supported(torch.zeros(2, 4, dtype=torch.bfloat16), 128)
     monkeypatch.setattr(common, "use_triton", lambda t: True)
     assert kernels.attention_inputs_supported(torch.zeros(2, 4, dtype=torch.bfloat16), 128)
@@ -819,11 +819,9 @@ def attention_inputs_case(T, H, D, dim, with_ve, seed, paired=False):
     (True, True, True, False), (True, False, False, False), (False, True, False, False), (True, True, False, False),
     (False, False, True, False), (True, False, True, True), (False, False, False, True)])
 def test_gpu_attention_inputs_match_reference(T, H, D, dim, qk_norm, key_offset, with_ve, paired):
-    """The fused op against model.attention_inputs computed in float32 from the same bf16 inputs: q, k, v and the
+    """The fused op against attention_inputs_reference computed in float32 from the same bf16 inputs: q, k, v and the
     gradients of x, w, ve and the gate (bf16 outputs: rel. error ~4e-3; a wrong rotation, norm, shift, carry
     across a document start or paired-head position is far above the bound)."""
-    from modded_nanogpt.model import attention_inputs
-
     tensors, grads = attention_inputs_case(T, H, D, dim, with_ve, seed=40, paired=paired)
     poison_cuda_cache(T * 3 * H * D * 2)
     leaves = [t.clone().requires_grad_() if t is not None and t.dtype == torch.bfloat16 and i in (0, 1, 5, 6) else t
@@ -832,7 +830,7 @@ def test_gpu_attention_inputs_match_reference(T, H, D, dim, qk_norm, key_offset,
     torch.autograd.backward(out, grads)
     ref_leaves = [t.float().requires_grad_() if t is not None and i in (0, 1, 5, 6) else t
                   for i, t in enumerate(tensors)]
-    ref = attention_inputs(*ref_leaves, H, qk_norm, key_offset, paired)
+    ref = kernels.attention_inputs_reference(*ref_leaves, H, qk_norm, key_offset, paired)
     torch.autograd.backward(ref, [g.float() for g in grads])
     assert_finite(*out)
     for name, got, want in zip("qkv", out, ref, strict=True):
@@ -847,8 +845,6 @@ def test_gpu_attention_inputs_match_reference(T, H, D, dim, qk_norm, key_offset,
 
 @pytest.mark.gpu
 def test_gpu_attention_inputs_under_torch_compile_fullgraph():
-    from modded_nanogpt.model import attention_inputs
-
     tensors, grads = attention_inputs_case(4096, 6, 128, 768, True, seed=41)
 
     def run(fn):
@@ -861,5 +857,5 @@ def test_gpu_attention_inputs_under_torch_compile_fullgraph():
     eager = run(kernels.attention_inputs)
     for a, b in zip(compiled, eager, strict=True):  # the same kernels; cuBLAS may pick other algorithms when compiled
         assert rel_err(a, b) < 1e-3
-    reference = run(attention_inputs)
+    reference = run(kernels.attention_inputs_reference)
     assert all(rel_err(a, b) < 1.5e-2 for a, b in zip(compiled, reference, strict=True))

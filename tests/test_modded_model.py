@@ -578,7 +578,7 @@ def test_no_position_sees_the_future():
 @pytest.mark.parametrize("flag, other, bad", [("mlp_kernel", "torch", "cuda"), ("qkv_kernel", "torch", "fused")])
 def test_kernel_choices_are_the_same_function_on_cpu(flag, other, bad):
     """mlp_kernel and qkv_kernel pick an implementation, never the math: on CPU both values give the same loss
-    (qkv_kernel=triton runs its fused op on GPUs only: elsewhere the model computes attention_inputs)."""
+    (qkv_kernel=triton runs its fused op on GPUs only: elsewhere the model computes kernels.attention_inputs_reference)."""
     torch.manual_seed(0)
     a = randomized(GPT(tiny_config()))
     b = GPT(tiny_config(**{flag: other}))

@@ -279,6 +279,30 @@ def test_train_speedrun_runs_the_tiny_cpu_recipe_with_two_processes(tmp_path, ch
     assert end["kind"] == "end", end
 
 
+@pytest.mark.parametrize(("script", "module", "recipe", "dataset"), [
+    ("slurm/nanogpt/train_shakespeare.sh", "nanogpt.train", "train_shakespeare_char", "shakespeare_char"),
+    ("slurm/nanogpt/train_gpt2.sh", "nanogpt.train", "train_gpt2_fineweb", "fineweb10B"),
+    ("slurm/modded/train_speedrun.sh", "modded_nanogpt.train_gpt", "", "fineweb10B"),
+])
+def test_training_scripts_default_their_recipe_and_data_folder_and_take_the_knobs(tmp_path, script, module, recipe,
+                                                                                 dataset):
+    """Each training script names its defaults of RECIPE and DATASET_DIR (a folder of DATA_DIR) before the shared
+    prologue, which declares the two knobs: a stray DEFAULT_RECIPE or DEFAULT_DATASET in the environment changes
+    nothing, and RECIPE and DATASET_DIR win. An unknown trainer flag stops each run right after its launch line."""
+    data = tmp_path / "data"
+    for folder in (data / dataset, tmp_path / "other"):
+        folder.mkdir(parents=True)
+        (folder / "train.bin").write_bytes(b"")
+    knobs = dict(DATA_DIR=data, RUNS_DIR=tmp_path / "runs", RUN_NAME="defaults", DEVICE="cpu",
+                 EXTRA_ARGS="--no_such_setting=1", DEFAULT_RECIPE="stray", DEFAULT_DATASET="stray")
+    proc = run_script(script, **knobs)
+    assert proc.returncode != 0 and "no_such_setting" in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"launch: python -m {module} {recipe + ' ' if recipe else ''}--data_dir={data / dataset} " \
+           f"--run_dir={tmp_path}/runs/defaults --device=cpu" in proc.stdout, proc.stdout
+    proc = run_script(script, **knobs, RECIPE="tiny_cpu", DATASET_DIR=tmp_path / "other")
+    assert f"launch: python -m {module} tiny_cpu --data_dir={tmp_path / 'other'} " in proc.stdout, proc.stdout
+
+
 def test_prologue_rejects_a_bad_requeue_knob(tmp_path, char_corpus):
     proc = run_script("slurm/nanogpt/train_gpt2.sh", RUNS_DIR=tmp_path / "runs", DATASET_DIR=char_corpus, REQUEUE="yes")
     assert proc.returncode == 2 and "REQUEUE must be auto, 0 or 1, got 'yes'" in proc.stderr, proc.stderr

@@ -5,7 +5,8 @@
 
 Without a GPU at hand: Triton's front end, its code generator and the ptxas it ships run on any x86-64
 machine, so type errors and unsupported operations show here, and so do the registers, the stack (spills) and the
-width of global loads and stores (16-byte `v4.b32` where the strides allow), per kernel and constexpr variant. The
+width of global loads and stores (16-byte `v4.b32` where the strides allow; the persistent TMA kernel, compiled for
+sm_90 only, counts its bulk tensor copies instead), per kernel and constexpr variant. The
 integer arguments named in `divisible` are marked multiples of 16 as Triton's launcher marks them at run time (the
 trainer's strides are). Numbers, not timings: correctness against the references runs in Triton's interpreter
 (TRITON_INTERPRET=1) or on a GPU (tests marked gpu).
@@ -26,7 +27,7 @@ from modded_nanogpt.kernels import cross_entropy, embedding_rows, mlp, qkv
 BF16, F32 = "*bf16", "*fp32"
 
 
-def cases():
+def cases(arch: int = 90):
     """(name, kernel, argument types, integer args divisible by 16, constexpr variants, num_warps)."""
     fwd = dict(qkv_ptr=BF16, cos_ptr=F32, sin_ptr=F32, nds_ptr=BF16, ve_ptr=BF16, gate_ptr=BF16, q_ptr=BF16,
                k_ptr=BF16, v_ptr=BF16, T="i32", qkv_stride="i32", table_stride="i32", ve_stride="i32",
@@ -54,6 +55,15 @@ def cases():
     yield ("relu2_matmul (pointer)", mlp._relu2_matmul_kernel, matmul, ["N", "K", "stride_xm", "stride_wn", "stride_om"],
            [dict(c.kwargs, **unit, num_warps=c.num_warps, num_stages=c.num_stages)
             for c in mlp._relu2_matmul_kernel.configs], 4)
+    if arch >= 90:  # the persistent TMA kernel Hopper takes, per autotuning config (its descriptors' block shapes)
+        for c in mlp._relu2_tma_persistent_kernel.configs:
+            bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+            store = f"tensordesc<bf16[{bm},{bn // 2 if c.kwargs['SUBTILE'] else bn}]>"
+            tma = dict(a_desc=f"tensordesc<bf16[{bm},{bk}]>", b_desc=f"tensordesc<bf16[{bn},{bk}]>", pre_desc=store,
+                       out_desc=store, post_desc=store, M="i32", N="i32", K="i32")
+            yield ("relu2 (persistent TMA)", mlp._relu2_tma_persistent_kernel, tma, ["N", "K"],
+                   [dict(c.kwargs, BACKWARD=b, POST_ONLY=p, NUM_SMS=132, num_warps=c.num_warps,
+                         num_stages=c.num_stages) for b, p in itertools.product((False, True), repeat=2)], 8)
     grad = dict(grad_post_ptr=BF16, saved_ptr=BF16, grad_pre_ptr=BF16, numel="i32")
     yield "relu2_grad", mlp._relu2_grad_kernel, grad, ["numel"], [dict(FROM_POST=f, BLOCK=4096) for f in (0, 1)], 8
     ce = dict(logits_ptr=BF16, stride_row="i32", targets_ptr="*i64", weights_ptr=F32, row_loss_ptr=F32,
@@ -108,7 +118,7 @@ def main(argv) -> int:
         raise SystemExit("modded_nanogpt.bench.sm90_check: needs triton (pip install --no-deps --target /tmp/t "
                          "triton==3.6.0, then PYTHONPATH=/tmp/t); it is not importable here")
     failed = 0
-    for name, kernel, types, divisible, variants, warps in cases():
+    for name, kernel, types, divisible, variants, warps in cases(arch):
         for constexprs in variants:
             flags = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in constexprs.items())
             try:
@@ -121,8 +131,12 @@ def main(argv) -> int:
             loads = Counter(re.findall(r"ld\.global[.\w]*", ptx))
             # Not the "red.global" inside cp.async's "shared.global"
             stores = Counter(re.findall(r"(?<![\w.])(?:st|red|atom)\.global[.\w]*", ptx))
+            # TMA kernels move their tiles with bulk tensor copies: global -> shared loads, shared -> global stores
+            # (cp.async.bulk.tensor.2d.DESTINATION.SOURCE...)
+            tma = Counter("store" if ".global.shared" in op else "load"
+                          for op in re.findall(r"cp\.async\.bulk\.tensor\.[\w.:]+", ptx))
             print(f"{name} [{flags}]: {resource_usage(compiled.asm['cubin'])} | loads {dict(loads)} | "
-                  f"stores {dict(stores)}")
+                  f"stores {dict(stores)}" + (f" | TMA copies {dict(sorted(tma.items()))}" if tma else ""))
     return 1 if failed else 0
 
 

@@ -23,6 +23,7 @@ One module per op holds its reference (`*_reference`), its Triton kernels and it
     embedding_rows    gather_rows, scatter_add_rows, sort_index
     qkv               attention_inputs, attention_inputs_supported
     common            use_triton, has_fp8_tensor_cores, FAST_SIGMOID, the kernels' sigmoid, dtype constants
+    tma_tiles         the tile walk of mlp's persistent TMA kernel (a byte-identical copy of nanogpt/tma_tiles.py)
 
 Each public function takes CPU or CUDA tensors. `use_triton(t)` picks the fused path: a CUDA
 tensor, triton importable, and MODDED_NO_TRITON unset (MODDED_NO_TRITON=1 forces the
@@ -60,12 +61,16 @@ from modded_nanogpt.kernels.embedding_rows import (
 )
 from modded_nanogpt.kernels.fp8 import fp8_linear, fp8_linear_reference
 from modded_nanogpt.kernels.mlp import relu2_linear, relu2_linear_reference, relu2_mlp, relu2_mlp_reference
-from modded_nanogpt.kernels.qkv import attention_inputs, attention_inputs_supported
+from modded_nanogpt.kernels.qkv import (
+    attention_inputs,
+    attention_inputs_reference,
+    attention_inputs_supported,
+)
 from modded_nanogpt.kernels.symmetric_matmul import ba_plus_caa, ba_plus_caa_reference, xxt, xxt_reference
 
 __all__ = [
-    "FAST_SIGMOID", "attention_inputs", "attention_inputs_supported", "ba_plus_caa", "ba_plus_caa_reference",
-    "fp8_linear", "fp8_linear_reference", "fp8_softcapped_cross_entropy", "gather_rows",
+    "FAST_SIGMOID", "attention_inputs", "attention_inputs_reference", "attention_inputs_supported", "ba_plus_caa",
+    "ba_plus_caa_reference", "fp8_linear", "fp8_linear_reference", "fp8_softcapped_cross_entropy", "gather_rows",
     "gather_rows_reference", "has_fp8_tensor_cores", "relu2_linear", "relu2_linear_reference", "relu2_mlp",
     "relu2_mlp_reference", "scatter_add_rows", "scatter_add_rows_reference", "softcap",
     "softcapped_cross_entropy", "softcapped_cross_entropy_reference", "sort_index", "triton", "use_triton", "xxt",

@@ -206,6 +206,7 @@ _relu2_mlp_op.register_autograd(_relu2_mlp_backward, setup_context=_relu2_mlp_se
 # ---------------------------------------------------------------------------------------------
 
 if triton is not None:
+    from modded_nanogpt.kernels.tma_tiles import tile_matmul, tile_offsets
 
     def _matmul_configs(block_m_n_k_warps_stages):
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
@@ -296,24 +297,18 @@ if triton is not None:
         """acc = a @ b^T (a (M, K), b (N, K), through TMA tiles), then the squared ReLU's epilogue.
         Forward (BACKWARD=0): out = pre = acc, post = relu(acc)^2. Backward: a is the gradient of the
         down projection's output, b the down weight, so acc is the gradient of post; out = acc * 2 relu(pre).
-        One program per SM walks the tiles, so the loads of a tile overlap the epilogue of the one before;
-        SUBTILE stores the epilogue in two column halves (less shared memory for the stores); CTAS programs
-        share an SM, so one's epilogue can run while another's matmul does. POST_ONLY: the forward stores no
-        pre (only post), and the backward's saved tensor is post, with relu(pre) = sqrt(post)."""
+        One program per SM walks the tiles (the walk: tma_tiles), so the loads of a tile overlap the epilogue of
+        the one before; SUBTILE stores the epilogue in two column halves (less shared memory for the stores); CTAS
+        programs share an SM, so one's epilogue can run while another's matmul does. POST_ONLY: the forward stores
+        no pre (only post), and the backward's saved tensor is post, with relu(pre) = sqrt(post)."""
         tiles_m = tl.cdiv(M, BLOCK_M)
         tiles_n = tl.cdiv(N, BLOCK_N)
         k_tiles = tl.cdiv(K, BLOCK_K)
         programs_per_group = GROUP_M * tiles_n
         for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_SMS * CTAS, flatten=True,
                              warp_specialize=WARP_SPECIALIZE):
-            first_tile_m = (tile // programs_per_group) * GROUP_M
-            group_rows = tl.minimum(tiles_m - first_tile_m, GROUP_M)
-            off_m = (first_tile_m + (tile % programs_per_group) % group_rows) * BLOCK_M
-            off_n = ((tile % programs_per_group) // group_rows) * BLOCK_N
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for ki in range(k_tiles):
-                k = ki * BLOCK_K
-                acc = tl.dot(a_desc.load([off_m, k]), b_desc.load([off_n, k]).T, acc)
+            off_m, off_n = tile_offsets(tile, tiles_m, programs_per_group, BLOCK_M, BLOCK_N, GROUP_M)
+            acc = tile_matmul(a_desc, b_desc, off_m, off_n, k_tiles, BLOCK_M, BLOCK_N, BLOCK_K)
             if SUBTILE:
                 left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
                 _relu2_epilogue(left, pre_desc, out_desc, post_desc, off_m, off_n, BACKWARD, POST_ONLY)

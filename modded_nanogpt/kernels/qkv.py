@@ -1,7 +1,8 @@
 """attention_inputs: an attention layer's q, k, v from its input: the QKV projection, q/k RMSNorm +
 half-truncated rotary, the key offset and the value-embedding mix.
 
-The plain version is model.attention_inputs (tensor code that Inductor fuses). Profiled on an H200 at a
+The plain version is attention_inputs_reference (tensor code that Inductor fuses; --qkv_kernel=torch, and
+wherever attention_inputs_supported says no). Profiled on an H200 at a
 stage-3 micro-step, its q/k kernels took 162-181 us forward and 219 us backward per attention layer, about
 twice the bytes they move (read q, k; write them: 302 MB forward, 453 MB backward). This op does the
 projection through cuBLAS and everything after it in one pass each way: q, k and v leave the forward
@@ -13,6 +14,7 @@ step 684.9 -> 669.3 ms against the plain version.
 """
 
 import torch
+import torch.nn.functional as F
 
 from modded_nanogpt.kernels import common
 from modded_nanogpt.kernels.common import tl, triton
@@ -26,10 +28,52 @@ def attention_inputs_supported(x: torch.Tensor, head_dim: int) -> bool:
     return common.use_triton(x) and x.dtype == torch.bfloat16 and head_dim >= 4 and head_dim & (head_dim - 1) == 0
 
 
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (T, H, D); cos/sin: (T, D // 2), or (T, H, D // 2) for a position per head. Rotates pairs (i, i + D/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    if cos.dim() == 2:
+        cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
+
+
+def paired_rotary(table: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(T, H, D // 2) rows of a (2 T, D // 2) table for a paired-head layer: head h at token t takes position
+    2 t + (h % 2), as the published code rotates its (T, H / 2, 2 D) view (a head pair's two halves at 2 t and
+    2 t + 1) before it reads the same memory as the (2 T, H / 2, D) stream in which heads h and h + H / 2
+    share a stream (rows 2 t and 2 t + 1)."""
+    parity = torch.arange(num_heads, device=table.device) % 2
+    return table.view(-1, 2, table.size(-1))[:, parity]
+
+
+def attention_inputs_reference(x, w_qkv, cos, sin, not_doc_start, ve, ve_gate, num_heads: int, qk_norm: bool,
+                               key_offset: bool, paired: bool = False):
+    """q, k, v (T, H, D) of an attention layer from its normalized input x (T, dim): the projection, RMSNorm
+    on q and k, the rotation, the key offset, and the value embeddings mixed into v with their gate (T, H).
+    paired: cos/sin have 2 T rows, head h at token t rotates by row 2 t + (h % 2) (paired_rotary).
+    Plain tensor code for Inductor; attention_inputs is the same in one Triton kernel each way."""
+    T, H = x.size(0), num_heads
+    D = w_qkv.size(0) // (3 * H)
+    q, k, v = (x @ w_qkv.T).view(T, 3, H, D).unbind(1)
+    if qk_norm:
+        q, k = F.rms_norm(q, (D,)), F.rms_norm(k, (D,))
+    if paired:
+        cos, sin = paired_rotary(cos, H), paired_rotary(sin, H)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    if key_offset:
+        # Stationary dims of a key carry the previous token's content: a query can match "the token
+        # after X" in one layer (induction). Nothing is carried across a document start.
+        stationary = k[..., D // 4 : D // 2], k[..., 3 * D // 4 :]
+        shifted = [torch.cat([s[:1] * 0, s[:-1]]) * not_doc_start[:, None, None] for s in stationary]
+        k = torch.cat([k[..., : D // 4], shifted[0], k[..., D // 2 : 3 * D // 4], shifted[1]], dim=-1)
+    if ve is not None:
+        v = v + ve_gate[..., None] * ve.view(T, H, D)
+    return q, k, v
+
+
 def attention_inputs(x, w_qkv, cos, sin, not_doc_start, ve, ve_gate, num_heads: int, qk_norm: bool,
                      key_offset: bool, paired: bool = False):
     """q, k, v (T, H, D) of one attention layer from its normalized input x (T, dim) and w_qkv (3 H D, dim),
-    as model.attention_inputs computes them (the reference), where attention_inputs_supported says so.
+    as attention_inputs_reference computes them, where attention_inputs_supported says so.
     paired: cos/sin have 2 T rows and head h at token t rotates by row 2 t + (h % 2)."""
     return _AttentionInputs.apply(x, w_qkv, cos, sin, not_doc_start, ve,
                                   None if ve_gate is None else ve_gate.contiguous(), num_heads, qk_norm, key_offset,

@@ -29,15 +29,16 @@
 #   EXTRA_ARGS   more --key=value for the trainer, e.g. "--value_embeds=False --mlp_activation=gelu"
 set -euo pipefail
 
+# shellcheck disable=SC2034  # read by common.sh: the defaults of its knobs RECIPE (empty: the trainer's own) and
+# DATASET_DIR (under DATA_DIR)
+DEFAULT_RECIPE='' DEFAULT_DATASET=fineweb10B
+
 # Under sbatch this file runs from a copy in the spool directory, so its own location says nothing
 # about the repo: REPO_DIR if given, else this file's repo when run with bash, else the submit dir.
 [[ -n ${REPO_DIR:-} || -f $(dirname "${BASH_SOURCE[0]}")/../../slurm/common.sh ]] || REPO_DIR=${SLURM_SUBMIT_DIR:-$PWD}
 # shellcheck source=../common.sh
 source "${REPO_DIR:-$(dirname "${BASH_SOURCE[0]}")/../..}/slurm/common.sh" ||
   { echo "error: REPO_DIR=$REPO_DIR has no slurm/common.sh; submit from the repo root or set REPO_DIR" >&2; exit 2; }
-
-RECIPE=${RECIPE:-}
-DATASET_DIR=${DATASET_DIR:-$DATA_DIR/fineweb10B}
 
 # The speedrun's batch and schedule are laid out for 8 ranks on one node.
 if ((NUM_NODES != 1)); then

@@ -34,6 +34,9 @@
 #   EXTRA_ARGS   more --key=value for nanogpt.train (they win over MICRO_BATCH), e.g. "--max_iters=100"
 set -euo pipefail
 
+# shellcheck disable=SC2034  # read by common.sh: the defaults of its knobs RECIPE and DATASET_DIR (under DATA_DIR)
+DEFAULT_RECIPE=train_gpt2_fineweb DEFAULT_DATASET=fineweb10B
+
 # Under sbatch this file runs from a copy in the spool directory, so its own location says nothing
 # about the repo: REPO_DIR if given, else this file's repo when run with bash, else the submit dir.
 [[ -n ${REPO_DIR:-} || -f $(dirname "${BASH_SOURCE[0]}")/../../slurm/common.sh ]] || REPO_DIR=${SLURM_SUBMIT_DIR:-$PWD}
@@ -41,8 +44,6 @@ set -euo pipefail
 source "${REPO_DIR:-$(dirname "${BASH_SOURCE[0]}")/../..}/slurm/common.sh" ||
   { echo "error: REPO_DIR=$REPO_DIR has no slurm/common.sh; submit from the repo root or set REPO_DIR" >&2; exit 2; }
 
-RECIPE=${RECIPE:-train_gpt2_fineweb}
-DATASET_DIR=${DATASET_DIR:-$DATA_DIR/fineweb10B}
 MICRO_BATCH=${MICRO_BATCH:-}          # default needs GPU_TYPE and DEVICE: set below
 
 require_token_dir DATASET_DIR \

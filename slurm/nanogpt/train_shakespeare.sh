@@ -35,15 +35,15 @@
 #   EXTRA_ARGS   more --key=value for nanogpt.train, e.g. "--max_iters=100 --compile=False"
 set -euo pipefail
 
+# shellcheck disable=SC2034  # read by common.sh: the defaults of its knobs RECIPE and DATASET_DIR (under DATA_DIR)
+DEFAULT_RECIPE=train_shakespeare_char DEFAULT_DATASET=shakespeare_char
+
 # Under sbatch this file runs from a copy in the spool directory, so its own location says nothing
 # about the repo: REPO_DIR if given, else this file's repo when run with bash, else the submit dir.
 [[ -n ${REPO_DIR:-} || -f $(dirname "${BASH_SOURCE[0]}")/../../slurm/common.sh ]] || REPO_DIR=${SLURM_SUBMIT_DIR:-$PWD}
 # shellcheck source=../common.sh
 source "${REPO_DIR:-$(dirname "${BASH_SOURCE[0]}")/../..}/slurm/common.sh" ||
   { echo "error: REPO_DIR=$REPO_DIR has no slurm/common.sh; submit from the repo root or set REPO_DIR" >&2; exit 2; }
-
-RECIPE=${RECIPE:-train_shakespeare_char}
-DATASET_DIR=${DATASET_DIR:-$DATA_DIR/shakespeare_char}
 
 require_token_dir DATASET_DIR \
   "python -m nanogpt.data.shakespeare_char --out $DATASET_DIR     (downloads Tiny Shakespeare), or offline:" \
