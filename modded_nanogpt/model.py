@@ -574,8 +574,13 @@ class GPT(nn.Module):
         The value and bigram rows are in the forward's compute dtype (bf16 on GPU): the forward casts them to
         it anyway, and the gradient of that cast is the bf16 gradient cast up, so the math is the same and the
         gather, the graph's row gradients and the scatter move fewer bytes (kernels.gather_rows says more).
-        Returns (rows, scatter): rows {"token", "value", "bigram"} -> leaf (None when off, and the token
-        rows while tied); scatter [(table, index, sorted index or None, leaf)] for add_row_grads.
+        Returns (rows, scatter): rows {"token", "value", "bigram"} -> leaf (None when off); scatter [(table,
+        index, sorted index or None, leaf)] for add_row_grads.
+
+        While tied the token rows are the head's (read from `embed`, which holds a copy of the head while tied,
+        see tied_embedding) and their gradient goes to embed.grad, which tie_gradients() adds to the head's.
+        So the compiled graph is the same tied and untied: one graph, where reading the head inside the graph
+        made the tie a second one (~25 s more of compile per shape that meets both).
         """
         c = self.config
         dtype = torch.bfloat16 if inputs.is_cuda else torch.float32
@@ -583,13 +588,11 @@ class GPT(nn.Module):
         rows, scatter = {"token": None, "value": None, "bigram": None}, []
         # The token and value tables share one sort of the index (the GPU's scatter walks it in order); the
         # bigram index is sorted inside its scatter.
-        shared = (not self.is_tied or c.value_embeds) and kernels.use_triton(idx)
-        order = kernels.sort_index(idx) if shared else None
-        if not self.is_tied:  # tied, the rows come from the head, whose gradient is dense anyway
-            # float32, unlike the others: with bf16 token rows Inductor fused the first layer's backward (embedding
-            # norm, smear, x0 mixing) into one kernel of 1.9 ms per micro-step instead of 0.44 (H200, ~9 ms/step).
-            rows["token"] = kernels.gather_rows(self.embed, idx, torch.float32)
-            scatter.append((self.embed, idx, order, "token"))
+        order = kernels.sort_index(idx) if kernels.use_triton(idx) else None
+        # float32, unlike the others: with bf16 token rows Inductor fused the first layer's backward (embedding
+        # norm, smear, x0 mixing) into one kernel of 1.9 ms per micro-step instead of 0.44 (H200, ~9 ms/step).
+        rows["token"] = kernels.gather_rows(self.tied_embedding(), idx, torch.float32)
+        scatter.append((self.embed, idx, order, "token"))
         if c.value_embeds:
             rows["value"] = kernels.gather_rows(self.value_embeds, idx, dtype)
             scatter.append((self.value_embeds, idx, order, "value"))
@@ -601,6 +604,29 @@ class GPT(nn.Module):
             if leaf is not None:
                 leaf.requires_grad_()
         return rows, [(table, index, order, rows[name]) for table, index, order, name in scatter]
+
+    @torch.no_grad()
+    def tied_embedding(self) -> torch.Tensor:
+        """The token embedding table the rows come from: `embed`, which while tied is first overwritten with
+        the head (lm_head_t.T; while tied its own values are otherwise unused). A copy at every call, so it is
+        never stale: the fused Adam writes the head through a raw pointer, which no version counter sees
+        (one 50304 x 768 float copy per micro-step, ~0.07 ms on an H200)."""
+        if self.is_tied:
+            self.embed.copy_(self.lm_head_t.T)
+        return self.embed
+
+    @torch.no_grad()
+    def tie_gradients(self) -> None:
+        """While tied: add the token rows' gradient (gathered rows put it in embed.grad) to the head's, which
+        is the tied weight's gradient, and drop embed.grad. Called after the backward passes of a step, before
+        the optimizer; a no-op untied or when the graph read the head itself (dense embedding gradients)."""
+        if not self.is_tied or self.embed.grad is None:
+            return
+        if self.lm_head_t.grad is None:
+            self.lm_head_t.grad = self.embed.grad.T.contiguous()
+        else:
+            self.lm_head_t.grad.add_(self.embed.grad.T)
+        self.embed.grad = None
 
     @torch.no_grad()
     def add_row_grads(self, scatter: list) -> None:

@@ -431,6 +431,7 @@ def train_step(model, step_fn, optimizer, loader, plan, rt: Runtime):
         model.add_row_grads(scatter)
         loss_total += loss.detach()
         next_total += next_token
+    model.tie_gradients()  # tied: the token rows' gradient joins the head's (GPT.gather_rows says why)
     optimizer.step(plan.lr_multiplier, plan.adam_step, plan.muon_momentum)
     if plan.untie_after:
         model.untie()
@@ -641,7 +642,7 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
             if schedule.untie_step is not None and plan.step > schedule.untie_step and model.is_tied:
                 model.untie()
             train_step(model, step_fn, optimizer, loader, plan, rt)
-            # Validation's eval-mode graph, tied and untied (flex, fa4: one for every window; FA3: one per window pair).
+            # Validation's eval-mode graph (flex, fa4: one for every window and, with gathered rows, tied or not).
             validate(model, step_fn, val_files, hp, rt, plan.short_window, plan.long_window, max_forwards=1)
             warm_probe(plan.short_window, plan.long_window)
             log(f"warmup: step shape of step {plan.step} (batch {plan.batch_tokens}, windows {plan.short_window},"

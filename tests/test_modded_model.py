@@ -286,8 +286,9 @@ def test_windows_as_tensors_give_the_same_loss_and_gradients():
 def test_gathered_rows_give_the_dense_gradients(tied, changes):
     """--embedding_grads=scatter: rows gathered outside the graph, their gradients scatter-added into the tables'
     .grad after each backward, accumulated over micro-steps, equal autograd's dense table gradients (every
-    parameter, also rows no token read: zero); the losses are identical. While tied the token rows stay in
-    the graph (the head's gradient is dense anyway)."""
+    parameter, also rows no token read: zero); the losses are identical. While tied the token rows are the
+    head's, their gradient lands in embed.grad, and tie_gradients() adds it to the head's: the tied weight's
+    gradient, as autograd gives it when the graph reads the head for both uses."""
     model = randomized(GPT(tiny_config(**changes)))
     if not tied:
         model.untie()
@@ -302,9 +303,12 @@ def test_gathered_rows_give_the_dense_gradients(tied, changes):
             loss.backward()
             model.add_row_grads(todo)
             losses.append(loss.detach())
+        if scatter and tied:
+            assert model.embed.grad is not None and torch.equal(model.embed, model.lm_head_t.T)
+        model.tie_gradients()
         results.append((losses, {n: p.grad for n, p in model.named_parameters()}))
         if scatter:
-            assert (rows["token"] is None) == tied
+            assert rows["token"] is not None
             assert (rows["value"] is None) == (changes.get("value_embeds") is False)
     (dense_losses, dense), (scatter_losses, scattered) = results
     assert all(torch.equal(a, b) for a, b in zip(dense_losses, scatter_losses, strict=True))
@@ -998,3 +1002,56 @@ def test_fa4_takes_windows_only_as_ints_or_cpu_scalars(fa4_on_cpu):
         attend(q, k, v, None, cu, torch.tensor([3, 4]), 0, 0.5, "fa4")
     with pytest.raises(ValueError, match="0-d CPU tensors, got a tensor of shape"):
         attend(q, k, v, None, cu, 3, 0, 0.5, "fa4", temperature=torch.ones((), device="meta"))
+
+
+def test_tied_and_untied_steps_share_one_compiled_graph():
+    """With gathered rows (the trainer's --embedding_grads=scatter) the forward takes the token rows as an input
+    tied or untied, so one compiled graph (fullgraph, static shapes) serves both; where the graph read the head
+    itself, the tie compiled a second graph per shape. The tied step's head gradient is the tied weight's (the
+    head's use plus the embedding's, as a graph reading the head for both gives it), and an untied step after
+    equals the eager model."""
+    from torch.func import functional_call
+
+    model = randomized(GPT(tiny_config()))
+    inputs, targets = packed_tokens()
+    mtp = torch.tensor([1.0, 0.5])
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.common.aot_autograd(fw_compiler=lambda g, _: g, bw_compiler=lambda g, _: g)(
+            gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend=counting_backend)
+    # The tied weight's gradient by autograd alone: the head's values as the embedding, in one graph.
+    want = torch.autograd.grad(functional_call(model, {"embed": model.lm_head_t.T}, (inputs, targets, 1, 2, mtp, 1.0)),
+                               model.lm_head_t)[0]
+    for tied in (True, False):
+        if not tied:
+            model.untie()
+        model.zero_grad(set_to_none=True)
+        rows, scatter = model.gather_rows(inputs)
+        loss = compiled(inputs, targets, 1, 2, mtp, 1.0, None, rows)
+        loss.backward()
+        model.add_row_grads(scatter)
+        model.tie_gradients()
+        if tied:
+            assert model.embed.grad is None
+            torch.testing.assert_close(model.lm_head_t.grad, want, rtol=1e-5, atol=1e-6)
+        else:
+            assert model.embed.grad is not None
+            torch.testing.assert_close(loss, loss_of(model, inputs, targets, mtp=(1.0, 0.5)), rtol=1e-6, atol=1e-6)
+    assert len(graphs) == 1, f"{len(graphs)} graphs for tied and untied"
+    torch._dynamo.reset()
+
+
+def test_tied_rows_follow_the_head_whatever_writes_it():
+    """The tied token rows are the head's current values even after a write no version counter sees (the
+    fused Adam writes the head through a raw pointer): embed is refreshed from the head at every gather."""
+    model = randomized(GPT(tiny_config()))
+    inputs, _ = packed_tokens()
+    model.gather_rows(inputs)
+    model.lm_head_t.data.mul_(2.0)  # behind autograd's back
+    rows, _ = model.gather_rows(inputs)
+    torch.testing.assert_close(rows["token"], model.lm_head_t.T[inputs.long()].float())
