@@ -22,7 +22,7 @@ from modded_nanogpt.train_gpt import Hyperparameters, model_config
 from nanogpt.config import ConfigError, exit_status
 from nanogpt.data.tokenizer import gpt2_tokenizer, load_tokenizer
 from nanogpt.rundir import load_newest
-from nanogpt.sample import SamplingSettings, sampling_checkpoint, sampling_command, sampling_device
+from nanogpt.sample import SamplingSettings, sampling_checkpoint, sampling_main, sampling_model
 
 
 @dataclass
@@ -65,17 +65,16 @@ def sample(model: GPT, ids: list[int], hp: Hyperparameters, cfg: SampleConfig, g
 
 
 def main(argv: list[str] | None = None) -> list[str]:
-    command = sampling_command(SampleConfig, argv, __doc__)
-    if command is None:
-        return []
-    cfg, prompt = command
+    return sampling_main(SampleConfig, argv, __doc__, generate_samples)
+
+
+def generate_samples(cfg: SampleConfig, prompt: str) -> list[str]:
+    """cfg.num_samples continuations of the prompt, printed and returned."""
     model, hp = load(cfg)
     data_dir = cfg.data_dir or hp.data_dir
     tokenizer = load_tokenizer(data_dir) if data_dir and Path(data_dir).is_dir() else gpt2_tokenizer()
     ids = [hp.bos_id] + tokenizer.encode(prompt)  # a new document, as the speedrun trains on them
-    device = sampling_device(cfg.device)
-    model.eval().to(device)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    device, generator = sampling_model(model, cfg)
     samples = []
     for n in range(cfg.num_samples):
         text = tokenizer.decode([t for t in sample(model, ids, hp, cfg, generator, device) if t < tokenizer.vocab_size])

@@ -92,9 +92,22 @@ def sampling_command(config_class, argv: list[str] | None, doc: str):
     return cfg, sampling_prompt(cfg)
 
 
+def sampling_main(config_class, argv: list[str] | None, doc: str, sample_with) -> list[str]:
+    """Either trainer's sampler's main: [] after --help, else sample_with(settings, prompt), its samples."""
+    command = sampling_command(config_class, argv, doc)
+    return [] if command is None else sample_with(*command)
+
+
 def sampling_device(name: str) -> str:
     """--device of a sampler: auto is the GPU when there is one, else the CPU."""
     return name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sampling_model(model, cfg) -> tuple[str, torch.Generator]:
+    """Either sampler's model on its --device in eval mode, and the generator of its --seed: (device, generator)."""
+    device = sampling_device(cfg.device)
+    model.eval().to(device)
+    return device, torch.Generator(device=device).manual_seed(cfg.seed)
 
 
 def sampling_prompt(cfg) -> str:
@@ -111,10 +124,11 @@ def sampling_prompt(cfg) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[str]:
-    command = sampling_command(SampleConfig, argv, __doc__)
-    if command is None:
-        return []
-    cfg, prompt = command
+    return sampling_main(SampleConfig, argv, __doc__, generate_samples)
+
+
+def generate_samples(cfg: SampleConfig, prompt: str) -> list[str]:
+    """cfg.num_samples continuations of the prompt, printed and returned."""
     model, data_dir = load_model(cfg)
     tokenizer = load_tokenizer(data_dir) if data_dir else gpt2_tokenizer()
     ids = tokenizer.encode(prompt)
@@ -125,9 +139,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"the tokenizer of {data_dir} has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
 
-    device = sampling_device(cfg.device)
-    model.eval().to(device)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    device, generator = sampling_model(model, cfg)
     context = torch.tensor([ids], dtype=torch.long, device=device).repeat(cfg.num_samples, 1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
     with torch.no_grad(), autocast:
