@@ -3,7 +3,7 @@
 (nanogpt/probe_store.py, the one format both trainers write).
 
 The model scores as it validates (train_gpt.validate): eval mode, model.states() then the head in the compute
-dtype without fp8 (as GPT.eval_loss), the softcap, next-token only, with the validation's attention windows of that
+dtype without fp8 (as GPT.eval_loss), the softcapped loss from the same fused kernel on GPU, next-token only, with the validation's attention windows of that
 step. The documents are packed, as the training loader packs them: whole documents one after another in forwards
 of one fixed length (forward_tokens), told apart by their leading BOS token (attention stays within a document;
 RoPE is relative; smear, key offset and bigrams restart at a BOS), so a packed forward scores each document as a
@@ -115,8 +115,11 @@ def token_losses(model, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     losses = []
     for start in range(0, x.size(0), EVAL_HEAD_ROWS):
         logits = x[start:start + EVAL_HEAD_ROWS] @ head
-        logits = kernels.softcap(logits) if model.config.softcap else logits.float()
-        losses.append(F.cross_entropy(logits, targets[start:start + EVAL_HEAD_ROWS].long(), reduction="none"))
+        chunk_targets = targets[start:start + EVAL_HEAD_ROWS]
+        if model.config.softcap:  # the fused kernel validation's loss comes from, on GPU
+            losses.append(kernels.softcapped_token_losses(logits, chunk_targets))
+        else:
+            losses.append(F.cross_entropy(logits.float(), chunk_targets.long(), reduction="none"))
     return torch.cat(losses)
 
 

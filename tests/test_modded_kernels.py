@@ -859,3 +859,35 @@ def test_gpu_attention_inputs_under_torch_compile_fullgraph():
         assert rel_err(a, b) < 1e-3
     reference = run(kernels.attention_inputs_reference)
     assert all(rel_err(a, b) < 1.5e-2 for a, b in zip(compiled, reference, strict=True))
+
+
+def test_softcapped_token_losses_are_the_per_row_next_token_terms():
+    """Per-row CE of the softcapped logits (what the study probes score), on CPU the reference: its sum is
+    softcapped_cross_entropy's next-token loss, and each row is CE(softcap(logits_t), targets[t]) by hand."""
+    from modded_nanogpt.kernels import softcapped_token_losses
+
+    logits, targets = ce_inputs(37, 1000, torch.float32, seed=21)
+    rows = softcapped_token_losses(logits, targets)
+    assert rows.shape == (37,) and rows.dtype == torch.float32
+    capped = 23.0 * torch.sigmoid((logits + 5.0) / 7.5)
+    by_hand = torch.logsumexp(capped, -1) - capped.gather(1, targets.long()[:, None])[:, 0]
+    torch.testing.assert_close(rows, by_hand, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rows.sum(), softcapped_cross_entropy(logits, targets, (1.0,)), rtol=1e-6, atol=1e-5)
+    with pytest.raises(ValueError):
+        softcapped_token_losses(logits, targets[:5])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fast", [True, False], ids=["fast_sigmoid", "exact_sigmoid"])
+@pytest.mark.parametrize("shape", [(6144, 50304), (37, 1000)])
+def test_gpu_softcapped_token_losses_match_the_reference(shape, fast, monkeypatch):
+    """The fused kernel's per-row next-token term against the reference, row by row (bf16 logits)."""
+    from modded_nanogpt.kernels import softcapped_token_losses, softcapped_token_losses_reference
+
+    monkeypatch.setattr(common, "FAST_SIGMOID", fast)
+    logits, targets = ce_inputs(*shape, torch.bfloat16, seed=22, device="cuda")
+    got = softcapped_token_losses(logits, targets)
+    want = softcapped_token_losses_reference(logits, targets)
+    slack = 2 * 23.0 * 2**-11.99 if fast else 0.0  # tanh.approx, as in test_gpu_softcapped_ce_matches_reference
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert ((got - want).abs() <= 1e-4 * want.abs() + slack + 1e-5).all()

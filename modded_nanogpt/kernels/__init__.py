@@ -18,7 +18,7 @@ One module per op holds its reference (`*_reference`), its Triton kernels and it
 
     mlp               relu2_linear, relu2_mlp
     fp8               fp8_linear
-    cross_entropy     softcap, softcapped_cross_entropy, fp8_softcapped_cross_entropy
+    cross_entropy     softcap, softcapped_cross_entropy, softcapped_token_losses, fp8_softcapped_cross_entropy
     symmetric_matmul  xxt, ba_plus_caa
     embedding_rows    gather_rows, scatter_add_rows, sort_index
     qkv               attention_inputs, attention_inputs_supported
@@ -51,6 +51,8 @@ from modded_nanogpt.kernels.cross_entropy import (
     softcap,
     softcapped_cross_entropy,
     softcapped_cross_entropy_reference,
+    softcapped_token_losses,
+    softcapped_token_losses_reference,
 )
 from modded_nanogpt.kernels.embedding_rows import (
     gather_rows,
@@ -73,7 +75,8 @@ __all__ = [
     "ba_plus_caa_reference", "fp8_linear", "fp8_linear_reference", "fp8_softcapped_cross_entropy", "gather_rows",
     "gather_rows_reference", "has_fp8_tensor_cores", "relu2_linear", "relu2_linear_reference", "relu2_mlp",
     "relu2_mlp_reference", "scatter_add_rows", "scatter_add_rows_reference", "softcap",
-    "softcapped_cross_entropy", "softcapped_cross_entropy_reference", "sort_index", "triton", "use_triton", "xxt",
+    "softcapped_cross_entropy", "softcapped_cross_entropy_reference", "softcapped_token_losses",
+    "softcapped_token_losses_reference", "sort_index", "triton", "use_triton", "xxt",
     "xxt_reference",
 ]
 

@@ -7,6 +7,7 @@ common.FAST_SIGMOID (through common.fast_sigmoid, read at call time).
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from modded_nanogpt.kernels import common
 from modded_nanogpt.kernels.common import (
@@ -100,6 +101,23 @@ def softcapped_cross_entropy(logits, targets, mtp_weights, cap=23.0, shift=5.0, 
     scale = 1 / logits.shape[0] if reduction == "mean" else 1
     loss = row_losses.sum() * scale
     return (loss, row_next.detach().sum() * scale) if with_next_token else loss
+
+
+def softcapped_token_losses_reference(logits, targets, cap=23.0, shift=5.0, div=7.5):
+    """CE(softcap(logits_t), targets[t]) for every row t: (N,) float32 (at least), no reduction."""
+    _check_ce_args(logits, targets, (1.0,), cap, "sum")
+    return F.cross_entropy(softcap(logits, cap, shift, div), targets.long(), reduction="none")
+
+
+def softcapped_token_losses(logits, targets, cap=23.0, shift=5.0, div=7.5):
+    """softcapped_token_losses_reference through the fused forward kernel on GPU (its per-row next-token term):
+    one pass over the logits, where the reference writes and reads an fp32 copy of them. Per-token scores
+    (the study probes) then come from the kernel validation's loss comes from. No gradient."""
+    _check_ce_args(logits, targets, (1.0,), cap, "sum")
+    if not common.use_triton(logits):
+        return softcapped_token_losses_reference(logits, targets, cap, shift, div)
+    return torch.ops.modded_nanogpt.softcapped_cross_entropy(logits, targets, None, [1.0], float(cap), float(shift),
+                                                             float(div))[2]
 
 
 @functools.lru_cache(maxsize=64)
