@@ -2,20 +2,21 @@
 (python -m modded_nanogpt.score_checkpoints): every document's next-token losses, into the run's probes/
 (nanogpt/probe_store.py, the one format both trainers write).
 
-The model scores as it validates (train_gpt.validate): eval mode, model.states() then the head in the compute
-dtype without fp8 (as GPT.eval_loss), the softcapped loss from the same fused kernel on GPU, next-token only, with the validation's attention windows of that
-step. The documents are packed, as the training loader packs them: whole documents one after another in forwards
-of one fixed length (forward_tokens), told apart by their leading BOS token (attention stays within a document;
-RoPE is relative; smear, key offset and bigrams restart at a BOS), so a packed forward scores each document as a
-forward of its own would, up to float rounding, in a few large forwards instead of hundreds of small ones. The
-packing is made once per run (pack_documents) and stays on the device; a probe step is then a few forwards of
-one shape (compiled once, in the trainer's warmup) and one copy of the scores to the host.
+The model scores as it validates (train_gpt.validate): eval mode, model.states() then the head in the compute dtype
+without fp8 (as GPT.eval_loss), the softcapped loss from the same fused kernel on GPU, next-token only, with the
+validation's attention windows of that step. The documents are packed, as the training loader packs them: whole
+documents one after another in forwards of one fixed length (forward_tokens), told apart by their leading BOS token
+(attention stays within a document; RoPE is relative; smear, key offset and bigrams restart at a BOS), so a packed
+forward scores each document as a forward of its own would, up to float rounding, in a few large forwards instead
+of hundreds of small ones. The packing is made once per run (pack_documents) and stays on the device; a probe step
+is then a few forwards of one shape (compiled once, in the trainer's warmup) and one copy of the scores to the
+host.
 
-A document whose inputs (all its tokens but the last) do not fit in what is left of a forward starts the next
-one; one longer than a forward is cut into consecutive pieces of forward_tokens, each starting a forward, so a
-piece's first token sees no earlier one (as a validation forward's first tokens). The rest of a forward is BOS
-tokens, each a document of its own for FlexAttention and SDPA (one segment for FA3/FA4, which read the
-boundaries as cu_seqlens); their scores are dropped.
+A document whose inputs (all its tokens but the last) do not fit in what is left of a forward starts the next one;
+one longer than a forward is cut into consecutive pieces of forward_tokens, each starting a forward, so a piece's
+first token sees no earlier one (as a validation forward's first tokens). The rest of a forward is BOS tokens, each
+a document of its own for FlexAttention and SDPA (one segment for FA3/FA4, which read the boundaries as
+cu_seqlens); their scores are dropped.
 """
 
 from __future__ import annotations
