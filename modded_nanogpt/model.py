@@ -479,6 +479,9 @@ class GPT(nn.Module):
         # their grids by it. None: unknown (validation does not clip), the whole sequence bounds it.
         self.max_doc_tokens: int | None = None
         self.embedding_grads = "dense"  # the trainer's --embedding_grads: "scatter" passes gather_rows' rows
+        # FA4 reads the temperature on the host from this CPU tensor (not a buffer: it stays on the CPU), changed
+        # in place with attn_temperature: a graph input, so a compiled graph does not specialize on its value.
+        self.host_temperature = torch.ones((), dtype=torch.float32)
         self.reset_parameters()
         self._mirror_buffers()
 
@@ -489,10 +492,6 @@ class GPT(nn.Module):
         # at every step, that drained the GPU before each step was queued. Only init and loads read the buffers.
         self.is_tied = bool(self.tied)
         self.temperature = float(self.attn_temperature)
-        # FA4 reads the temperature on the host from this CPU tensor, changed in place (a graph input, so a
-        # compiled graph does not specialize on its value).
-        if not hasattr(self, "host_temperature"):
-            self.host_temperature = torch.ones((), dtype=torch.float32)
         self.host_temperature.fill_(self.temperature)
         self.yarn_tokens = int(self.yarn_window)
 

@@ -37,6 +37,26 @@ def cu_seqlens_of(inputs, bos_id):
     return torch.cat([starts, torch.tensor([inputs.numel()], device=inputs.device)]).to(torch.int32)
 
 
+def randomized_cuda_model(cfg) -> GPT:
+    """GPT(cfg) on the GPU, seed 0, every parameter moved by noise (zero-initialized projections and gates
+    would leave some gradients at zero)."""
+    torch.manual_seed(0)
+    model = GPT(cfg).cuda()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def packed_cuda_batch(cfg, seed: int, T: int = 8192):
+    """(inputs int32, targets, MTP weights [1, 0.5]) on the GPU: T random tokens, BOS first and at 6 random places."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 50256, (T + 1,), generator=g)
+    tokens[torch.randint(0, T, (6,), generator=g)] = cfg.bos_id
+    tokens[0] = cfg.bos_id
+    return tokens[:-1].cuda().int(), tokens[1:].cuda(), torch.tensor([1.0, 0.5], device="cuda")
+
+
 def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -102,18 +122,9 @@ def test_compiled_model_matches_eager_reference(qkv_kernel, backend):
                       attention_skip_layers=[2], long_window_layers=[1, 3], paired_head_layers=[0],
                       value_embed_layers=[0, 3], skip_from=0, skip_to=2, backout_layer=2, fp8=False,
                       qkv_kernel=qkv_kernel)
-    torch.manual_seed(0)
-    model = GPT(cfg).cuda()
-    with torch.no_grad():  # zero-initialized projections and gates would leave some gradients at zero
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    g = torch.Generator().manual_seed(0)
-    T = 8192
-    inputs = torch.randint(0, 50256, (T + 1,), generator=g)
-    inputs[torch.randint(0, T, (6,), generator=g)] = cfg.bos_id
-    inputs[0] = cfg.bos_id
-    inputs, targets = inputs[:-1].cuda().int(), inputs[1:].cuda()
-    mtp = torch.tensor([1.0, 0.5], device="cuda")
+    model = randomized_cuda_model(cfg)
+    inputs, targets, mtp = packed_cuda_batch(cfg, seed=0)
+    T = inputs.numel()
     cu = cu_seqlens_of(inputs, cfg.bos_id)
 
     model.attention_backend = backend
@@ -180,19 +191,10 @@ def test_compiled_fa4_model_serves_every_window_and_temperature_with_one_graph()
     cfg = ModelConfig(vocab_size=50304, num_layers=4, model_dim=256, num_heads=2, head_dim=128,
                       attention_skip_layers=[2], long_window_layers=[1, 3], paired_head_layers=[0],
                       value_embed_layers=[0, 3], skip_from=0, skip_to=2, backout_layer=2, fp8=False)
-    torch.manual_seed(0)
-    model = GPT(cfg).cuda()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    model = randomized_cuda_model(cfg)
     model.attention_backend = "fa4"
-    g = torch.Generator().manual_seed(2)
-    T = 8192
-    inputs = torch.randint(0, 50256, (T + 1,), generator=g)
-    inputs[torch.randint(0, T, (6,), generator=g)] = cfg.bos_id
-    inputs[0] = cfg.bos_id
-    inputs, targets = inputs[:-1].cuda().int(), inputs[1:].cuda()
-    mtp = torch.tensor([1.0, 0.5], device="cuda")
+    inputs, targets, mtp = packed_cuda_batch(cfg, seed=2)
+    T = inputs.numel()
     cu = flash_boundaries(model, cu_seqlens_of(inputs, cfg.bos_id), T)
     torch._dynamo.reset()
     frames = []

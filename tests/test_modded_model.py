@@ -879,6 +879,20 @@ def test_eval_mode_loss():
             loss_of(model, inputs, targets, mtp=(1.0, 0.5))
 
 
+def counted_compile(model):
+    """torch.compile(model) as the trainer compiles it (fullgraph, static shapes) with AOT autograd and no
+    codegen (no C++ compiler needed), and the list each new graph is appended to: (compiled, graphs)."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.common.aot_autograd(fw_compiler=lambda g, _: g, bw_compiler=lambda g, _: g)(
+            gm, example_inputs)
+
+    torch._dynamo.reset()
+    return torch.compile(model, fullgraph=True, dynamic=False, backend=counting_backend), graphs
+
+
 def reference_fa4_interface():
     """A stand-in for flash_attn.cute.interface on the CPU: FA4's two entry points as the model calls them,
     computed with the dense document + causal + window mask (cu_seqlens padded with empty documents, as the
@@ -958,15 +972,7 @@ def test_fa4_compiled_graph_serves_every_window_and_temperature(fa4_on_cpu):
     cu = torch.cat([torch.nonzero(inputs == BOS).flatten(), torch.tensor([T])]).to(torch.int32)
     cu = F.pad(cu, (0, 7), value=T)  # padded with empty documents, as train_gpt.flash_boundaries pads
 
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return torch._dynamo.backends.common.aot_autograd(fw_compiler=lambda g, _: g, bw_compiler=lambda g, _: g)(
-            gm, example_inputs)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend=counting_backend)
+    compiled, graphs = counted_compile(model)
     for short, long in ((1, 2), (1, 3), (2, 3)):
         model.set_long_window(long)  # from the second window on, YaRN changes the temperature
         model.attention_backend = "fa4"
@@ -1015,15 +1021,7 @@ def test_tied_and_untied_steps_share_one_compiled_graph():
     model = randomized(GPT(tiny_config()))
     inputs, targets = packed_tokens()
     mtp = torch.tensor([1.0, 0.5])
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return torch._dynamo.backends.common.aot_autograd(fw_compiler=lambda g, _: g, bw_compiler=lambda g, _: g)(
-            gm, example_inputs)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend=counting_backend)
+    compiled, graphs = counted_compile(model)
     # The tied weight's gradient by autograd alone: the head's values as the embedding, in one graph.
     want = torch.autograd.grad(functional_call(model, {"embed": model.lm_head_t.T}, (inputs, targets, 1, 2, mtp, 1.0)),
                                model.lm_head_t)[0]

@@ -113,9 +113,9 @@ def softcapped_token_losses(logits, targets, cap=23.0, shift=5.0, div=7.5):
     """softcapped_token_losses_reference through the fused forward kernel on GPU (its per-row next-token term):
     one pass over the logits, where the reference writes and reads an fp32 copy of them. Per-token scores
     (the study probes) then come from the kernel validation's loss comes from. No gradient."""
-    _check_ce_args(logits, targets, (1.0,), cap, "sum")
     if not common.use_triton(logits):
         return softcapped_token_losses_reference(logits, targets, cap, shift, div)
+    _check_ce_args(logits, targets, (1.0,), cap, "sum")
     return torch.ops.modded_nanogpt.softcapped_cross_entropy(logits, targets, None, [1.0], float(cap), float(shift),
                                                              float(div))[2]
 
