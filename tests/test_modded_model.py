@@ -893,64 +893,6 @@ def counted_compile(model):
     return torch.compile(model, fullgraph=True, dynamic=False, backend=counting_backend), graphs
 
 
-def reference_fa4_interface():
-    """A stand-in for flash_attn.cute.interface on the CPU: FA4's two entry points as the model calls them,
-    computed with the dense document + causal + window mask (cu_seqlens padded with empty documents, as the
-    trainer pads them). Records each call's (softmax scale, left window)."""
-    import types
-
-    calls = []
-
-    def probabilities(q, k, cu_seqlens, scale, window):
-        positions = torch.arange(q.size(0))
-        doc = torch.searchsorted(cu_seqlens[1:].long(), positions, right=True)
-        scores = torch.einsum("phd,shd->hps", q.float(), k.float()) * scale
-        return scores.masked_fill(~dense_mask(doc, window), float("-inf"))
-
-    def attention(q, k, v, cu_seqlens, scale, window):
-        scores = probabilities(q, k, cu_seqlens, scale, window)
-        out = torch.einsum("hps,shd->phd", scores.softmax(-1), v.float()).to(q.dtype)
-        return out.contiguous(), torch.logsumexp(scores, -1).contiguous()  # contiguous, as FA4's are
-
-    def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                window_size_left, window_size_right, return_lse):
-        assert causal and window_size_right == 0 and return_lse and cu_seqlens_q is cu_seqlens_k
-        calls.append((softmax_scale, window_size_left))
-        return attention(q, k, v, cu_seqlens_q, softmax_scale, window_size_left)
-
-    def backward(q, k, v, out, dout, lse, softmax_scale, causal, softcap, window_size_left, window_size_right,
-                 cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
-        calls.append((softmax_scale, window_size_left))
-        # By hand (a custom op's body runs below autograd): P = softmax(S), O = P V, dS = P (dP - rowsum(dP P)).
-        p = probabilities(q, k, cu_seqlens_q, softmax_scale, window_size_left).softmax(-1)
-        dout = dout.float()
-        dv = torch.einsum("hps,phd->shd", p, dout)
-        dp = torch.einsum("phd,shd->hps", dout, v.float())
-        ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * softmax_scale
-        dq = torch.einsum("hps,shd->phd", ds, k.float())
-        dk = torch.einsum("hps,phd->shd", ds, q.float())
-        return tuple(g.to(q.dtype).contiguous() for g in (dq, dk, dv))
-
-    interface = types.ModuleType("flash_attn.cute.interface")
-    interface._flash_attn_fwd, interface._flash_attn_bwd = forward, backward
-    return interface, calls
-
-
-@pytest.fixture
-def fa4_on_cpu(monkeypatch):
-    import sys
-    import types
-
-    interface, calls = reference_fa4_interface()
-    cute = types.ModuleType("flash_attn.cute")
-    cute.interface = interface
-    package = types.ModuleType("flash_attn")
-    package.cute = cute
-    for name, module in (("flash_attn", package), ("flash_attn.cute", cute), ("flash_attn.cute.interface", interface)):
-        monkeypatch.setitem(sys.modules, name, module)
-    return calls
-
-
 def fa4_loss_and_grads(model, fn, inputs, targets, short, long, cu):
     model.zero_grad(set_to_none=True)
     loss = fn(inputs, targets, short, long, torch.tensor([1.0, 0.5]), 1.0, cu)
