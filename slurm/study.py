@@ -235,8 +235,10 @@ def gather(run_dirs: list[Path], out: Path) -> dict:
 
 # ---- submission ---------------------------------------------------------------------------------------------
 
-def trainer_settings(trainer: str, recipe: str | None, overrides: list[str], data_path: Path) -> tuple[int, int]:
-    """(steps of the run, parameters of the model) from the recipe and overrides, as the trainer would resolve them."""
+def trainer_settings(trainer: str, recipe: str | None, overrides: list[str], data_path: Path,
+                     gpus: int = 1) -> tuple[int, int, int]:
+    """(steps of the run, parameters of the model, tokens it trains on) from the recipe and overrides, as the trainer
+    would resolve them on `gpus` GPUs in all."""
     import torch
 
     meta = {}
@@ -251,9 +253,10 @@ def trainer_settings(trainer: str, recipe: str | None, overrides: list[str], dat
         vocab = cfg.vocab_size or int(meta.get("vocab_size") or 0) or 50304
         with torch.device("meta"):
             model = GPT(GPTConfig(**scratch_model_args(cfg, vocab)))
-        return cfg.max_iters, sum(p.numel() for p in model.parameters())
+        per_step = cfg.total_batch_size or cfg.batch_size * cfg.block_size * gpus
+        return cfg.max_iters, sum(p.numel() for p in model.parameters()), cfg.max_iters * per_step
     from modded_nanogpt.model import GPT
-    from modded_nanogpt.train_gpt import model_config, parse_hyperparameters
+    from modded_nanogpt.train_gpt import model_config, parse_hyperparameters, schedule_of
 
     hp = parse_hyperparameters(([f"--recipe={recipe}"] if recipe else []) + overrides)
     if hp.vocab_size == 0:
@@ -261,14 +264,29 @@ def trainer_settings(trainer: str, recipe: str | None, overrides: list[str], dat
     if hp.bos_id == -1:
         hp.bos_id = int(meta.get("eot_id", 50256))
     model = GPT(model_config(hp))  # on the CPU: its init reads buffers, which meta tensors cannot
-    return hp.num_iterations + hp.extension_iterations, sum(p.numel() for p in model.parameters())
+    schedule = schedule_of(hp)
+    tokens = sum(schedule.at(step).batch_tokens for step in range(schedule.total_steps))
+    return schedule.total_steps, sum(p.numel() for p in model.parameters()), tokens
+
+
+def scored_steps(steps: int, every: int) -> int:
+    """How many steps a run scores: 0, every, 2 every, ..., and the last (as probe_steps)."""
+    return steps // every + 1 + (steps % every > 0)
+
+
+def compute_share(docs: Docs, steps: int, every: int, train_tokens: int) -> float:
+    """The probes' forwards against the run's training, in compute: (scored steps x the documents' tokens) /
+    (3 x the tokens trained on), a forward costing about a third of a training step per token. In the speedrun's
+    scaled run on an H200 (256 documents, 357,466 tokens, every 5 of 462 steps, 122.7M tokens trained) this says
+    9.1%; the probes measured 10.4% of the training time (modded_nanogpt/PERF_NOTES.md, 2026-12-03 (g))."""
+    return scored_steps(steps, every) * int(docs.lengths.sum()) / (3 * train_tokens)
 
 
 def disk_estimate(docs: Docs, docs_file: Path, seeds: int, steps: int, params: int, every: int,
                   path: str) -> dict[str, int]:
     """Bytes the study writes: scores, kept weights (checkpoint path) and each run's resumable checkpoints (model and
     optimizer state, up to two kept), the table."""
-    scored = steps // every + 1 + (steps % every > 0)  # as probe_steps: 0, every, 2 every, ..., and the last
+    scored = scored_steps(steps, every)
     per_run = {"probe scores": scored * docs.num_scores * 4 + docs_file.stat().st_size,
                "resumable checkpoints": 2 * 3 * 4 * params}
     if path == "checkpoints":
@@ -307,10 +325,17 @@ def plan_study(args, ctx, errors: list[str]):
         study_args = [f"--save_checkpoints=every:{args.probe_every}", "--save_checkpoints_as=weights_bf16"]
     try:
         train = plans.train_job(args, ctx, trainer, "study", [("", study_args)], seeds, data[0], recipe, overrides)
-        steps, params = trainer_settings(trainer.name, recipe, overrides, data[0])
+        steps, params, train_tokens = trainer_settings(trainer.name, recipe, overrides, data[0],
+                                                       max(1, args.num_gpus) * max(1, args.nodes))
     except Exception as e:  # a bad setting, reported with the other errors
         return [], errors + [str(e)], plans.gpu_request(args, ctx)
-    need = disk_estimate(docs, docs_file, len(seeds), steps, params, max(1, args.probe_every), args.path)
+    every = max(1, args.probe_every)
+    share = compute_share(docs, steps, every, train_tokens)
+    where = "of each run's training" if args.path == "probes" else "in the scoring jobs, against the training"
+    print(f"study compute: {scored_steps(steps, every)} scorings of {int(docs.lengths.sum()):,} tokens per run, "
+          f"about {100 * share:.1f}% {where} (forward-only tokens / 3 x trained tokens; measured ~1.15x that "
+          "on an H200)")
+    need = disk_estimate(docs, docs_file, len(seeds), steps, params, every, args.path)
     free = free_bytes(ctx.runs_dir)
     print(f"study disk: {sum(need.values()) / 2**30:.2f} GiB in {ctx.runs_dir} ({free / 2**30:.1f} GiB free): "
           + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in need.items()))

@@ -10,7 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanogpt.probe_store import ProbeStore, make_docs
-from slurm.study import StudyError, gather, gather_table, parse_seed_range, sharpest_drops
+from slurm.study import (
+    StudyError,
+    compute_share,
+    gather,
+    gather_table,
+    parse_seed_range,
+    scored_steps,
+    sharpest_drops,
+)
 from tests.fixtures import run_module
 
 LENGTHS = [5, 9, 3]
@@ -89,6 +97,7 @@ def test_submit_study_prints_the_disk_and_refuses_a_study_that_does_not_fit(char
               char_corpus, "--runs-dir", tmp_path / "runs"]
     proc = run_module(*common, "--probe-every", "50")
     assert "study disk:" in proc.stdout and "probe scores" in proc.stdout
+    assert "study compute: " in proc.stdout and "of each run's training" in proc.stdout
     assert "--probe_docs=" in proc.stdout and "--probe_every=50" in proc.stdout and "gather" in proc.stdout
     proc = run_module(*common, "--probe-every", "1", "--set", "max_iters=100000000000", check=False)
     assert proc.returncode == 2 and "the study needs about" in proc.stderr and "GiB free" in proc.stderr
@@ -98,3 +107,16 @@ def test_submit_study_prints_the_disk_and_refuses_a_study_that_does_not_fit(char
     assert "python -m slurm.study score --trainer baseline" in proc.stdout
     proc = run_module(*common[:7], tmp_path / "nope.npz", *common[8:], "--probe-every", "5", check=False)
     assert proc.returncode == 2 and "docs file not found" in proc.stderr
+
+
+def test_the_compute_estimate_of_the_measured_scaled_run():
+    """The speedrun's scaled run on an H200 (modded_nanogpt/PERF_NOTES.md, 2026-12-03 (g)): 256 documents of
+    357,466 tokens scored at 94 of its 462 steps (every 5 and the last), 122,683,392 tokens trained; the probes took
+    10.4% of the training time. The estimate (a forward a third of a training step per token) says 9.1%."""
+    assert scored_steps(462, 5) == 94 and scored_steps(10, 5) == 3 and scored_steps(10, 1) == 11
+    lengths = [1396] * 255 + [1486]
+    docs = make_docs([np.zeros(n, dtype=np.int64) for n in lengths], [""] * 256, [-1] * 256, {})
+    assert int(docs.lengths.sum()) == 357_466
+    share = compute_share(docs, 462, 5, 122_683_392)
+    assert share == pytest.approx(94 * 357_466 / (3 * 122_683_392)) and 0.090 < share < 0.092
+    assert 0.104 / share == pytest.approx(1.14, abs=0.01)  # what the printed "~1.15x" rests on
