@@ -116,6 +116,35 @@ def test_fa4_matches_sdpa_with_explicit_mask(shift, window):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shift", [0, 1])
+@pytest.mark.parametrize("window", [127, 128, 383])
+def test_the_window_reaches_exactly_window_positions_back_and_no_further(backend, shift, window):
+    """An exact check of the mask's edges (the comparisons against SDPA above allow 1e-2, which one key more or
+    less in a window of hundreds would pass). Scores all zero (q = k = 0) and values zero but at two keys, j
+    and the first document's last position e: a query reads 1 / (keys it sees) from each of them it sees, and
+    exactly 0 otherwise. Query j + window sees j (window + 1 keys: FlashAttention's window (window, 0), the
+    model's `allowed`); j + window + 1 and j - 1 do not; the second document's first query does not see e."""
+    if backend == "fa4" and fa4_missing():
+        pytest.skip(fa4_missing())
+    T, H, D = 2048, 2, 128  # positions (tokens << shift)
+    tokens = T >> shift
+    doc = (torch.arange(tokens, device="cuda") >= tokens // 2).int() + 1  # two documents, T / 2 positions each
+    cu = torch.tensor([0, tokens // 2, tokens], dtype=torch.int32, device="cuda")
+    j, e = 100, T // 2 - 1
+    q, k, v = (torch.zeros(T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    v[j, :, 0] = 1
+    v[e, :, 1] = 1
+    mask = attention_mask(doc.repeat_interleave(1 << shift), window, backend)
+    out = attend(q, k, v, mask, cu, window, shift, 0.1, backend).float()
+    seen = out[:, :, 0]
+    assert torch.allclose(seen[j + window], torch.full((H,), 1 / (window + 1), device="cuda"), rtol=1e-2)
+    assert (seen[j + window + 1] == 0).all() and (seen[j - 1] == 0).all()
+    assert torch.allclose(seen[j], torch.full((H,), 1 / (j + 1), device="cuda"), rtol=1e-2)  # the document's start
+    assert (seen[j: j + window + 1] > 0).all() and (seen[j + window + 1:] == 0).all()
+    assert (out[e, :, 1] > 0).all() and (out[e + 1:, :, 1] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("qkv_kernel", ["torch", "triton"])
 def test_compiled_model_matches_eager_reference(qkv_kernel, backend):
     cfg = ModelConfig(vocab_size=50304, num_layers=4, model_dim=256, num_heads=2, head_dim=128,
