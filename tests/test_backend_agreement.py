@@ -75,6 +75,7 @@ def test_a_backend_whose_attention_is_one_percent_short_shows_a_minus_one_percen
     (["--backends=sdpa,xformers"], "--backends: xformers not among fa3, fa4, flex, sdpa"),
     (["--backends="], "--backends: none given"),
     (["--backends=sdpa", "--tokens=200"], "--tokens must be a positive multiple of 128"),
+    (["--backends=sdpa", "--tokens=32768"], "up to 16384 .the float32 reference holds"),
     (["--backends=sdpa", "--val_tokens=-1"], "--val_tokens must be >= 0"),
     (["--backends=sdpa", "--val_tokens=512"], "--val_tokens=512 is less than one validation forward"),
 ])
@@ -82,6 +83,21 @@ def test_bad_arguments_are_refused_with_the_culprit_named(checkpoint, argv, mess
     path, _ = checkpoint
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         agreement(path, *argv)
+
+
+def test_sdpa_is_refused_for_a_validation_forward_whose_dense_mask_would_not_fit(checkpoint, tmp_path):
+    """The speedrun validates in forwards of 262,144 tokens: sdpa's dense mask would be 64 GiB. Refused with the
+    way out, before the model is built; the per-layer comparison alone (--val_tokens=0) runs."""
+    path, _ = checkpoint
+    payload = torch.load(path, weights_only=False)
+    payload["config"]["val_batch_tokens"] = 262144
+    payload["config"]["val_tokens"] = 262144
+    big = tmp_path / "big.pt"
+    torch.save(payload, big)
+    with pytest.raises(ConfigError, match=r"val_batch_tokens=262144 would need 64 GiB .* --val_tokens=0"):
+        agreement(big, "--backends=sdpa", "--tokens=256")
+    report = agreement(big, "--backends=sdpa", "--tokens=256", "--val_tokens=0")
+    assert report.val_loss == {} and report.layers
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of CUDA-only backends is a CPU machine's")

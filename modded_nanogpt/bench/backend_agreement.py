@@ -46,6 +46,8 @@ from nanogpt.data.shards import ShardError
 from nanogpt.probe_store import ProbeError
 
 TENSORS = ("out", "dq", "dk", "dv")
+MAX_REFERENCE_TOKENS = 16384
+MAX_SDPA_VAL_FORWARD = 16384  # sdpa validates with a dense (P, P) mask per forward: 16384^2 bools = 256 MiB
 
 
 def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -99,8 +101,10 @@ def parse_args(argv):
     unknown = [b for b in backends if b not in known]
     if not backends or unknown:
         raise ConfigError(f"--backends: {', '.join(unknown) or 'none given'} not among {', '.join(known)}")
-    if args.tokens < 128 or args.tokens % 128:
-        raise ConfigError(f"--tokens must be a positive multiple of 128 (flex's block), got {args.tokens}")
+    if args.tokens < 128 or args.tokens % 128 or args.tokens > MAX_REFERENCE_TOKENS:
+        raise ConfigError(f"--tokens must be a positive multiple of 128 (flex's block) up to {MAX_REFERENCE_TOKENS} "
+                          f"(the float32 reference holds (heads, P, P) scores, P twice the tokens in paired-head "
+                          f"layers), got {args.tokens}")
     if args.val_tokens is not None and args.val_tokens < 0:
         raise ConfigError(f"--val_tokens must be >= 0, got {args.val_tokens}")
     args.backends = backends
@@ -205,6 +209,13 @@ def agreement(argv=None) -> Report:
         hp.data_dir = args.data_dir
     if args.val_tokens is not None:
         hp.val_tokens = args.val_tokens
+    if hp.val_tokens and hp.val_tokens < hp.val_batch_tokens:
+        raise ConfigError(f"--val_tokens={hp.val_tokens} is less than one validation forward "
+                          f"(val_batch_tokens={hp.val_batch_tokens}); give at least that, or 0")
+    if hp.val_tokens and "sdpa" in args.backends and hp.val_batch_tokens > MAX_SDPA_VAL_FORWARD:
+        raise ConfigError(f"--backends=sdpa validates with a dense (P, P) mask per forward: the run's val_batch_tokens="
+                          f"{hp.val_batch_tokens} would need {hp.val_batch_tokens**2 / 2**30:.0f} GiB of it; give "
+                          "--val_tokens=0 (the per-layer comparison only) or leave sdpa out")
     _, val_files = resolve_data(hp)
     rt = Runtime(0, 0, 1, device)
     model = GPT(model_config(hp)).to(device)
@@ -215,9 +226,6 @@ def agreement(argv=None) -> Report:
 
     report = Report()
     compiled = device.type == "cuda" and hp.compile
-    if hp.val_tokens and hp.val_tokens < hp.val_batch_tokens:
-        raise ConfigError(f"--val_tokens={hp.val_tokens} is less than one validation forward "
-                          f"(val_batch_tokens={hp.val_batch_tokens}); give at least that, or 0")
     torch._dynamo.config.cache_size_limit = 64  # a graph per backend and per compared layer
     if hp.val_tokens:
         for backend in args.backends:
