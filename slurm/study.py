@@ -270,7 +270,9 @@ def trainer_settings(trainer: str, recipe: str | None, overrides: list[str], dat
 
 
 def scored_steps(steps: int, every: int) -> int:
-    """How many steps a run scores: 0, every, 2 every, ..., and the last (as probe_steps)."""
+    """How many steps a run scores: 0, every, 2 every, ..., and the last: len(nanogpt.probe_store.probe_steps(every,
+    "", steps)) in closed form (the disk check runs before a request's settings are known to be sane: listing the
+    steps of max_iters=10^11 would not fit in memory)."""
     return steps // every + 1 + (steps % every > 0)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from nanogpt.probe_store import ProbeStore, make_docs
+from nanogpt.probe_store import ProbeStore, make_docs, probe_steps
 from slurm.study import (
     StudyError,
     compute_share,
@@ -114,6 +114,8 @@ def test_the_compute_estimate_of_the_measured_scaled_run():
     357,466 tokens scored at 94 of its 462 steps (every 5 and the last), 122,683,392 tokens trained; the probes took
     10.4% of the training time. The estimate (a forward a third of a training step per token) says 9.1%."""
     assert scored_steps(462, 5) == 94 and scored_steps(10, 5) == 3 and scored_steps(10, 1) == 11
+    for steps, every in ((462, 5), (10, 5), (10, 1), (10, 3), (7, 10)):  # the trainers' list, counted
+        assert scored_steps(steps, every) == len(probe_steps(every, "", steps))
     lengths = [1396] * 255 + [1486]
     docs = make_docs([np.zeros(n, dtype=np.int64) for n in lengths], [""] * 256, [-1] * 256, {})
     assert int(docs.lengths.sum()) == 357_466

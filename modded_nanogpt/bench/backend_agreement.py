@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 import modded_nanogpt.model as model_module
+from modded_nanogpt.attention_check import relative_error
 from modded_nanogpt.data.loader import SequentialLoader
 from modded_nanogpt.model import ATTENTION_BACKENDS, GPT, attention_mask, dense_mask, select_attention_backend
 from modded_nanogpt.score_checkpoints import read_checkpoint
@@ -50,12 +51,6 @@ from nanogpt.probe_store import ProbeError
 TENSORS = ("out", "dq", "dk", "dv")
 MAX_REFERENCE_TOKENS = 16384
 MAX_SDPA_VAL_FORWARD = 16384  # sdpa validates with a dense (P, P) mask per forward: 16384^2 bools = 256 MiB
-
-
-def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """|x - ref| / |ref| (Frobenius norms, in float64)."""
-    x, ref = x.double(), ref.double()
-    return ((x - ref).norm() / ref.norm()).item()
 
 
 def signed_bias(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -175,14 +170,13 @@ def compiled_attend():
     return torch.compile(model_module.attend, fullgraph=True, dynamic=False)
 
 
-def attention_with_grads(call: AttentionCall, doc: torch.Tensor, backend: str, dtype: torch.dtype,
-                         dout: torch.Tensor, compiled: bool) -> dict[str, torch.Tensor]:
-    """out, dq, dk, dv of one captured call under `backend`, inputs cast to dtype, for output gradient dout."""
+def attention_with_grads(call: AttentionCall, doc: torch.Tensor, cu_seqlens: torch.Tensor, backend: str,
+                         dtype: torch.dtype, dout: torch.Tensor, compiled: bool) -> dict[str, torch.Tensor]:
+    """out, dq, dk, dv of one captured call under `backend`, inputs cast to dtype, for output gradient dout.
+    doc: each token's document id; cu_seqlens: the same boundaries as the loader gives them (FA3/FA4)."""
     positions_doc = doc.repeat_interleave(2) if call.shift else doc
     q, k, v = (t.to(dtype, copy=True).requires_grad_() for t in (call.q, call.k, call.v))
     mask = attention_mask(positions_doc, call.window_positions, backend)
-    boundaries = torch.nonzero(torch.diff(doc, prepend=doc[:1] - 1)).flatten()
-    cu_seqlens = torch.cat([boundaries, boundaries.new_tensor([doc.numel()])]).to(torch.int32)
     window, temperature = call.window_positions, None
     if backend == "fa4":  # host scalars, as the trainer passes them (attend's docstring)
         window, temperature = torch.tensor(window, dtype=torch.int64), torch.ones((), dtype=torch.float32)
@@ -192,8 +186,8 @@ def attention_with_grads(call: AttentionCall, doc: torch.Tensor, backend: str, d
     return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
 
 
-def compare_layers(calls: list[AttentionCall], doc: torch.Tensor, backends: list[str], seed: int,
-                   report: Report) -> None:
+def compare_layers(calls: list[AttentionCall], doc: torch.Tensor, cu_seqlens: torch.Tensor, backends: list[str],
+                   seed: int, report: Report) -> None:
     device = calls[0].q.device
     compute = torch.bfloat16 if device.type == "cuda" else torch.float32
     for call in calls:
@@ -205,7 +199,7 @@ def compare_layers(calls: list[AttentionCall], doc: torch.Tensor, backends: list
         report.layers[call.layer, "bf16 rounding"] = {
             name: errors(rounded[name], ref[name]) for name in TENSORS}
         for backend in backends:
-            got = attention_with_grads(call, doc, backend, compute, dout, compiled=device.type == "cuda")
+            got = attention_with_grads(call, doc, cu_seqlens, backend, compute, dout, compiled=device.type == "cuda")
             report.layers[call.layer, backend] = {
                 name: errors(got[name], ref[name]) for name in TENSORS}
 
@@ -252,12 +246,12 @@ def agreement(argv=None) -> Report:
 
     loader = SequentialLoader(val_files, args.tokens, args.tokens, hp.bos_id, device=device)
     try:
-        inputs = loader.next_batch().inputs
+        batch = loader.next_batch()
     finally:
         loader.close()
-    doc = torch.cumsum((inputs == hp.bos_id).to(torch.int32), 0)
-    calls = capture_attention_calls(model, inputs, short, long)
-    compare_layers(calls, doc, args.backends, args.seed, report)
+    doc = torch.cumsum((batch.inputs == hp.bos_id).to(torch.int32), 0)
+    calls = capture_attention_calls(model, batch.inputs, short, long)
+    compare_layers(calls, doc, batch.cu_seqlens, args.backends, args.seed, report)
     print("layer | kind | backend | " + " | ".join(f"{n} err, bias, worst row" for n in TENSORS))
     for (layer, backend), found in report.layers.items():
         cells = " | ".join(f"{e:.2e}, {b:+.1e}, {w:.1e}" for e, b, w in (found[n] for n in TENSORS))
