@@ -280,11 +280,9 @@ def cuda_major(device: torch.device) -> int:
 
 
 def select_attention_backend(requested: str, device: torch.device) -> str:
-    """auto: FlashAttention 3 where it loads (Hopper), else FlexAttention on CUDA, SDPA on CPU. FlashAttention 4
-    only when asked for: in the scaled proxy run on an H200 it ended 0.0025 above flex in val loss over two
-    seeds, more than either backend's run-to-run spread (modded_nanogpt/PERF_NOTES.md, 2026-12-03 (g)), and a
-    faster step that learns less is not the default. An explicit backend that cannot run is an error that says
-    why."""
+    """auto: FlashAttention 3 where it loads (Hopper), else FlashAttention 4 on sm90/sm100 where flash-attn-4
+    is installed, else FlexAttention on CUDA, SDPA on CPU. An explicit backend that cannot run is an error
+    that says why."""
     if requested not in ATTENTION_BACKENDS:
         raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {requested!r}")
     if requested in ("fa3", "fa4", "flex") and device.type != "cuda":
@@ -292,7 +290,11 @@ def select_attention_backend(requested: str, device: torch.device) -> str:
     if requested == "auto":
         if device.type != "cuda":
             return "sdpa"
-        return "fa3" if fa3_available() else "flex"
+        if fa3_available():
+            return "fa3"
+        if cuda_major(device) in FA4_ARCHS and fa4_import_error() is None:
+            return "fa4"
+        return "flex"
     if requested == "fa3" and not fa3_available():
         raise ValueError(f"attention_backend=fa3 but FlashAttention 3 cannot be loaded ({fa3_interface()[1]}); "
                          "build it with slurm/modded/build_flash_attn.sh or install the kernels package")

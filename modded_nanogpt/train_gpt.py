@@ -121,7 +121,7 @@ class Hyperparameters:
     qkv_kernel: str = "triton"  # attention inputs (projection, q/k norm + rotary, key offset, value embeddings): triton (one fused op each way on CUDA bf16; elsewhere the torch code) | torch (Inductor)
     embedding_grads: str = "scatter"  # scatter (rows gathered outside the graph, their gradients scatter-added) | dense (autograd's)
     optimizer: str = "normuon"  # normuon (banks) + Adam (rest) | adamw (everything)
-    attention_backend: str = "auto"  # auto (fa3, else flex; sdpa on CPU) | fa3 | fa4 (by request) | flex | sdpa
+    attention_backend: str = "auto"  # auto (fa3, else fa4 on sm90/sm100, else flex; sdpa on CPU) | fa3 | fa4 | flex | sdpa
     attention_skip_layers: list[int] = field(default_factory=lambda: [6])  # layers without attention (MLP only)
     long_window_layers: list[int] = field(default_factory=lambda: [3, 10])  # layers with the long window (and the key offset)
     attn_scale: float = 0.1  # attention softmax scale at the start

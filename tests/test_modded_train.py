@@ -846,9 +846,9 @@ def attention_modules(monkeypatch):
 
 
 def test_attention_backend_selection_with_stand_in_packages(attention_modules, monkeypatch):
-    """auto: FA3 (a built flash_attn_interface, else the hub kernel through `kernels`), else flex, FA4 installed
-    or not (FA4 only when asked for, on sm90/sm100); the log/provenance text names where the kernels came from;
-    explicit backends that cannot run say why."""
+    """auto: FA3 (a built flash_attn_interface, else the hub kernel through `kernels`), else FA4 on sm90/sm100,
+    else flex; the log/provenance text names where the kernels came from; explicit backends that cannot run
+    say why."""
     from modded_nanogpt.model import describe_attention_backend, fa3_interface, select_attention_backend
 
     cuda = torch.device("cuda")
@@ -870,13 +870,12 @@ def test_attention_backend_selection_with_stand_in_packages(attention_modules, m
     monkeypatch.delenv("MODDED_FA3_HUB_KERNEL")
 
     attention_modules(hub="offline", fa4=True, major=9)
-    assert select_attention_backend("auto", cuda) == "flex"
-    assert select_attention_backend("fa4", cuda) == "fa4"
+    assert select_attention_backend("auto", cuda) == "fa4"
     assert describe_attention_backend("fa4").startswith("fa4 (")
     with pytest.raises(ValueError, match=r"fa3 but FlashAttention 3 cannot be loaded \(kernels.get_kernel"):
         select_attention_backend("fa3", cuda)
     attention_modules(fa4=True, major=10)
-    assert select_attention_backend("auto", cuda) == "flex" and select_attention_backend("fa4", cuda) == "fa4"
+    assert select_attention_backend("auto", cuda) == "fa4" and select_attention_backend("fa4", cuda) == "fa4"
 
     attention_modules(fa4=True, major=8)  # an A100: FA4 has no sm80 kernels
     assert select_attention_backend("auto", cuda) == "flex"

@@ -10,8 +10,7 @@
 # (flash_attn_interface, Hopper: h100/h200) from the hopper/ folder of a checkout, or FA4 (flash_attn.cute,
 # Hopper and Blackwell) from the package index: no compiler, its CuTe kernels compile at first use, and the
 # script ends with a forward/backward of them against SDPA on this node's GPU. The modded trainer's attention
-# selector's auto takes FA3 where it loads, else FlexAttention; FA4 runs with --attention_backend=fa4 (the
-# modded README's GPU notes say why it is not the default). The kernels are built
+# selector takes FA3 where it loads, else FA4, else FlexAttention. The kernels are built
 # for GPU_TYPE's compute capability (cuda_arch in slurm/gpus.tsv) only, with MAX_JOBS parallel compilers
 # (default: the CPUs of the job); the script ends by importing the module it built.
 #
