@@ -69,3 +69,21 @@ def test_the_baseline_bench_measures_a_tiny_model_on_cpu(tmp_path):
                               f"--out_json={out}"]) == 0
     result = json.loads(out.read_text())
     assert result["ms_per_step"] > 0 and result["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("kernel, group", [
+    # FA4's CuTe DSL kernels carry their class name after a "kernel_cutlass" prefix, which cuBLAS's group also matches
+    ("kernel_cutlass_kernel_flash_attncuteflash_fwd_sm90FlashAttentionForwardSm90_object_at__tensor0", "FA4 attention forward"),
+    ("kernel_cutlass_kernel_flash_attncuteflash_bwd_sm90FlashAttentionBackwardSm90_object_at__tensor0", "FA4 attention backward"),
+    ("kernel_cutlass_kernel_flash_attncuteflash_bwd_preprocessFlashAttentionBackwardPreprocess_object", "FA4 attention backward"),
+    ("kernel_cutlass_kernel_flash_attncuteflash_bwd_postprocessFlashAttentionBackwardPostprocess_object", "FA4 attention backward"),
+    ("triton_tem_fused_flex_attention_backward_0", "flex attention"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "cuBLAS bf16"),
+    ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", "cuBLAS bf16"),
+    ("cutlass3x_sm90_tensorop_gemm_bf16", "cuBLAS bf16"),
+    ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0", "Inductor reduction"),
+])
+def test_the_profile_groups_each_kernel_by_its_name(kernel, group):
+    from modded_nanogpt.bench.profile import kernel_group
+
+    assert kernel_group(kernel) == group

@@ -116,6 +116,10 @@ def bench_head(rows: int):
 
 KERNEL_GROUPS = [  # (group, substrings of the kernel name), first match wins
     ("flex attention", ("flex_attention", "flex_decoding")),
+    # FA4's CuTe DSL kernels are named after their class (FlashAttentionForwardSm90, FlashAttentionBackwardSm90,
+    # FlashAttentionBackwardPreprocess/Postprocess) under a "kernel_cutlass" prefix: ahead of cuBLAS's "cutlass".
+    ("FA4 attention forward", ("flashattentionforward",)),
+    ("FA4 attention backward", ("flashattentionbackward",)),
     ("relu2 TMA", ("_relu2",)),
     ("softcapped CE (+ e5m2 grad)", ("softcapped_ce",)),
     ("fp8 quantize", ("quantize_fp8",)),
