@@ -362,6 +362,10 @@ def test_softcapped_ce_errors_are_clear():
         softcapped_cross_entropy(logits, torch.zeros(5, dtype=torch.long), (1.0,))
     with pytest.raises(ValueError, match="integer token ids"):
         softcapped_cross_entropy(logits, targets.float(), (1.0,))
+    for cap in (0.0, -1.0, 80.5):  # the forward kernel sums exp(capped - cap): a normal float32 up to cap 80
+        with pytest.raises(ValueError, match=rf"cap must be in \(0, 80.0\], got {cap}"):
+            softcapped_cross_entropy(logits, targets, (1.0,), cap=cap)
+    assert softcapped_cross_entropy(logits, targets, (1.0,), cap=80.0).isfinite()
 
 
 @pytest.mark.parametrize("shape", [(5, 7), (3, 5, 9), (2, 33, 17)])

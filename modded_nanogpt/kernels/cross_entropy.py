@@ -20,6 +20,10 @@ from modded_nanogpt.kernels.common import (
 )
 from modded_nanogpt.kernels.fp8 import _check_fp8_shapes, _fp8_linear_forward, _fp8_linear_grads, fp8_linear
 
+# Softcapped logits lie in (0, cap), so the forward kernel shifts them by cap instead of by a running maximum:
+# every exp(capped - cap) lies in (exp(-cap), 1], a normal float32 for cap <= 80 (exp(-87.3) is the smallest).
+MAX_CAP = 80.0
+
 
 def _check_ce_args(logits, targets, mtp_weights, cap, reduction):
     if logits.ndim != 2 or targets.shape != logits.shape[:1]:
@@ -33,8 +37,9 @@ def _check_ce_args(logits, targets, mtp_weights, cap, reduction):
         raise ValueError("mtp_weights must hold at least one weight (weight of the next token first)")
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-    if not cap > 0:
-        raise ValueError(f"cap must be > 0, got {cap}")
+    if not 0 < cap <= MAX_CAP:
+        raise ValueError(f"cap must be in (0, {MAX_CAP}], got {cap}: the kernels sum exp(capped - cap), which "
+                         f"stays a normal float32 only for caps up to {MAX_CAP}")
 
 
 def softcap(logits, cap=23.0, shift=5.0, div=7.5):
@@ -82,7 +87,7 @@ def softcapped_cross_entropy(logits, targets, mtp_weights, cap=23.0, shift=5.0, 
     alone (sum over rows of CE(s_t, targets[t]), same reduction), without gradient, the loss a
     trainer logs next to its MTP objective. The fused kernel writes it in the same pass.
 
-    The fused forward makes one pass over each row (softcap, running max, log-sum-exp, and the
+    The fused forward makes one pass over each row (softcap, log-sum-exp shifted by cap, and the
     target terms) and keeps only the row's log-sum-exp; the backward recomputes the softcap
     from the logits rather than saving an (N, V) gradient in the forward, so evaluation
     without grad writes nothing of size (N, V) and the incoming gradient is applied in the
@@ -335,19 +340,17 @@ if triton is not None:
         unweighted next-token term (the loss the trainer logs)."""
         row = tl.program_id(0)
         row_ptr = logits_ptr + row.to(tl.int64) * stride_row
-        # Online log-sum-exp. Softcapped values lie in (0, cap), so 0 is a safe starting max.
-        row_max = 0.0
-        sum_exp = 0.0
+        # lse = cap + log(sum exp(capped - cap)): capped < cap bounds every term by 1 (MAX_CAP keeps it above
+        # float32's underflow), so no running maximum, and each lane sums its own terms; one reduction at the end
+        # instead of a maximum and a sum across the block per BLOCK_V columns.
+        sum_exp = tl.zeros((BLOCK_V,), dtype=tl.float32)
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             in_row = cols < V
             z = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
-            capped = tl.where(in_row, cap * sigmoid((z + shift) * inv_div, FAST), 0.0)
-            new_max = tl.maximum(row_max, tl.max(capped, axis=0))
-            block_sum = tl.sum(tl.where(in_row, tl.exp(capped - new_max), 0.0), axis=0)
-            sum_exp = sum_exp * tl.exp(row_max - new_max) + block_sum
-            row_max = new_max
-        lse = row_max + tl.log(sum_exp)
+            capped = cap * sigmoid((z + shift) * inv_div, FAST)
+            sum_exp += tl.where(in_row, tl.exp(capped - cap), 0.0)
+        lse = cap + tl.log(tl.sum(sum_exp, axis=0))
 
         loss = 0.0
         for k in range(N_MTP):
