@@ -102,6 +102,10 @@ def bench_head(rows: int):
         variants[f"fused tile {block_r}x{block_c}, {warps} warps"] = (
             lambda block_r=block_r, block_c=block_c, warps=warps: cross_entropy._softcapped_ce_grad_fp8(
                 grad_rows, logits, targets, weights, [], lse, 23.0, 5.0, 7.5, scale, block_r, block_c, warps))
+    for block_r, block_c, col_tiles in ((64, 64, 4), (64, 64, 16), (32, 128, 4)):  # programs walking col_tiles tiles
+        variants[f"fused {block_r}x{block_c}/4, {col_tiles} tiles each"] = (
+            lambda block_r=block_r, block_c=block_c, col_tiles=col_tiles: cross_entropy._softcapped_ce_grad_fp8(
+                grad_rows, logits, targets, weights, [], lse, 23.0, 5.0, 7.5, scale, block_r, block_c, 4, col_tiles))
     want = apart()
     torch.cuda.synchronize()
     gbytes = rows * vocab * (2 + 1 + 1) / 1e9

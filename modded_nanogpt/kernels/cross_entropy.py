@@ -283,19 +283,21 @@ def _(grad_rows, logits, targets, weights, weight_values, row_lse, x_fp8_t, w_fp
 
 
 def _softcapped_ce_grad_fp8(grad_rows, logits, targets, weights, weight_values, row_lse, cap, shift, div,
-                            grad_scale, block_r=64, block_c=64, num_warps=4):
+                            grad_scale, block_r=64, block_c=64, num_warps=4, col_tiles=1):
     """The loss's gradient w.r.t. the logits as e5m2 codes of grad / grad_scale, (N, V) and (V, N).
-    The tile: 64 x 64 with 4 warps was the fastest of nine shapes on an H100 (modded_nanogpt/PERF_NOTES.md)."""
+    The tile: 64 x 64 with 4 warps was the fastest of nine shapes on an H100 and an H200
+    (modded_nanogpt/PERF_NOTES.md). Each program reads its rows' factors once and then walks col_tiles
+    tiles along them; the codes are the same for every col_tiles."""
     rows, vocab = logits.shape
     weights = _mtp_weight_tensor(weights, weight_values, logits.device)
     q = torch.empty((rows, vocab), dtype=FLOAT8_E5M2, device=logits.device)
     q_t = torch.empty((vocab, rows), dtype=FLOAT8_E5M2, device=logits.device)
-    grid = (triton.cdiv(rows, block_r), triton.cdiv(vocab, block_c))
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(vocab, block_c * col_tiles))
     _softcapped_ce_grad_fp8_kernel[grid](
         grad_rows, grad_rows.stride(0), logits, logits.stride(0), logits.stride(1), q, q_t, targets.contiguous(),
         weights, weights.numel(), row_lse, rows, vocab, cap, shift, 1.0 / div, grad_scale,
-        torch.finfo(FLOAT8_E5M2).max, BLOCK_R=block_r, BLOCK_C=block_c, FAST=fast_sigmoid(logits),
-        num_warps=num_warps)
+        torch.finfo(FLOAT8_E5M2).max, BLOCK_R=block_r, BLOCK_C=block_c, COL_TILES=col_tiles,
+        FAST=fast_sigmoid(logits), num_warps=num_warps)
     return q, q_t
 
 
@@ -392,16 +394,22 @@ if triton is not None:
             tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 
     @triton.jit
-    def _ce_grad_tile(z, rows, cols, grad_rows_ptr, grad_rows_stride, targets_ptr, weights_ptr, n_mtp, row_lse_ptr,
-                      N, cap, shift, inv_div, FAST: tl.constexpr):
-        """The softcapped CE's gradient for a tile of logits z; rows and cols broadcast to z's shape. The
-        same arithmetic, in the same order, as _softcapped_ce_backward_kernel."""
+    def _ce_grad_row_factors(rows, grad_rows_ptr, grad_rows_stride, weights_ptr, n_mtp, row_lse_ptr, N):
+        """(grad_row, lse, weight_total) of rows: what _ce_grad_tile takes per row."""
         in_rows = rows < N
         grad_row = tl.load(grad_rows_ptr + rows * grad_rows_stride, mask=in_rows, other=0.0)
         lse = tl.load(row_lse_ptr + rows, mask=in_rows, other=0.0)
         weight_total = tl.zeros(rows.shape, dtype=tl.float32)
         for k in range(n_mtp):
             weight_total += tl.where(rows + k < N, tl.load(weights_ptr + k), 0.0)
+        return grad_row, lse, weight_total
+
+    @triton.jit
+    def _ce_grad_tile(z, rows, cols, grad_row, lse, weight_total, targets_ptr, weights_ptr, n_mtp, N, cap, shift,
+                      inv_div, FAST: tl.constexpr):
+        """The softcapped CE's gradient for a tile of logits z; rows, cols and the row factors
+        (_ce_grad_row_factors) broadcast to z's shape. The same arithmetic, in the same order, as
+        _softcapped_ce_backward_kernel."""
         sig = sigmoid((z + shift) * inv_div, FAST)
         dloss_dcapped = weight_total * tl.exp(cap * sig - lse)
         for k in range(n_mtp):
@@ -413,18 +421,21 @@ if triton is not None:
     def _softcapped_ce_grad_fp8_kernel(grad_rows_ptr, grad_rows_stride, logits_ptr, stride_r, stride_c, q_ptr,
                                        q_t_ptr, targets_ptr, weights_ptr, N_MTP, row_lse_ptr, N, V, cap, shift,
                                        inv_div, scale, bound, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                                       FAST: tl.constexpr):
+                                       COL_TILES: tl.constexpr, FAST: tl.constexpr):
         """q = e5m2(bf16(grad) / scale) of a (BLOCK_R, BLOCK_C) tile of the CE gradient, (N, V) row-major,
         and q_t = q^T, (V, N) row-major. bf16 first: the codes of the CE backward followed by the quantizer.
         On H100 at 49,152 x 50,304: 5.6 ms against 7.4 ms for the CE backward + quantizer (8.0 ms with tl.div_rn
         per element; 12.3 ms recomputing the transposed tile from a second, transposed read instead of tl.trans)."""
         rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-        cols = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
-        mask = (rows[:, None] < N) & (cols[None, :] < V)
-        mask_t = (cols[:, None] < V) & (rows[None, :] < N)
-        z = tl.load(logits_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
-        grad = _ce_grad_tile(z.to(tl.float32), rows[:, None], cols[None, :], grad_rows_ptr, grad_rows_stride,
-                             targets_ptr, weights_ptr, N_MTP, row_lse_ptr, N, cap, shift, inv_div, FAST)
-        codes = _to_fp8(grad.to(tl.bfloat16), scale, bound, q_ptr)
-        tl.store(q_ptr + rows[:, None] * V + cols[None, :], codes, mask=mask)
-        tl.store(q_t_ptr + cols[:, None] * N + rows[None, :], tl.trans(codes), mask=mask_t)
+        grad_row, lse, weight_total = _ce_grad_row_factors(rows[:, None], grad_rows_ptr, grad_rows_stride,
+                                                           weights_ptr, N_MTP, row_lse_ptr, N)
+        for tile in range(COL_TILES):  # COL_TILES tiles along the rows, their factors read once
+            cols = ((tl.program_id(1) * COL_TILES + tile) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+            mask = (rows[:, None] < N) & (cols[None, :] < V)
+            mask_t = (cols[:, None] < V) & (rows[None, :] < N)
+            z = tl.load(logits_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
+            grad = _ce_grad_tile(z.to(tl.float32), rows[:, None], cols[None, :], grad_row, lse, weight_total,
+                                 targets_ptr, weights_ptr, N_MTP, N, cap, shift, inv_div, FAST)
+            codes = _to_fp8(grad.to(tl.bfloat16), scale, bound, q_ptr)
+            tl.store(q_ptr + rows[:, None] * V + cols[None, :], codes, mask=mask)
+            tl.store(q_t_ptr + cols[:, None] * N + rows[None, :], tl.trans(codes), mask=mask_t)
