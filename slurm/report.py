@@ -236,6 +236,12 @@ def device_text(run: Run) -> str:
     return f"{name} x{world_size}"
 
 
+def attention_text(run: Run) -> str:
+    """The attention kernels the run took, as its provenance.json names them (`fa4 (flash-attn-4 4.0.0b36)`):
+    `auto` resolves per machine, so runs of one configuration can differ here; `unknown` where it is not said."""
+    return str(run.provenance.get("attention_backend") or "unknown")
+
+
 # ---- groups and statistics ------------------------------------------------------------------------------
 def configuration(run: Run) -> dict:
     return {k: v for k, v in run.config.items() if k not in NOT_CONFIGURATION}
@@ -309,6 +315,7 @@ def group_stats(name: str, runs: list[Run], target: float) -> dict:
         "tokens_per_s": describe(tokens_per_s)["mean"], "mfu": describe(mfus)["mean"],
         "peak_memory_bytes": max(memory) if memory else None,
         "device": ", ".join(sorted({device_text(r) for r in runs})),
+        "attention": ", ".join(sorted({attention_text(r) for r in runs})),
         "parameters": runs[0].provenance.get("parameters") or {},
     }
 
@@ -402,6 +409,11 @@ def main(argv: list[str] | None = None) -> dict:
         grouped.setdefault(group_key(run), []).append(run)
     named = name_groups(grouped)
     groups = {name: group_stats(name, runs, args.target) for name, runs in named.items()}
+    for name, runs in named.items():
+        backends = sorted({attention_text(r) for r in runs})
+        if len(backends) > 1:  # e.g. attention_backend=auto on nodes with and without flash-attn-4
+            found.warn(f"group {name!r} mixes attention kernels ({'; '.join(backends)}): its times are not one "
+                       f"kernel set's; pass --attention_backend explicitly to compare like with like")
     baseline, ratios = speedups(groups)
     summary = {"target": args.target, "out": str(out), "groups": groups, "baseline": baseline,
                "speedups": ratios, "ablations": ablations(groups), "warnings": found.warnings,

@@ -10,7 +10,7 @@ import html
 from pathlib import Path
 
 COLUMNS = ["group", "params (non-emb.)", "runs", "steps", "tokens", "time to target", "tokens to target", "final val loss",
-           "p (loss < target)", "tokens/s", "MFU", "peak memory", "device"]
+           "p (loss < target)", "tokens/s", "MFU", "peak memory", "device", "attention"]
 
 
 # ---- numbers as text --------------------------------------------------------------------------------------
@@ -61,6 +61,7 @@ def group_row(g: dict) -> list[str]:
         "n/a" if g["mfu"] is None else f"{100 * g['mfu']:.1f}%",
         "n/a" if g["peak_memory_bytes"] is None else f"{g['peak_memory_bytes'] / 2**30:.1f} GiB",
         g["device"],
+        g.get("attention", "unknown"),
     ]
 
 

@@ -21,7 +21,7 @@ TARGET = 3.28
 
 
 def write_run(path: Path, trainer: str = "nanogpt", seed: int = 1, vals=(), end: bool = True, extra_config=None,
-              gpus=("NVIDIA H100 80GB HBM3",) * 8, world_size: int = 8, train=()) -> Path:
+              gpus=("NVIDIA H100 80GB HBM3",) * 8, world_size: int = 8, train=(), attention=None) -> Path:
     """A run directory as the trainers write it. vals: (step, train_time_ms, tokens, val_loss)."""
     path.mkdir(parents=True)
     if trainer == "nanogpt":
@@ -33,7 +33,10 @@ def write_run(path: Path, trainer: str = "nanogpt", seed: int = 1, vals=(), end:
         command = ["python", "-m", "modded_nanogpt.train_gpt"]
     config.update(extra_config or {})
     (path / "config.json").write_text(json.dumps(config))
-    (path / "provenance.json").write_text(json.dumps({"command": command, "gpus": list(gpus), "world_size": world_size}))
+    provenance = {"command": command, "gpus": list(gpus), "world_size": world_size}
+    if attention is not None:
+        provenance["attention_backend"] = attention
+    (path / "provenance.json").write_text(json.dumps(provenance))
     records = [{"kind": "train", **t} for t in train]
     records += [{"kind": "val", "step": s, "train_time_ms": t, "tokens": n, "val_loss": v} for s, t, n, v in vals]
     if end and vals:
@@ -261,3 +264,30 @@ def test_plots_leave_step_0_out_of_the_y_range_and_draw_seeds_as_a_mean_with_a_b
     xs, mean, lowest, highest = mean_curve([a, b], "train_time_ms", 1e-3)
     assert xs == [0.0, 2.0, 3.0]  # steps 0, 10, 20: the ones both runs have; x in seconds, averaged
     assert mean == pytest.approx([10.85, 4.2, 3.4]) and lowest == [10.8, 4.0, 3.3] and highest == [10.9, 4.4, 3.5]
+
+
+def test_a_group_that_mixes_attention_kernels_is_flagged(tmp_path, capsys):
+    """attention_backend=auto resolves per machine: two seeds of one configuration on nodes with and without
+    flash-attn-4 group together, and the report names both kernel sets and warns."""
+    runs = tmp_path / "runs"
+    write_run(runs / "s1", trainer="modded", seed=1, vals=curve(3.1), attention="fa4 (flash-attn-4 4.0.0b36)")
+    write_run(runs / "s2", trainer="modded", seed=2, vals=curve(3.12), attention="flex")
+    write_run(runs / "b1", seed=1, vals=curve(3.3), attention="flash (torch SDPA)")
+    write_run(runs / "b2", seed=2, vals=curve(3.31), attention="flash (torch SDPA)")
+    summary = report.main([str(runs), "--out", str(tmp_path / "out")])
+    modded = next(g for g in summary["groups"].values() if g["trainer"] == "modded")
+    baseline = next(g for g in summary["groups"].values() if g["trainer"] == report.BASELINE)
+    assert modded["n_runs"] == 2 and modded["attention"] == "fa4 (flash-attn-4 4.0.0b36), flex"
+    assert baseline["attention"] == "flash (torch SDPA)"
+    mixed = [w for w in summary["warnings"] if "mixes attention kernels" in w]
+    assert len(mixed) == 1 and repr(modded["name"]) in mixed[0] and "--attention_backend" in mixed[0]
+    assert "mixes attention kernels" in capsys.readouterr().err
+    table = (tmp_path / "out" / "report.md").read_text()
+    assert "| device | attention |" in table
+    assert "fa4 (flash-attn-4 4.0.0b36), flex" in table and "flash (torch SDPA)" in table
+
+
+def test_a_run_without_an_attention_record_reads_unknown(tmp_path):
+    write_run(tmp_path / "runs" / "a", vals=curve(3.1))
+    (group,) = report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")])["groups"].values()
+    assert group["attention"] == "unknown"
