@@ -26,6 +26,8 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -324,6 +326,13 @@ def describe_attention_backend(backend: str) -> str:
     return backend
 
 
+# FA4's kernels compile at their first call. fa4_precompile makes that call from a background thread while
+# torch.compile builds the first graph (whose own first FA4 call comes after the graph); the ops hold this lock
+# while they launch, so a model call never compiles the same kernels at the same time. Reentrant: the precompile
+# holds it and calls the ops.
+FA4_LOCK = threading.RLock()
+
+
 # FlashAttention 4 as a custom op: torch.compile(fullgraph=True) cannot trace the CuTe DSL launcher, so the
 # compiled graph holds one opaque node per call, with a shape function and its own backward (FA4's).
 # The window and the YaRN temperature come in as 0-d CPU tensors, read on the host when the op runs: a
@@ -337,9 +346,11 @@ def _fa4_varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
     q.k * scale * temperature, each query seeing keys at most window * window_unit positions back."""
     from flash_attn.cute.interface import _flash_attn_fwd
 
-    out, lse, *_ = _flash_attn_fwd(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
-                                   max_seqlen_k=max_seqlen, softmax_scale=scale * float(temperature), causal=True,
-                                   window_size_left=int(window) * window_unit, window_size_right=0, return_lse=True)
+    with FA4_LOCK:
+        out, lse, *_ = _flash_attn_fwd(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                                       max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
+                                       softmax_scale=scale * float(temperature), causal=True,
+                                       window_size_left=int(window) * window_unit, window_size_right=0, return_lse=True)
     return out, lse
 
 
@@ -356,10 +367,11 @@ def _fa4_varlen_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                             window_unit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from flash_attn.cute.interface import _flash_attn_bwd
 
-    dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout.contiguous(), lse, scale * float(temperature), True, 0.0,
-                                 window_size_left=int(window) * window_unit, window_size_right=0,
-                                 cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
-                                 max_seqlen_k=max_seqlen)[:3]
+    with FA4_LOCK:
+        dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout.contiguous(), lse, scale * float(temperature), True, 0.0,
+                                     window_size_left=int(window) * window_unit, window_size_right=0,
+                                     cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+                                     max_seqlen_k=max_seqlen)[:3]
     return dq, dk, dv
 
 
@@ -385,6 +397,35 @@ def _fa4_backward(ctx, dout, _dlse):
 
 
 _fa4_varlen_op.register_autograd(_fa4_backward, setup_context=_fa4_setup_context)
+
+
+def fa4_precompile(cu_seqlens: torch.Tensor, max_seqlen: int, num_heads: int, head_dim: int, scale: float,
+                   window_unit: int) -> threading.Thread:
+    """Start a thread that compiles FA4's training kernels: one forward and one backward through the model's
+    ops, on random bf16 (P, num_heads, head_dim) inputs, P = cu_seqlens[-1]. cu_seqlens must be padded as
+    the trainer pads them: their length picks the kernels' variant; the heads, the window and the scale do
+    not. Join the thread before timing anything. Its `seconds` is how long the calls took and its `error` why
+    they failed (None if they did not): a failure only leaves the compiling to the model's first call."""
+    def work():
+        t0 = time.perf_counter()
+        try:
+            with FA4_LOCK:
+                tokens = int(cu_seqlens[-1])
+                q, k, v = (torch.randn(tokens, num_heads, head_dim, device=cu_seqlens.device, dtype=torch.bfloat16)
+                           for _ in range(3))
+                temperature, window = host_scalar(1.0, torch.float32), host_scalar(1, torch.int64)
+                out, lse = torch.ops.modded_nanogpt.fa4_varlen(q, k, v, cu_seqlens, max_seqlen, scale, temperature,
+                                                               window, window_unit)
+                torch.ops.modded_nanogpt.fa4_varlen_backward(torch.randn_like(out), q, k, v, out, lse, cu_seqlens,
+                                                             max_seqlen, scale, temperature, window, window_unit)
+        except Exception as e:  # noqa: BLE001 - reported by the caller; the model's first call compiles instead
+            thread.error = f"{type(e).__name__}: {e}"
+        thread.seconds = time.perf_counter() - t0
+
+    thread = threading.Thread(target=work, name="fa4-precompile", daemon=True)
+    thread.error, thread.seconds = None, None
+    thread.start()
+    return thread
 
 
 def host_scalar(value, dtype) -> torch.Tensor:

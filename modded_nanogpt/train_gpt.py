@@ -42,10 +42,12 @@ from modded_nanogpt.data.loader import DistributedBOSLoader, SequentialLoader, t
 from modded_nanogpt.dist_optim import AdamGroup, BankSpec, SpeedrunOptimizer
 from modded_nanogpt.model import (
     ATTENTION_BACKENDS,
+    BLOCK,
     FLASH_BACKENDS,
     GPT,
     ModelConfig,
     describe_attention_backend,
+    fa4_precompile,
     select_attention_backend,
 )
 from modded_nanogpt.schedule import Momentum, Schedule, ScheduleError
@@ -636,6 +638,11 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
     # On CUDA also without torch.compile: the Triton kernels compile and autotune per shape on first use.
     if (compiled or rt.device.type == "cuda") and hp.warmup and start_step < total_steps:
         t0 = time.perf_counter()
+        precompile = None
+        if backend == "fa4" and rt.device.type == "cuda":  # FA4's kernels compile beside the first graph
+            two_docs = torch.tensor([0, hp.seq_len, 2 * hp.seq_len], dtype=torch.int32, device=rt.device)
+            precompile = fa4_precompile(flash_boundaries(model, two_docs, 2 * hp.seq_len), hp.seq_len,
+                                        model.config.num_heads, model.config.head_dim, model.config.attn_scale, BLOCK)
         saved_state = snapshot(model, optimizer, loader)
         plans = schedule.distinct_shapes()
         for plan in plans:
@@ -647,6 +654,12 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
             warm_probe(plan.short_window, plan.long_window)
             log(f"warmup: step shape of step {plan.step} (batch {plan.batch_tokens}, windows {plan.short_window},"
                 f"{plan.long_window}, {len(plan.mtp_weights)} MTP terms) compiled at {time.perf_counter() - t0:.0f}s")
+            if precompile is not None:  # done by now: the step's FA4 calls waited for it
+                precompile.join()
+                log(f"warmup: FA4's kernels compiled beside the first graph in {precompile.seconds:.1f}s" if
+                    precompile.error is None else f"warmup: FA4's kernels did not compile beside the first graph "
+                    f"({precompile.error}); the first step compiled them")
+                precompile = None
         validate(model, step_fn, val_files, hp, rt, *schedule.windows_at(total_steps), max_forwards=1)
         warm_probe(*schedule.windows_at(total_steps))
         restore(saved_state, model, optimizer, loader)

@@ -21,6 +21,7 @@ from modded_nanogpt.model import (
     attention_mask,
     block_classes,
     dense_mask,
+    fa4_precompile,
     flex_block_mask,
     norm,
     ordered_lists,
@@ -950,6 +951,41 @@ def test_fa4_takes_windows_only_as_ints_or_cpu_scalars(fa4_on_cpu):
         attend(q, k, v, None, cu, torch.tensor([3, 4]), 0, 0.5, "fa4")
     with pytest.raises(ValueError, match="0-d CPU tensors, got a tensor of shape"):
         attend(q, k, v, None, cu, 3, 0, 0.5, "fa4", temperature=torch.ones((), device="meta"))
+
+
+def test_fa4_precompile_calls_the_forward_and_backward_ops_once_in_a_thread(fa4_on_cpu, monkeypatch):
+    """The trainer's warmup compiles FA4's kernels in a background thread beside the first graph: one forward
+    and one backward through the model's ops, with the trainer's padded cu_seqlens; a failure is reported on the
+    thread (the model's first call then compiles them), not raised."""
+    import flash_attn.cute.interface as interface
+
+    from modded_nanogpt import model as model_module
+
+    cu = F.pad(torch.tensor([0, 64, 128], dtype=torch.int32), (0, 13), value=128)  # padded, as the trainer pads
+    seen = []
+    forward = interface._flash_attn_fwd
+
+    def recording_forward(q, k, v, **kwargs):
+        seen.append((q.shape, q.dtype, kwargs["cu_seqlens_q"] is cu, kwargs["max_seqlen_q"]))
+        assert model_module.FA4_LOCK._is_owned()  # the ops launch under the lock
+        return forward(q, k, v, **kwargs)
+
+    monkeypatch.setattr(interface, "_flash_attn_fwd", recording_forward)
+    thread = fa4_precompile(cu, 64, num_heads=2, head_dim=8, scale=0.5, window_unit=BLOCK)
+    thread.join(timeout=60)
+    assert not thread.is_alive() and thread.error is None and thread.seconds >= 0
+    assert seen == [(torch.Size([128, 2, 8]), torch.bfloat16, True, 64)]
+    assert fa4_on_cpu == [(0.5, BLOCK), (0.5, BLOCK)]  # a forward, then a backward: window 1 block, the scale
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no sm90 here")
+
+    monkeypatch.setattr(interface, "_flash_attn_fwd", broken)
+    thread = fa4_precompile(cu, 64, num_heads=2, head_dim=8, scale=0.5, window_unit=BLOCK)
+    thread.join(timeout=60)
+    assert thread.error == "RuntimeError: no sm90 here" and thread.seconds is not None
+    assert model_module.FA4_LOCK.acquire(blocking=False)  # released after the failure
+    model_module.FA4_LOCK.release()
 
 
 def test_tied_and_untied_steps_share_one_compiled_graph():
