@@ -23,6 +23,7 @@ Defaults are the published record #68 (modded-nanogpt, Feb 2026); each feature i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -408,8 +409,9 @@ def fa4_precompile(cu_seqlens: torch.Tensor, max_seqlen: int, num_heads: int, he
     they failed (None if they did not): a failure only leaves the compiling to the model's first call."""
     def work():
         t0 = time.perf_counter()
-        try:
-            with FA4_LOCK:
+        try:  # the device too: a new thread's current CUDA device is the first, whatever the rank's
+            device = torch.cuda.device(cu_seqlens.device) if cu_seqlens.is_cuda else contextlib.nullcontext()
+            with FA4_LOCK, device:
                 tokens = int(cu_seqlens[-1])
                 q, k, v = (torch.randn(tokens, num_heads, head_dim, device=cu_seqlens.device, dtype=torch.bfloat16)
                            for _ in range(3))
