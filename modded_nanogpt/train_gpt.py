@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -525,6 +526,10 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+            # Free what still refers to the process group's tensors while the interpreter is whole: left to the
+            # interpreter's exit, 2-rank gloo runs that saved a checkpoint mid-run aborted in rank 1's teardown
+            # ("terminate called without an active exception") in 4 of 15 runs; 0 of 30 with the collection.
+            gc.collect()
 
 
 def fa4_kernel_cache(run_dir: Path) -> None:
