@@ -303,6 +303,7 @@ def group_stats(name: str, runs: list[Run], target: float) -> dict:
     mfus = [v for r in runs if r.trainer == BASELINE and (v := mean_mfu(r)) is not None]
     memory = [r.last("peak_memory_bytes") for r in runs if r.last("peak_memory_bytes")]
     steps = [r.last("step") or 0 for r in runs]
+    attention = sorted({attention_text(r) for r in runs})
     return {
         "name": name, "trainer": runs[0].trainer, "config": configuration(runs[0]),
         "runs": [str(r.path) for r in runs], "seeds": [r.seed for r in runs], "n_runs": len(runs),
@@ -315,7 +316,7 @@ def group_stats(name: str, runs: list[Run], target: float) -> dict:
         "tokens_per_s": describe(tokens_per_s)["mean"], "mfu": describe(mfus)["mean"],
         "peak_memory_bytes": max(memory) if memory else None,
         "device": ", ".join(sorted({device_text(r) for r in runs})),
-        "attention": ", ".join(sorted({attention_text(r) for r in runs})),
+        "attention": ", ".join(attention), "attention_kernels": attention,
         "parameters": runs[0].provenance.get("parameters") or {},
     }
 
@@ -409,8 +410,8 @@ def main(argv: list[str] | None = None) -> dict:
         grouped.setdefault(group_key(run), []).append(run)
     named = name_groups(grouped)
     groups = {name: group_stats(name, runs, args.target) for name, runs in named.items()}
-    for name, runs in named.items():
-        backends = sorted({attention_text(r) for r in runs})
+    for name, group in groups.items():
+        backends = group["attention_kernels"]
         if len(backends) > 1:  # e.g. attention_backend=auto on nodes with and without flash-attn-4
             found.warn(f"group {name!r} mixes attention kernels ({'; '.join(backends)}): its times are not one "
                        f"kernel set's; pass --attention_backend explicitly to compare like with like")
