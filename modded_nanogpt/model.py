@@ -23,7 +23,6 @@ Defaults are the published record #68 (modded-nanogpt, Feb 2026); each feature i
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
@@ -327,11 +326,11 @@ def describe_attention_backend(backend: str) -> str:
     return backend
 
 
-# FA4's kernels compile at their first call. fa4_precompile makes that call from a background thread while
-# torch.compile builds the first graph (whose own first FA4 call comes after the graph); the ops hold this lock
-# while they launch, so a model call never compiles the same kernels at the same time. Reentrant: the precompile
-# holds it and calls the ops.
-FA4_LOCK = threading.RLock()
+# FA4's kernels compile at their first call. fa4_precompile makes that call in a child process while
+# torch.compile builds the first graph (whose own first FA4 call comes after the graph), and holds this lock
+# until the child is done; the ops hold it while they launch, so the model's first call waits for the child's
+# kernels (on disk) instead of compiling them a second time.
+FA4_LOCK = threading.Lock()
 
 
 # FlashAttention 4 as a custom op: torch.compile(fullgraph=True) cannot trace the CuTe DSL launcher, so the
@@ -400,26 +399,66 @@ def _fa4_backward(ctx, dout, _dlse):
 _fa4_varlen_op.register_autograd(_fa4_backward, setup_context=_fa4_setup_context)
 
 
+def fa4_precompile_child(spec: str) -> None:
+    """The precompile process's body (`python -c ...` with the JSON spec of fa4_precompile_command): one forward
+    and one backward through the model's FA4 ops on the parent's device, whose kernels FA4's disk cache then
+    holds."""
+    import json
+
+    a = json.loads(spec)
+    device = torch.device("cuda", a["device"]) if a["device"] is not None else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    cu_seqlens = torch.tensor(a["cu_seqlens"], dtype=torch.int32, device=device)
+    max_seqlen, num_heads, head_dim = a["max_seqlen"], a["num_heads"], a["head_dim"]
+    scale, window_unit = a["scale"], a["window_unit"]
+    tokens = int(cu_seqlens[-1])
+    q, k, v = (torch.randn(tokens, num_heads, head_dim, device=device, dtype=torch.bfloat16) for _ in range(3))
+    temperature, window = host_scalar(1.0, torch.float32), host_scalar(1, torch.int64)
+    out, lse = torch.ops.modded_nanogpt.fa4_varlen(q, k, v, cu_seqlens, max_seqlen, scale, temperature, window,
+                                                   window_unit)
+    torch.ops.modded_nanogpt.fa4_varlen_backward(torch.randn_like(out), q, k, v, out, lse, cu_seqlens, max_seqlen,
+                                                 scale, temperature, window, window_unit)
+
+
+def fa4_precompile_command(cu_seqlens: torch.Tensor, max_seqlen: int, num_heads: int, head_dim: int, scale: float,
+                           window_unit: int) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of a precompile process: this interpreter, this process's import path
+    (PYTHONPATH), its environment otherwise (FA4's disk cache settings and CUDA_VISIBLE_DEVICES included)."""
+    import json
+    import sys
+
+    spec = json.dumps({"cu_seqlens": cu_seqlens.tolist(), "device": cu_seqlens.device.index if cu_seqlens.is_cuda
+                       else None, "max_seqlen": max_seqlen, "num_heads": num_heads, "head_dim": head_dim,
+                       "scale": scale, "window_unit": window_unit})
+    code = "import sys; from modded_nanogpt.model import fa4_precompile_child; fa4_precompile_child(sys.argv[1])"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p or os.getcwd() for p in sys.path))
+    return [sys.executable, "-c", code, spec], env
+
+
 def fa4_precompile(cu_seqlens: torch.Tensor, max_seqlen: int, num_heads: int, head_dim: int, scale: float,
                    window_unit: int) -> threading.Thread:
-    """Start a thread that compiles FA4's training kernels: one forward and one backward through the model's
-    ops, on random bf16 (P, num_heads, head_dim) inputs, P = cu_seqlens[-1]. cu_seqlens must be padded as
-    the trainer pads them: their length picks the kernels' variant; the heads, the window and the scale do
-    not. Join the thread before timing anything. Its `seconds` is how long the calls took and its `error` why
-    they failed (None if they did not): a failure only leaves the compiling to the model's first call."""
+    """Start a thread that compiles FA4's training kernels in a child process: one forward and one backward
+    through the model's ops, on random bf16 (P, num_heads, head_dim) inputs, P = cu_seqlens[-1]. cu_seqlens
+    must be padded as the trainer pads them: their length picks the kernels' variant; the heads, the window and
+    the scale do not. A process, not a thread of this one: FA4's compile is mostly Python and would take turns
+    with torch.compile's under one interpreter lock. Its kernels reach this process through FA4's disk cache,
+    which must be on (FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 before flash_attn.cute is imported); the thread
+    holds FA4_LOCK until the child exits, so this process's first FA4 call waits for it and loads them.
+    Join the thread before timing anything. Its `seconds` is how long the child took and its `error` why it
+    failed (None if it did not): a failure only leaves the compiling to the model's first call."""
+    command, env = fa4_precompile_command(cu_seqlens, max_seqlen, num_heads, head_dim, scale, window_unit)
+
     def work():
+        import subprocess
+
         t0 = time.perf_counter()
-        try:  # the device too: a new thread's current CUDA device is the first, whatever the rank's
-            device = torch.cuda.device(cu_seqlens.device) if cu_seqlens.is_cuda else contextlib.nullcontext()
-            with FA4_LOCK, device:
-                tokens = int(cu_seqlens[-1])
-                q, k, v = (torch.randn(tokens, num_heads, head_dim, device=cu_seqlens.device, dtype=torch.bfloat16)
-                           for _ in range(3))
-                temperature, window = host_scalar(1.0, torch.float32), host_scalar(1, torch.int64)
-                out, lse = torch.ops.modded_nanogpt.fa4_varlen(q, k, v, cu_seqlens, max_seqlen, scale, temperature,
-                                                               window, window_unit)
-                torch.ops.modded_nanogpt.fa4_varlen_backward(torch.randn_like(out), q, k, v, out, lse, cu_seqlens,
-                                                             max_seqlen, scale, temperature, window, window_unit)
+        try:
+            with FA4_LOCK:
+                done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+            if done.returncode != 0:
+                last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+                raise RuntimeError(f"the precompile process failed: {last}")
         except Exception as e:  # noqa: BLE001 - reported by the caller; the model's first call compiles instead
             thread.error = f"{type(e).__name__}: {e}"
         thread.seconds = time.perf_counter() - t0

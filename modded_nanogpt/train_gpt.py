@@ -532,11 +532,14 @@ def main(argv: list[str] | None = None) -> dict:
             gc.collect()
 
 
+FA4_CACHE_SWITCH = "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"  # "1": FA4's kernels go to (and come from) its disk cache
+
+
 def fa4_kernel_cache(run_dir: Path) -> None:
     """FlashAttention 4 compiles its CuTe kernels at first use (in the untimed warmup); with its disk cache on,
     later runs load them. Unless set already, the cache is on, in .cache/flash_attn_cute beside the run
     directory (FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED / _DIR; read when flash_attn.cute is first imported)."""
-    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+    os.environ.setdefault(FA4_CACHE_SWITCH, "1")
     os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(run_dir.resolve().parent / ".cache" / "flash_attn_cute"))
 
 
@@ -644,7 +647,8 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
     if (compiled or rt.device.type == "cuda") and hp.warmup and start_step < total_steps:
         t0 = time.perf_counter()
         precompile = None
-        if backend == "fa4" and rt.device.type == "cuda":  # FA4's kernels compile beside the first graph
+        # FA4's kernels compile in a child process beside the first graph, reaching this one through the disk cache
+        if backend == "fa4" and rt.device.type == "cuda" and os.environ.get(FA4_CACHE_SWITCH) == "1":
             two_docs = torch.tensor([0, hp.seq_len, 2 * hp.seq_len], dtype=torch.int32, device=rt.device)
             precompile = fa4_precompile(flash_boundaries(model, two_docs, 2 * hp.seq_len), hp.seq_len,
                                         model.config.num_heads, model.config.head_dim, model.config.attn_scale, BLOCK)
@@ -661,9 +665,9 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
                 f"{plan.long_window}, {len(plan.mtp_weights)} MTP terms) compiled at {time.perf_counter() - t0:.0f}s")
             if precompile is not None:  # done by now: the step's FA4 calls waited for it
                 precompile.join()
-                log(f"warmup: FA4's kernels compiled beside the first graph in {precompile.seconds:.1f}s" if
-                    precompile.error is None else f"warmup: FA4's kernels did not compile beside the first graph "
-                    f"({precompile.error}); the first step compiled them")
+                log(f"warmup: FA4's kernels compiled beside the first graph, in a child process, in "
+                    f"{precompile.seconds:.1f}s" if precompile.error is None else f"warmup: FA4's kernels did not "
+                    f"compile beside the first graph ({precompile.error}); the first step compiled them")
                 precompile = None
         validate(model, step_fn, val_files, hp, rt, *schedule.windows_at(total_steps), max_forwards=1)
         warm_probe(*schedule.windows_at(total_steps))

@@ -2,8 +2,12 @@
 schedule (record #68), and the all-off model against a plain reference."""
 
 import dataclasses
+import json
 import math
+import os
 import shutil
+import sys
+import time
 
 import pytest
 import torch
@@ -953,39 +957,96 @@ def test_fa4_takes_windows_only_as_ints_or_cpu_scalars(fa4_on_cpu):
         attend(q, k, v, None, cu, 3, 0, 0.5, "fa4", temperature=torch.ones((), device="meta"))
 
 
-def test_fa4_precompile_calls_the_forward_and_backward_ops_once_in_a_thread(fa4_on_cpu, monkeypatch):
-    """The trainer's warmup compiles FA4's kernels in a background thread beside the first graph: one forward
-    and one backward through the model's ops, with the trainer's padded cu_seqlens; a failure is reported on the
-    thread (the model's first call then compiles them), not raised."""
-    import flash_attn.cute.interface as interface
+def test_fa4_precompile_child_calls_the_forward_and_backward_ops_once(fa4_on_cpu, monkeypatch):
+    """The precompile process's body: one forward and one backward through the model's ops, with the trainer's
+    padded cu_seqlens as the parent passed them (JSON), the window one block, the model's scale."""
+    import json
 
-    from modded_nanogpt import model as model_module
+    import flash_attn.cute.interface as interface
 
     cu = F.pad(torch.tensor([0, 64, 128], dtype=torch.int32), (0, 13), value=128)  # padded, as the trainer pads
     seen = []
     forward = interface._flash_attn_fwd
 
     def recording_forward(q, k, v, **kwargs):
-        seen.append((q.shape, q.dtype, kwargs["cu_seqlens_q"] is cu, kwargs["max_seqlen_q"]))
-        assert model_module.FA4_LOCK._is_owned()  # the ops launch under the lock
+        seen.append((q.shape, q.dtype, kwargs["cu_seqlens_q"].tolist(), kwargs["max_seqlen_q"]))
         return forward(q, k, v, **kwargs)
 
     monkeypatch.setattr(interface, "_flash_attn_fwd", recording_forward)
-    thread = fa4_precompile(cu, 64, num_heads=2, head_dim=8, scale=0.5, window_unit=BLOCK)
-    thread.join(timeout=60)
-    assert not thread.is_alive() and thread.error is None and thread.seconds >= 0
-    assert seen == [(torch.Size([128, 2, 8]), torch.bfloat16, True, 64)]
+    command, env = modded_model.fa4_precompile_command(cu, 64, num_heads=2, head_dim=8, scale=0.5, window_unit=BLOCK)
+    assert json.loads(command[-1])["device"] is None  # a CPU tensor: no CUDA device for the child
+    modded_model.fa4_precompile_child(command[-1])
+    assert seen == [(torch.Size([128, 2, 8]), torch.bfloat16, cu.tolist(), 64)]
     assert fa4_on_cpu == [(0.5, BLOCK), (0.5, BLOCK)]  # a forward, then a backward: window 1 block, the scale
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("no sm90 here")
 
-    monkeypatch.setattr(interface, "_flash_attn_fwd", broken)
+STAND_IN_FA4 = """
+import json, os, torch
+def _log(kind, **kwargs):
+    with open(os.environ["FA4_STAND_IN_LOG"], "a") as f:
+        f.write(json.dumps({"kind": kind, "cache": os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"), **kwargs}) + "\\n")
+def _flash_attn_fwd(q, k, v, **kw):
+    _log("forward", shape=list(q.shape), cu=kw["cu_seqlens_q"].tolist(), window=kw["window_size_left"],
+         scale=kw["softmax_scale"])
+    return torch.zeros_like(q), torch.zeros(q.shape[1], q.shape[0])
+def _flash_attn_bwd(q, k, v, out, dout, lse, scale, causal, softcap, **kw):
+    _log("backward", shape=list(q.shape), window=kw["window_size_left"])
+    return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+"""
+
+
+def test_fa4_precompile_runs_the_calls_in_a_child_process_that_finds_this_process_imports(tmp_path, monkeypatch):
+    """fa4_precompile starts a child process (this interpreter, this process's import path, its environment:
+    FA4's cache settings reach it) that makes the two calls; the thread reports how long it took, no error."""
+    stand_in = tmp_path / "site" / "flash_attn" / "cute"
+    stand_in.mkdir(parents=True)
+    (stand_in.parent / "__init__.py").write_text("")
+    (stand_in / "__init__.py").write_text("")
+    (stand_in / "interface.py").write_text(STAND_IN_FA4)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))  # only sys.path: the child gets it as PYTHONPATH
+    log = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("FA4_STAND_IN_LOG", str(log))
+    monkeypatch.setenv("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(tmp_path / "cache"))
+    cu = F.pad(torch.tensor([0, 64, 128], dtype=torch.int32), (0, 5), value=128)
     thread = fa4_precompile(cu, 64, num_heads=2, head_dim=8, scale=0.5, window_unit=BLOCK)
-    thread.join(timeout=60)
-    assert thread.error == "RuntimeError: no sm90 here" and thread.seconds is not None
-    assert model_module.FA4_LOCK.acquire(blocking=False)  # released after the failure
-    model_module.FA4_LOCK.release()
+    thread.join(timeout=300)
+    assert not thread.is_alive() and thread.error is None and thread.seconds > 0
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert calls == [{"kind": "forward", "cache": str(tmp_path / "cache"), "shape": [128, 2, 8], "cu": cu.tolist(),
+                      "window": BLOCK, "scale": 0.5},
+                     {"kind": "backward", "cache": str(tmp_path / "cache"), "shape": [128, 2, 8], "window": BLOCK}]
+
+
+def test_fa4_precompile_holds_the_lock_until_the_child_exits_and_reports_its_failure(tmp_path, monkeypatch):
+    """The model's FA4 calls wait (FA4_LOCK) while the child compiles, so they load its kernels rather than
+    compile them again; a child that fails is reported on the thread with its last stderr line, not raised,
+    and the lock is released (the model's first call then compiles the kernels)."""
+    started, release = tmp_path / "started", tmp_path / "release"
+    waiting = (f"import pathlib, time; pathlib.Path({str(started)!r}).touch()\n"
+               f"while not pathlib.Path({str(release)!r}).exists(): time.sleep(0.02)")
+    monkeypatch.setattr(modded_model, "fa4_precompile_command",
+                        lambda *args: ([sys.executable, "-c", waiting], dict(os.environ)))
+    cu = torch.tensor([0, 64], dtype=torch.int32)
+    thread = fa4_precompile(cu, 64, num_heads=2, head_dim=8, scale=0.5, window_unit=BLOCK)
+    deadline = time.monotonic() + 120
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert started.exists() and thread.is_alive()
+    assert not modded_model.FA4_LOCK.acquire(blocking=False)  # the child runs: FA4 calls wait
+    release.touch()
+    thread.join(timeout=120)
+    assert not thread.is_alive() and thread.error is None
+    assert modded_model.FA4_LOCK.acquire(blocking=False)
+    modded_model.FA4_LOCK.release()
+
+    failing = "import sys; print('compiling', file=sys.stderr); sys.exit('no sm90 here')"
+    monkeypatch.setattr(modded_model, "fa4_precompile_command",
+                        lambda *args: ([sys.executable, "-c", failing], dict(os.environ)))
+    thread = fa4_precompile(cu, 64, num_heads=2, head_dim=8, scale=0.5, window_unit=BLOCK)
+    thread.join(timeout=120)
+    assert thread.error == "RuntimeError: the precompile process failed: no sm90 here" and thread.seconds > 0
+    assert modded_model.FA4_LOCK.acquire(blocking=False)  # released after the failure
+    modded_model.FA4_LOCK.release()
 
 
 def test_tied_and_untied_steps_share_one_compiled_graph():

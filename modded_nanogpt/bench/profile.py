@@ -15,9 +15,11 @@ then the quantizer (two kernels) against the fused CE-gradient + e5m2 kernel (bo
 import argparse
 import cProfile
 import dataclasses
+import os
 import pstats
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -25,12 +27,14 @@ from torch.profiler import ProfilerActivity, profile
 
 from modded_nanogpt.bench import require_cuda
 from modded_nanogpt.data.loader import DistributedBOSLoader, PackedBatch, to_device_async
-from modded_nanogpt.model import GPT, select_attention_backend
+from modded_nanogpt.model import BLOCK, GPT, fa4_precompile, select_attention_backend
 from modded_nanogpt.train_gpt import (
+    FA4_CACHE_SWITCH,
     TOTAL_MICRO_STEPS,
     ConfigError,
     Runtime,
     build_optimizer,
+    flash_boundaries,
     model_config,
     parse_hyperparameters,
     resolve_data,
@@ -102,7 +106,7 @@ def bench_head(rows: int):
         variants[f"fused tile {block_r}x{block_c}, {warps} warps"] = (
             lambda block_r=block_r, block_c=block_c, warps=warps: cross_entropy._softcapped_ce_grad_fp8(
                 grad_rows, logits, targets, weights, [], lse, 23.0, 5.0, 7.5, scale, block_r, block_c, warps))
-    for block_r, block_c, col_tiles in ((64, 64, 4), (64, 64, 16), (32, 128, 4)):  # programs walking col_tiles tiles
+    for block_r, block_c, col_tiles in ((64, 64, 1), (64, 64, 8), (64, 64, 32), (32, 128, 8)):  # programs walking col_tiles tiles
         variants[f"fused {block_r}x{block_c}/4, {col_tiles} tiles each"] = (
             lambda block_r=block_r, block_c=block_c, col_tiles=col_tiles: cross_entropy._softcapped_ce_grad_fp8(
                 grad_rows, logits, targets, weights, [], lse, 23.0, 5.0, 7.5, scale, block_r, block_c, 4, col_tiles))
@@ -157,6 +161,11 @@ def parse_args(argv):
     p.add_argument("--host_profile", action="store_true", help="add Python's profile of the host queuing two steps")
     p.add_argument("--blocking_loader", action="store_true", help="synthetic batches copied from pageable memory")
     p.add_argument("--bench_head", action="store_true", help="time the FP8 head's backward variants instead")
+    p.add_argument("--fa4_precompile", action="store_true",
+                   help="attention_backend=fa4: compile FA4's kernels beside the first graph, in a child process, "
+                        "as the trainer does (through FA4's disk cache, in a new temporary directory unless "
+                        "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR is set); without it the first step's first call "
+                        "compiles them")
     p.add_argument("--rows", type=int, default=49152, help="--bench_head: rows of one micro-step")
     args, settings = p.parse_known_args(argv)
     try:
@@ -175,6 +184,9 @@ def main(argv):
     if stage >= len(schedule.stage_starts):
         raise SystemExit(f"--stage={stage}: this schedule has stages 0-{len(schedule.stage_starts) - 1}")
     require_cuda("modded_nanogpt.bench.profile")
+    if args.fa4_precompile:  # read when flash_attn.cute is first imported
+        os.environ[FA4_CACHE_SWITCH] = "1"
+        os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", tempfile.mkdtemp(prefix="fa4_cute_"))
     if args.bench_head:
         bench_head(args.rows)
         return
@@ -201,7 +213,16 @@ def main(argv):
     # The trainer's steps alternate: Adam updates on odd steps only (NorMuon every step). Profiled steps do too.
     plans = [dataclasses.replace(plan, untie_after=False, adam_step=odd) for odd in (False, True)]
     t0 = time.perf_counter()
+    precompile = None
+    if model.attention_backend == "fa4" and args.fa4_precompile:
+        cu = flash_boundaries(model, torch.tensor([0, hp.seq_len, 2 * hp.seq_len], dtype=torch.int32,
+                                                  device=rt.device), 2 * hp.seq_len)
+        precompile = fa4_precompile(cu, hp.seq_len, model.config.num_heads, model.config.head_dim,
+                                    model.config.attn_scale, BLOCK)
     train_step(model, step_fn, optimizer, loader, plans[1], rt).tolist()
+    if precompile is not None:
+        precompile.join()
+        print(f"FA4 precompile process: {precompile.seconds:.1f}s, error {precompile.error}")
     print(f"stage {stage}: {plan.batch_tokens} tokens/step, windows {plan.short_window},{plan.long_window}; "
           f"compile + first step {time.perf_counter() - t0:.1f}s", flush=True)
     times = []
