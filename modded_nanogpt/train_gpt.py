@@ -57,11 +57,14 @@ from nanogpt.config import ConfigError, parse_config, trainer_exit_status, usage
 from nanogpt.data.shards import ShardError, check_token_ids, find_shards, read_shard_header
 from nanogpt.probe_store import ProbeError, Study
 from nanogpt.rundir import (
+    COMPILE_CACHES,
     RunDir,
     RunDirError,
     StopSignal,
+    caches_text,
     check_same_trainer,
     check_writable,
+    compile_caches,
     load_newest,
     provenance,
     prune_checkpoints,
@@ -533,21 +536,19 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 FA4_CACHE_SWITCH = "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"  # "1": FA4's kernels go to (and come from) its disk cache
-
-
-def fa4_kernel_cache(run_dir: Path) -> None:
-    """FlashAttention 4 compiles its CuTe kernels at first use (in the untimed warmup); with its disk cache on,
-    later runs load them. Unless set already, the cache is on, in .cache/flash_attn_cute beside the run
-    directory (FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED / _DIR; read when flash_attn.cute is first imported)."""
-    os.environ.setdefault(FA4_CACHE_SWITCH, "1")
-    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(run_dir.resolve().parent / ".cache" / "flash_attn_cute"))
+# The kernel caches beside the run directory (nanogpt.rundir.compile_caches), FlashAttention 4's CuTe kernels'
+# included (read when flash_attn.cute is first imported).
+SPEEDRUN_CACHES = COMPILE_CACHES | {"FLASH_ATTENTION_CUTE_DSL_CACHE_DIR": "flash_attn_cute"}
 
 
 def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
     train_files, val_files = resolve_data(hp)
     if not hp.run_dir:
         hp.run_dir = str(Path(os.environ.get("RUNS_DIR", "runs")) / f"modded-{time.strftime('%Y%m%d-%H%M%S')}")
-    fa4_kernel_cache(Path(hp.run_dir))
+    caches = None
+    if rt.device.type == "cuda":  # before anything compiles or imports flash_attn.cute
+        os.environ.setdefault(FA4_CACHE_SWITCH, "1")
+        caches = compile_caches(Path(hp.run_dir), SPEEDRUN_CACHES)
     try:
         cfg = model_config(hp)
         schedule = schedule_of(hp)
@@ -615,11 +616,13 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
     config = dataclasses.asdict(hp)
     backend_detail = describe_attention_backend(backend)
     log_run.start(config, provenance("modded_nanogpt.train_gpt", argv, rt.world_size, backend_detail)
-                  | {"parameters": parameter_counts(model)},
+                  | {"parameters": parameter_counts(model), "kernel_caches": caches},
                   start_step if saved else None)
     log(f"modded_nanogpt: world_size {rt.world_size} | {TOTAL_MICRO_STEPS // rt.world_size} micro-steps/rank "
         f"| attention {backend_detail} | compile {compiled} | params {sum(p.numel() for p in model.parameters()):,} | run {hp.run_dir}")
     log(f"lm head: {lm_head_mode(hp.fp8, rt.device)}")
+    if caches is not None:
+        log(caches_text(caches))
     if saved is not None:
         log(f"resumed from step {start_step}")
     study.start(start_step if saved else None, log)

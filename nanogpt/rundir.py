@@ -44,6 +44,39 @@ _CHECKPOINT = re.compile(r"^step_(\d+)\.pt$")
 HISTORY_KEYS = ("time", "git_sha", "git_dirty", "hostname", "command", "world_size", "gpus", "resumed_from_step")
 
 
+# torch.compile's (Inductor's) and Triton's compiled-kernel caches, by variable: unless set, in $RUNS_DIR/.cache
+# for a run under $RUNS_DIR, else in .cache beside the run directory, so that runs (a study's seeds, an
+# ablation's arms, a job requeued on another node) share them, and only the first run of a configuration
+# compiles from scratch.
+COMPILE_CACHES = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}
+
+
+def compile_caches(run_dir: Path, caches: dict[str, str] | None = None) -> dict:
+    """Point each cache variable (COMPILE_CACHES, or `caches`: variable -> folder name) that is not set already
+    at CACHE_ROOT/<name>: $RUNS_DIR/.cache if run_dir is under $RUNS_DIR, else RUN_DIR/../.cache. Read by
+    Inductor and Triton when they compile, so call this before the first compile. Returns {variable: path} as
+    in force, and `warm`: whether any of them held files already (a warm cache's warmup is not a cold one's)."""
+    run_dir = Path(run_dir).resolve()
+    runs = Path(os.environ["RUNS_DIR"]).resolve() if os.environ.get("RUNS_DIR") else None
+    root = (runs if runs is not None and run_dir.is_relative_to(runs) else run_dir.parent) / ".cache"
+    used = {}
+    for variable, name in (COMPILE_CACHES if caches is None else caches).items():
+        used[variable] = os.environ.setdefault(variable, str(root / name))
+    warm = False
+    for path in used.values():
+        try:
+            warm = warm or any(Path(path).iterdir())
+        except OSError:  # not made yet
+            pass
+    return used | {"warm": warm}
+
+
+def caches_text(caches: dict) -> str:
+    """compile_caches' answer as the trainers log it."""
+    paths = ", ".join(f"{k}={v}" for k, v in caches.items() if k != "warm")
+    return f"kernel caches ({'warm' if caches['warm'] else 'empty'}): {paths}"
+
+
 class RunDirError(RuntimeError):
     """The run directory cannot be written (read-only, full disk): one line naming the path and the cause."""
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 from collections import Counter
@@ -162,6 +163,21 @@ def read_manifest(path: Path, found: Found) -> None:
                 found.runs.append(run)
 
 
+# Folders no run directory is found in: checkpoints, copied code, and the kernel caches the trainers keep beside
+# their runs (.cache: many thousands of files).
+SKIPPED_FOLDERS = {"ckpt", "code", ".cache"}
+
+
+def run_dirs_below(path: Path) -> list[Path]:
+    """The folders under path that hold a metrics.jsonl or a config.json, not looking inside SKIPPED_FOLDERS."""
+    found = set()
+    for folder, subfolders, files in os.walk(path):
+        subfolders[:] = sorted(d for d in subfolders if d not in SKIPPED_FOLDERS)
+        if "metrics.jsonl" in files or "config.json" in files:
+            found.add(Path(folder))
+    return sorted(found)
+
+
 def collect(inputs: list[str]) -> Found:
     found = Found()
     for text in inputs:
@@ -174,8 +190,7 @@ def collect(inputs: list[str]) -> Found:
             if run := load_run(path, found):
                 found.runs.append(run)
         elif path.is_dir():
-            below = sorted({p.parent for name in ("metrics.jsonl", "config.json") for p in path.rglob(name)
-                            if "ckpt" not in p.parts and "code" not in p.relative_to(path).parts})
+            below = run_dirs_below(path)
             if not below:
                 found.warn(f"{path} holds no run directory")
             for run_dir in below:

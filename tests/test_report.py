@@ -291,3 +291,24 @@ def test_a_run_without_an_attention_record_reads_unknown(tmp_path):
     write_run(tmp_path / "runs" / "a", vals=curve(3.1))
     (group,) = report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")])["groups"].values()
     assert group["attention"] == "unknown"
+
+
+def test_a_folder_of_runs_is_read_without_entering_the_kernel_caches_checkpoints_or_code(tmp_path, monkeypatch):
+    """The trainers keep their kernel caches in .cache beside the runs (thousands of files, some of them JSON):
+    a folder of runs is searched without entering .cache, ckpt or code, so nothing in them is taken for a run."""
+    runs = tmp_path / "runs"
+    write_run(runs / "a", vals=curve(3.1))
+    write_run(runs / ".cache" / "triton" / "ABC", vals=curve(3.2))  # would be a second run if it were read
+    write_run(runs / "a" / "code" / "x", vals=curve(3.3))
+    entered = []
+    walk = os.walk
+
+    def recording_walk(top, *args, **kwargs):
+        for folder, subfolders, files in walk(top, *args, **kwargs):
+            entered.append(Path(folder).name)
+            yield folder, subfolders, files
+
+    monkeypatch.setattr(report.os, "walk", recording_walk)
+    (group,) = report.main([str(runs), "--out", str(tmp_path / "out")])["groups"].values()
+    assert group["runs"] == [str(runs / "a")]
+    assert ".cache" not in entered and "triton" not in entered and "code" not in entered

@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 import time
 
 import pytest
@@ -230,3 +231,52 @@ def test_a_run_that_ended_is_recognised_by_its_end_record_and_newest_checkpoint(
     assert (run.completed(goal, target_stops) is not None) == done
     run.metric("stop", step=3, reason="signal SIGUSR1")
     assert run.completed(goal, target_stops) is None
+
+
+def test_compile_caches_go_beside_the_run_directory_unless_set_and_say_whether_they_are_warm(tmp_path, monkeypatch):
+    """Inductor's and Triton's caches (and any named others) default to RUN_DIR/../.cache/<name>, so the runs of
+    one folder share compiled kernels; a variable already set is the user's and is kept; `warm` says whether any
+    cache held files before the run."""
+    for variable in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "OTHER_CACHE", "RUNS_DIR"):
+        monkeypatch.delenv(variable, raising=False)
+    runs = tmp_path / "runs"
+    caches = rundir.compile_caches(runs / "a")
+    assert caches == {"TORCHINDUCTOR_CACHE_DIR": str(runs / ".cache" / "inductor"),
+                      "TRITON_CACHE_DIR": str(runs / ".cache" / "triton"), "warm": False}
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(runs / ".cache" / "inductor")
+    assert os.environ["TRITON_CACHE_DIR"] == str(runs / ".cache" / "triton")
+    assert not (runs / ".cache").exists()  # made by the compilers when they write
+    assert rundir.caches_text(caches) == (f"kernel caches (empty): TORCHINDUCTOR_CACHE_DIR={runs}/.cache/inductor, "
+                                          f"TRITON_CACHE_DIR={runs}/.cache/triton")
+
+    (runs / ".cache" / "triton" / "KEY").mkdir(parents=True)
+    assert rundir.compile_caches(runs / "b")["warm"] is True  # another run of the folder: the same caches
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    caches = rundir.compile_caches(tmp_path / "elsewhere" / "c", {"TRITON_CACHE_DIR": "triton", "OTHER_CACHE": "x"})
+    assert caches == {"TRITON_CACHE_DIR": str(tmp_path / "mine"), "OTHER_CACHE": str(tmp_path / "elsewhere" / ".cache" / "x"),
+                      "warm": False}
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ  # only the variables asked for
+
+
+def test_runs_under_runs_dir_share_one_cache_there_whatever_their_folder(tmp_path, monkeypatch):
+    """The launcher puts each submission's runs in a folder of its own under $RUNS_DIR: their caches are all
+    $RUNS_DIR/.cache, so one submission's compiles serve the next; a run outside $RUNS_DIR keeps its folder's."""
+    for variable in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path / "runs"))
+    caches = rundir.compile_caches(tmp_path / "runs" / "20261203-1" / "speedrun-seed0")
+    assert caches["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "runs" / ".cache" / "inductor")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    caches = rundir.compile_caches(tmp_path / "scratch" / "a", {"TORCHINDUCTOR_CACHE_DIR": "inductor"})
+    assert caches["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "scratch" / ".cache" / "inductor")
+
+
+def test_importing_the_trainers_leaves_the_cache_variables_to_them():
+    """torch fills TORCHINDUCTOR_CACHE_DIR in when torch._dynamo is imported, and a filled-in variable looks like
+    the user's: the trainers point the caches before that, so their imports must not import it."""
+    code = ("import os, modded_nanogpt.train_gpt, nanogpt.train, modded_nanogpt.bench.profile; "
+            "print(os.environ.get('TORCHINDUCTOR_CACHE_DIR'), os.environ.get('TRITON_CACHE_DIR'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.split() == ["None", "None"]

@@ -428,3 +428,26 @@ def test_the_readme_tiny_baseline_command_learns_and_a_too_long_warmup_is_named(
     slow = [a for a in args if not a.startswith(("--warmup_iters=", "--run_dir="))] + [f"--run_dir={tmp_path / 'slow'}"]
     proc = run_module("nanogpt.train", *slow)
     assert "warning: warmup_iters=2000 is not shorter than the run (max_iters=30)" in proc.stdout
+
+
+def test_compiled_runs_of_one_folder_share_the_kernel_caches_beside_them(char_corpus, tmp_path, monkeypatch):
+    """With torch.compile the trainer points Inductor's and Triton's caches at RUNS/.cache (unless set): the
+    first run of a folder compiles into it and logs it empty, the next logs it warm; provenance.json says which
+    caches a run used."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    runs = tmp_path / "runs"
+    tiny = ["--device=cpu", "--compile=True", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
+            "--batch_size=4", "--max_iters=2", "--eval_interval=2", "--eval_iters=1"]
+    first = run_module("nanogpt.train", f"--data_dir={char_corpus}", f"--run_dir={runs / 'a'}", *tiny)
+    inductor = runs / ".cache" / "inductor"
+    assert f"kernel caches (empty): TORCHINDUCTOR_CACHE_DIR={inductor}, " in first.stdout + first.stderr
+    assert any(inductor.rglob("*"))  # the compile wrote there
+    second = run_module("nanogpt.train", f"--data_dir={char_corpus}", f"--run_dir={runs / 'b'}", *tiny)
+    assert "kernel caches (warm)" in second.stdout + second.stderr
+    caches = json.loads((runs / "b" / "provenance.json").read_text())["kernel_caches"]
+    assert caches == {"TORCHINDUCTOR_CACHE_DIR": str(inductor), "TRITON_CACHE_DIR": str(runs / ".cache" / "triton"),
+                      "warm": True}
+    uncompiled = run_module("nanogpt.train", f"--data_dir={char_corpus}", f"--run_dir={runs / 'c'}", *tiny[:1],
+                            "--compile=False", *tiny[2:])
+    assert "kernel caches" not in uncompiled.stdout + uncompiled.stderr  # nothing compiles on the CPU without it
