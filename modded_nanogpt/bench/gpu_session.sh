@@ -10,7 +10,9 @@
 # Knobs: DATA (data dir), STEPS (scheduled steps), EXT (extension steps, 12), VAL_EVERY (50), TESTS=0 to skip
 # the tests, EXTRA (more --key=value),
 # NUM_GPUS (1 runs the trainer in this process; 2, 4 or 8 run it through modded_nanogpt/run.sh, torchrun),
-# OUT (each call writes a new run directory under it, so a second call never resumes the first's run).
+# OUT (each call writes a new run directory under it, so a second call never resumes the first's run; the
+# kernel caches go to OUT/.cache unless TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR are set, so a second call with
+# the same OUT warms up from warm caches: delete OUT/.cache, or give a new OUT, for a cold warmup).
 set -uo pipefail
 DATA=${DATA:-data/stdlib_bpe50257}
 STEPS=${STEPS:-300}
