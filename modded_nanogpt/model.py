@@ -24,8 +24,10 @@ Defaults are the published record #68 (modded-nanogpt, Feb 2026); each feature i
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -403,8 +405,6 @@ def fa4_precompile_child(spec: str) -> None:
     """The precompile process's body (`python -c ...` with the JSON spec of fa4_precompile_command): one forward
     and one backward through the model's FA4 ops on the parent's device, whose kernels FA4's disk cache then
     holds."""
-    import json
-
     a = json.loads(spec)
     device = torch.device("cuda", a["device"]) if a["device"] is not None else torch.device("cpu")
     if device.type == "cuda":
@@ -425,9 +425,6 @@ def fa4_precompile_command(cu_seqlens: torch.Tensor, max_seqlen: int, num_heads:
                            window_unit: int) -> tuple[list[str], dict[str, str]]:
     """The command and environment of a precompile process: this interpreter, this process's import path
     (PYTHONPATH), its environment otherwise (FA4's disk cache settings and CUDA_VISIBLE_DEVICES included)."""
-    import json
-    import sys
-
     spec = json.dumps({"cu_seqlens": cu_seqlens.tolist(), "device": cu_seqlens.device.index if cu_seqlens.is_cuda
                        else None, "max_seqlen": max_seqlen, "num_heads": num_heads, "head_dim": head_dim,
                        "scale": scale, "window_unit": window_unit})

@@ -407,6 +407,14 @@ def flash_boundaries(model, cu_seqlens: torch.Tensor, tokens: int) -> torch.Tens
     return torch.nn.functional.pad(cu_seqlens, (0, min(slots, tokens + 1) - cu_seqlens.numel()), value=tokens)
 
 
+def start_fa4_precompile(model, seq_len: int, device: torch.device):
+    """model.fa4_precompile for this model: two documents of seq_len tokens, padded as flash_boundaries pads a
+    batch (the padded length picks FA4's kernel variant), the model's heads, head size and scale."""
+    two_docs = torch.tensor([0, seq_len, 2 * seq_len], dtype=torch.int32, device=device)
+    return fa4_precompile(flash_boundaries(model, two_docs, 2 * seq_len), seq_len, model.config.num_heads,
+                          model.config.head_dim, model.config.attn_scale, BLOCK)
+
+
 def embedding_rows(model, inputs) -> tuple[dict | None, list]:
     """The forward's `rows` argument and what add_row_grads needs after the backward: gathered embedding rows
     with --embedding_grads=scatter (GPT.gather_rows says why), else (None, []): the graph reads the tables."""
@@ -652,9 +660,7 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
         precompile = None
         # FA4's kernels compile in a child process beside the first graph, reaching this one through the disk cache
         if backend == "fa4" and rt.device.type == "cuda" and os.environ.get(FA4_CACHE_SWITCH) == "1":
-            two_docs = torch.tensor([0, hp.seq_len, 2 * hp.seq_len], dtype=torch.int32, device=rt.device)
-            precompile = fa4_precompile(flash_boundaries(model, two_docs, 2 * hp.seq_len), hp.seq_len,
-                                        model.config.num_heads, model.config.head_dim, model.config.attn_scale, BLOCK)
+            precompile = start_fa4_precompile(model, hp.seq_len, rt.device)
         saved_state = snapshot(model, optimizer, loader)
         plans = schedule.distinct_shapes()
         for plan in plans:

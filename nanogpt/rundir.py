@@ -62,12 +62,7 @@ def compile_caches(run_dir: Path, caches: dict[str, str] | None = None) -> dict:
     used = {}
     for variable, name in (COMPILE_CACHES if caches is None else caches).items():
         used[variable] = os.environ.setdefault(variable, str(root / name))
-    warm = False
-    for path in used.values():
-        try:
-            warm = warm or any(Path(path).iterdir())
-        except OSError:  # not made yet
-            pass
+    warm = any(Path(path).is_dir() and any(Path(path).iterdir()) for path in used.values())
     return used | {"warm": warm}
 
 

@@ -494,8 +494,8 @@ def main(argv: list[str] | None = None) -> dict:
 def _train(cfg, recipe, rt: Runtime, run_dir: Path, train_files, val_files, vocab_size, data_meta, accumulation, argv,
            study: Study):
     # First: torch reads (and, unset, fills in) the cache variables once torch._dynamo is imported, which
-    # building the optimizer does.
-    caches = compile_caches(run_dir)
+    # building the optimizer does. Only where something compiles.
+    caches = compile_caches(run_dir) if compile_enabled(cfg, rt) or rt.device_type == "cuda" else None
     run = RunDir(run_dir, enabled=rt.master)
     resume_state = ckpt.load_newest(run_dir / "ckpt", warn=run.log)
     if resume_state and cfg.init_from in ("scratch", "resume"):
@@ -548,10 +548,9 @@ def _train(cfg, recipe, rt: Runtime, run_dir: Path, train_files, val_files, voca
     del resume_state
 
     raw_model = model
-    kernel_caches = caches if compile_enabled(cfg, rt) or rt.device_type == "cuda" else None  # what compiles
-    run.add_provenance(kernel_caches=kernel_caches)
-    if kernel_caches is not None:
-        log(caches_text(kernel_caches))
+    run.add_provenance(kernel_caches=caches)
+    if caches is not None:
+        log(caches_text(caches))
     model = wrap_model(model, cfg, rt)
     if compile_enabled(cfg, rt):
         log("compiled the model (torch.compile); the first step includes compilation and is not timed")

@@ -27,18 +27,18 @@ from torch.profiler import ProfilerActivity, profile
 
 from modded_nanogpt.bench import require_cuda
 from modded_nanogpt.data.loader import DistributedBOSLoader, PackedBatch, to_device_async
-from modded_nanogpt.model import BLOCK, GPT, fa4_precompile, select_attention_backend
+from modded_nanogpt.model import GPT, select_attention_backend
 from modded_nanogpt.train_gpt import (
     FA4_CACHE_SWITCH,
     TOTAL_MICRO_STEPS,
     ConfigError,
     Runtime,
     build_optimizer,
-    flash_boundaries,
     model_config,
     parse_hyperparameters,
     resolve_data,
     schedule_of,
+    start_fa4_precompile,
     train_step,
 )
 
@@ -216,10 +216,7 @@ def main(argv):
     t0 = time.perf_counter()
     precompile = None
     if model.attention_backend == "fa4" and args.fa4_precompile:
-        cu = flash_boundaries(model, torch.tensor([0, hp.seq_len, 2 * hp.seq_len], dtype=torch.int32,
-                                                  device=rt.device), 2 * hp.seq_len)
-        precompile = fa4_precompile(cu, hp.seq_len, model.config.num_heads, model.config.head_dim,
-                                    model.config.attn_scale, BLOCK)
+        precompile = start_fa4_precompile(model, hp.seq_len, rt.device)
     train_step(model, step_fn, optimizer, loader, plans[1], rt).tolist()
     if precompile is not None:
         precompile.join()
