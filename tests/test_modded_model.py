@@ -970,6 +970,7 @@ def test_fa4_precompile_child_calls_the_forward_and_backward_ops_once(fa4_on_cpu
 
     def recording_forward(q, k, v, **kwargs):
         seen.append((q.shape, q.dtype, kwargs["cu_seqlens_q"].tolist(), kwargs["max_seqlen_q"]))
+        assert modded_model.FA4_LOCK.locked()  # the ops launch under the lock
         return forward(q, k, v, **kwargs)
 
     monkeypatch.setattr(interface, "_flash_attn_fwd", recording_forward)
