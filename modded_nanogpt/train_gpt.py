@@ -391,6 +391,11 @@ def window_inputs(model, short_window: int, long_window: int, device):
     return tuple(to_device_async(torch.tensor(w, dtype=torch.int64), device) for w in (short_window, long_window))
 
 
+FA4_CACHE_SWITCH = "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"  # "1": FA4's kernels go to (and come from) its disk cache
+FA4_CACHE_DIR = "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"  # that cache's folder (read when flash_attn.cute is imported)
+# The kernel caches beside the run directory (nanogpt.rundir.compile_caches), FlashAttention 4's CuTe kernels'
+# included.
+SPEEDRUN_CACHES = COMPILE_CACHES | {FA4_CACHE_DIR: "flash_attn_cute"}
 FLASH_BOUNDARY_SLOTS = 1024  # cu_seqlens entries FA3/FA4 get at least (documents + 1), see flash_boundaries
 
 
@@ -405,6 +410,17 @@ def flash_boundaries(model, cu_seqlens: torch.Tensor, tokens: int) -> torch.Tens
         return cu_seqlens
     slots = max(FLASH_BOUNDARY_SLOTS, 1 << (cu_seqlens.numel() - 1).bit_length())
     return torch.nn.functional.pad(cu_seqlens, (0, min(slots, tokens + 1) - cu_seqlens.numel()), value=tokens)
+
+
+def fa4_precompile_wanted(backend: str, device: torch.device) -> bool:
+    """Whether the warmup compiles FA4's kernels in a child process (start_fa4_precompile): attention_backend fa4
+    on CUDA with FA4's disk cache on (FA4_CACHE_SWITCH) and its folder empty or absent. A cache that holds files
+    already (a later run in the same folder of runs) gives the first call its kernels from disk, and a child
+    would only import and load them again beside the first graph."""
+    if backend != "fa4" or device.type != "cuda" or os.environ.get(FA4_CACHE_SWITCH) != "1":
+        return False
+    folder = os.environ.get(FA4_CACHE_DIR)
+    return not (folder and Path(folder).is_dir() and any(Path(folder).iterdir()))
 
 
 def start_fa4_precompile(model, seq_len: int, device: torch.device):
@@ -543,10 +559,6 @@ def main(argv: list[str] | None = None) -> dict:
             gc.collect()
 
 
-FA4_CACHE_SWITCH = "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"  # "1": FA4's kernels go to (and come from) its disk cache
-# The kernel caches beside the run directory (nanogpt.rundir.compile_caches), FlashAttention 4's CuTe kernels'
-# included (read when flash_attn.cute is first imported).
-SPEEDRUN_CACHES = COMPILE_CACHES | {"FLASH_ATTENTION_CUTE_DSL_CACHE_DIR": "flash_attn_cute"}
 
 
 def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
@@ -659,8 +671,10 @@ def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
         t0 = time.perf_counter()
         precompile = None
         # FA4's kernels compile in a child process beside the first graph, reaching this one through the disk cache
-        if backend == "fa4" and rt.device.type == "cuda" and os.environ.get(FA4_CACHE_SWITCH) == "1":
+        if fa4_precompile_wanted(backend, rt.device):
             precompile = start_fa4_precompile(model, hp.seq_len, rt.device)
+        elif backend == "fa4" and os.environ.get(FA4_CACHE_SWITCH) == "1":
+            log(f"warmup: FA4's kernels load from its warm disk cache ({os.environ.get(FA4_CACHE_DIR)})")
         saved_state = snapshot(model, optimizer, loader)
         plans = schedule.distinct_shapes()
         for plan in plans:

@@ -845,6 +845,26 @@ def attention_modules(monkeypatch):
     modded_model.fa3_interface.cache_clear()
 
 
+def test_fa4_precompile_only_into_an_empty_fa4_disk_cache(tmp_path, monkeypatch):
+    """The warmup's FA4 precompile child runs for fa4 on CUDA with FA4's disk cache on and its folder empty or
+    absent; a folder that holds kernels already (a later run in the same folder of runs) gets none, nor do
+    other backends, the CPU, or a cache turned off."""
+    from modded_nanogpt.train_gpt import FA4_CACHE_DIR, FA4_CACHE_SWITCH, fa4_precompile_wanted
+
+    cuda, folder = torch.device("cuda"), tmp_path / "flash_attn_cute"
+    monkeypatch.setenv(FA4_CACHE_SWITCH, "1")
+    monkeypatch.setenv(FA4_CACHE_DIR, str(folder))
+    assert fa4_precompile_wanted("fa4", cuda)  # absent
+    folder.mkdir()
+    assert fa4_precompile_wanted("fa4", cuda)  # empty
+    assert not fa4_precompile_wanted("flex", cuda) and not fa4_precompile_wanted("fa4", torch.device("cpu"))
+    (folder / "kernel.o").write_bytes(b"")
+    assert not fa4_precompile_wanted("fa4", cuda)  # warm
+    folder.joinpath("kernel.o").unlink()
+    monkeypatch.setenv(FA4_CACHE_SWITCH, "0")
+    assert not fa4_precompile_wanted("fa4", cuda)
+
+
 def test_attention_backend_selection_with_stand_in_packages(attention_modules, monkeypatch):
     """auto: FA3 (a built flash_attn_interface, else the hub kernel through `kernels`), else FA4 on sm90/sm100,
     else flex; the log/provenance text names where the kernels came from; explicit backends that cannot run

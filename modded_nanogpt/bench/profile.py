@@ -29,6 +29,7 @@ from modded_nanogpt.bench import require_cuda
 from modded_nanogpt.data.loader import DistributedBOSLoader, PackedBatch, to_device_async
 from modded_nanogpt.model import GPT, select_attention_backend
 from modded_nanogpt.train_gpt import (
+    FA4_CACHE_DIR,
     FA4_CACHE_SWITCH,
     TOTAL_MICRO_STEPS,
     ConfigError,
@@ -187,7 +188,7 @@ def main(argv):
     require_cuda("modded_nanogpt.bench.profile")
     if args.fa4_precompile:  # read when flash_attn.cute is first imported
         os.environ[FA4_CACHE_SWITCH] = "1"
-        os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", tempfile.mkdtemp(prefix="fa4_cute_"))
+        os.environ.setdefault(FA4_CACHE_DIR, tempfile.mkdtemp(prefix="fa4_cute_"))
     if args.bench_head:
         bench_head(args.rows)
         return
