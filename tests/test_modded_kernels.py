@@ -660,9 +660,11 @@ def test_gpu_ce_grad_fp8_kernel_matches_the_two_kernels(shape, weights):
     codes, want_codes = q.view(torch.uint8).int(), want.view(torch.uint8).int()
     assert (codes - want_codes).abs().max() <= 1  # a one-ulp difference of the fp32 arithmetic at most
     assert (codes != want_codes).float().mean() < 1e-4
-    for col_tiles in (1, 3):  # programs walking one tile, or a number that leaves a ragged last walk: the same codes
+    # Programs walking one tile, or a number that leaves a ragged last walk, loading each tile before the one
+    # before it is computed or not: the same codes.
+    for col_tiles, prefetch in ((1, False), (3, False), (1, True), (3, True), (16, True)):
         walked = cross_entropy._softcapped_ce_grad_fp8(grad_rows, logits, targets, weight_tensor, [], row_lse, 23.0,
-                                                        5.0, 7.5, scale, col_tiles=col_tiles)
+                                                        5.0, 7.5, scale, col_tiles=col_tiles, prefetch=prefetch)
         assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(walked, (q, q_t), strict=True))
 
 

@@ -107,11 +107,15 @@ def bench_head(rows: int):
         variants[f"fused tile {block_r}x{block_c}, {warps} warps, 1 tile"] = (
             lambda block_r=block_r, block_c=block_c, warps=warps: cross_entropy._softcapped_ce_grad_fp8(
                 grad_rows, logits, targets, weights, [], lse, 23.0, 5.0, 7.5, scale, block_r, block_c, warps, 1))
-    # Programs walking col_tiles tiles along their rows.
-    for block_r, block_c, col_tiles in ((64, 64, 1), (64, 64, 8), (64, 64, 32), (32, 128, 8)):
-        variants[f"fused {block_r}x{block_c}/4, {col_tiles} tiles each"] = (
-            lambda block_r=block_r, block_c=block_c, col_tiles=col_tiles: cross_entropy._softcapped_ce_grad_fp8(
-                grad_rows, logits, targets, weights, [], lse, 23.0, 5.0, 7.5, scale, block_r, block_c, 4, col_tiles))
+    # Programs walking col_tiles tiles along their rows, with each tile's load issued before the one before it
+    # is computed (prefetch) or not.
+    for block_r, block_c, col_tiles, prefetch in ((64, 64, 1, False), (64, 64, 8, False), (64, 64, 32, False),
+                                                  (32, 128, 8, False), (64, 64, 4, True), (64, 64, 16, True),
+                                                  (64, 64, 32, True), (32, 128, 16, True)):
+        variants[f"fused {block_r}x{block_c}/4, {col_tiles} tiles each{', prefetch' if prefetch else ''}"] = (
+            lambda block_r=block_r, block_c=block_c, col_tiles=col_tiles, prefetch=prefetch:
+            cross_entropy._softcapped_ce_grad_fp8(grad_rows, logits, targets, weights, [], lse, 23.0, 5.0, 7.5, scale,
+                                                  block_r, block_c, 4, col_tiles, prefetch))
     want = apart()
     torch.cuda.synchronize()
     gbytes = rows * vocab * (2 + 1 + 1) / 1e9

@@ -83,7 +83,8 @@ def cases(arch: int = 90):
                       row_lse_ptr=F32, N="i32", V="i32", cap="fp32", shift="fp32", inv_div="fp32", scale="fp32",
                       bound="fp32")
         yield ("softcapped_ce grad e5m2", cross_entropy._softcapped_ce_grad_fp8_kernel, ce_fp8, ["stride_r", "N", "V"],
-               [dict(stride_c=1, BLOCK_R=64, BLOCK_C=64, COL_TILES=t, FAST=1, num_warps=4) for t in (1, 4, 16)], 4)
+               [dict(stride_c=1, BLOCK_R=64, BLOCK_C=64, COL_TILES=t, FAST=1, PREFETCH=p, num_warps=4)
+                for t, p in ((1, 0), (4, 0), (16, 0), (4, 1), (16, 1))], 4)
 
 
 def compile_sm90(kernel, types, divisible, constexprs, num_warps, arch: int = 90):

@@ -283,12 +283,13 @@ def _(grad_rows, logits, targets, weights, weight_values, row_lse, x_fp8_t, w_fp
 
 
 def _softcapped_ce_grad_fp8(grad_rows, logits, targets, weights, weight_values, row_lse, cap, shift, div,
-                            grad_scale, block_r=64, block_c=64, num_warps=4, col_tiles=16):
+                            grad_scale, block_r=64, block_c=64, num_warps=4, col_tiles=16, prefetch=False):
     """The loss's gradient w.r.t. the logits as e5m2 codes of grad / grad_scale, (N, V) and (V, N).
     The tile: 64 x 64 with 4 warps was the fastest of nine shapes on an H100 and within 0.2% of the fastest
     (32 x 128) on an H200 (modded_nanogpt/PERF_NOTES.md). Each program reads its rows' factors once and then walks col_tiles
     tiles along them; the codes are the same for every col_tiles. 16 tiles: 4.82 ms against 5.01 ms for one, at a
-    stage-3 micro-step (49,152 x 50,304) on an H200."""
+    stage-3 micro-step (49,152 x 50,304) on an H200. prefetch: each tile's load is issued before the tile
+    before it is computed and stored (the same codes)."""
     rows, vocab = logits.shape
     weights = _mtp_weight_tensor(weights, weight_values, logits.device)
     q = torch.empty((rows, vocab), dtype=FLOAT8_E5M2, device=logits.device)
@@ -298,7 +299,7 @@ def _softcapped_ce_grad_fp8(grad_rows, logits, targets, weights, weight_values, 
         grad_rows, grad_rows.stride(0), logits, logits.stride(0), logits.stride(1), q, q_t, targets.contiguous(),
         weights, weights.numel(), row_lse, rows, vocab, cap, shift, 1.0 / div, grad_scale,
         torch.finfo(FLOAT8_E5M2).max, BLOCK_R=block_r, BLOCK_C=block_c, COL_TILES=col_tiles,
-        FAST=fast_sigmoid(logits), num_warps=num_warps)
+        FAST=fast_sigmoid(logits), PREFETCH=prefetch, num_warps=num_warps)
     return q, q_t
 
 
@@ -425,7 +426,7 @@ if triton is not None:
     def _softcapped_ce_grad_fp8_kernel(grad_rows_ptr, grad_rows_stride, logits_ptr, stride_r, stride_c, q_ptr,
                                        q_t_ptr, targets_ptr, weights_ptr, N_MTP, row_lse_ptr, N, V, cap, shift,
                                        inv_div, scale, bound, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                                       COL_TILES: tl.constexpr, FAST: tl.constexpr):
+                                       COL_TILES: tl.constexpr, FAST: tl.constexpr, PREFETCH: tl.constexpr):
         """q = e5m2(bf16(grad) / scale) of a (BLOCK_R, BLOCK_C) tile of the CE gradient, (N, V) row-major,
         and q_t = q^T, (V, N) row-major. bf16 first: the codes of the CE backward followed by the quantizer.
         On H100 at 49,152 x 50,304: 5.6 ms against 7.4 ms for the CE backward + quantizer (8.0 ms with tl.div_rn
@@ -434,11 +435,22 @@ if triton is not None:
         grad_row, lse, weight_total = _ce_grad_row_factors(rows, grad_rows_ptr, grad_rows_stride, weights_ptr,
                                                            N_MTP, row_lse_ptr, N)
         grad_row, lse, weight_total = grad_row[:, None], lse[:, None], weight_total[:, None]
+        first = tl.program_id(1) * COL_TILES * BLOCK_C
+        if PREFETCH:  # the first tile's logits; each iteration then issues the next tile's load before its work
+            cols = (first + tl.arange(0, BLOCK_C)).to(tl.int64)
+            z_next = tl.load(logits_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c,
+                             mask=(rows[:, None] < N) & (cols[None, :] < V), other=0.0)
         for tile in range(COL_TILES):  # COL_TILES tiles along the rows, their factors read once
-            cols = ((tl.program_id(1) * COL_TILES + tile) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+            cols = (first + tile * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
             mask = (rows[:, None] < N) & (cols[None, :] < V)
             mask_t = (cols[:, None] < V) & (rows[None, :] < N)
-            z = tl.load(logits_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
+            if PREFETCH:
+                z = z_next
+                after = cols + BLOCK_C  # past the walk's last tile or the row's end: masked off, nothing read
+                z_next = tl.load(logits_ptr + rows[:, None] * stride_r + after[None, :] * stride_c,
+                                 mask=(rows[:, None] < N) & (after[None, :] < V) & (tile + 1 < COL_TILES), other=0.0)
+            else:
+                z = tl.load(logits_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
             grad = _ce_grad_tile(z.to(tl.float32), rows, cols[None, :], grad_row, lse, weight_total, targets_ptr,
                                  weights_ptr, N_MTP, N, cap, shift, inv_div, FAST)
             codes = _to_fp8(grad.to(tl.bfloat16), scale, bound, q_ptr)
