@@ -638,7 +638,7 @@ def test_gpu_softcapped_ce_fp32_tensor_weights_other_softcap(reduction):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("weights", MTP_WEIGHTS)
-@pytest.mark.parametrize("shape", [(6144, 50304), (37, 1000), (130, 77)])
+@pytest.mark.parametrize("shape", [(6144, 50304), (37, 1000), (130, 77), (144, 1008)])
 def test_gpu_ce_grad_fp8_kernel_matches_the_two_kernels(shape, weights):
     """The fused CE-gradient + e5m2 kernel gives the codes of the CE backward followed by the quantizer."""
     if torch.cuda.get_device_capability() < (8, 9):
@@ -662,10 +662,15 @@ def test_gpu_ce_grad_fp8_kernel_matches_the_two_kernels(shape, weights):
     assert (codes != want_codes).float().mean() < 1e-4
     # Programs walking one tile, or a number that leaves a ragged last walk, loading each tile before the one
     # before it is computed or not: the same codes.
-    for col_tiles, prefetch in ((1, False), (3, False), (1, True), (3, True), (16, True)):
+    variants = [dict(col_tiles=1), dict(col_tiles=3), dict(col_tiles=1, prefetch=True),
+                dict(col_tiles=3, prefetch=True), dict(col_tiles=16, prefetch=True)]
+    if shape[0] % 16 == 0 and shape[1] % 16 == 0:  # TMA descriptors: rows of q and q^T 16-byte aligned
+        variants += [dict(tma=True, col_tiles=t, stages=s) for t, s in ((1, 1), (3, 1), (16, 2), (16, 3))]
+    for variant in variants:
         walked = cross_entropy._softcapped_ce_grad_fp8(grad_rows, logits, targets, weight_tensor, [], row_lse, 23.0,
-                                                        5.0, 7.5, scale, col_tiles=col_tiles, prefetch=prefetch)
-        assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(walked, (q, q_t), strict=True))
+                                                        5.0, 7.5, scale, **variant)
+        assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(walked, (q, q_t), strict=True)), \
+            variant
 
 
 @pytest.mark.gpu

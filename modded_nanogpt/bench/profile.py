@@ -116,6 +116,12 @@ def bench_head(rows: int):
             lambda block_r=block_r, block_c=block_c, col_tiles=col_tiles, prefetch=prefetch:
             cross_entropy._softcapped_ce_grad_fp8(grad_rows, logits, targets, weights, [], lse, 23.0, 5.0, 7.5, scale,
                                                   block_r, block_c, 4, col_tiles, prefetch))
+    # Tiles moved by TMA descriptors, the walk's loads pipelined over `stages` stages by Triton.
+    for col_tiles, stages in ((1, 1), (16, 1), (16, 2), (16, 3), (32, 2)):
+        variants[f"fused TMA 64x64/4, {col_tiles} tiles each, {stages} stages"] = (
+            lambda col_tiles=col_tiles, stages=stages: cross_entropy._softcapped_ce_grad_fp8(
+                grad_rows, logits, targets, weights, [], lse, 23.0, 5.0, 7.5, scale, 64, 64, 4, col_tiles, tma=True,
+                stages=stages))
     want = apart()
     torch.cuda.synchronize()
     gbytes = rows * vocab * (2 + 1 + 1) / 1e9

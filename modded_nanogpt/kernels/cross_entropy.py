@@ -283,18 +283,31 @@ def _(grad_rows, logits, targets, weights, weight_values, row_lse, x_fp8_t, w_fp
 
 
 def _softcapped_ce_grad_fp8(grad_rows, logits, targets, weights, weight_values, row_lse, cap, shift, div,
-                            grad_scale, block_r=64, block_c=64, num_warps=4, col_tiles=16, prefetch=False):
+                            grad_scale, block_r=64, block_c=64, num_warps=4, col_tiles=16, prefetch=False,
+                            tma=False, stages=1):
     """The loss's gradient w.r.t. the logits as e5m2 codes of grad / grad_scale, (N, V) and (V, N).
     The tile: 64 x 64 with 4 warps was the fastest of nine shapes on an H100 and within 0.2% of the fastest
     (32 x 128) on an H200 (modded_nanogpt/PERF_NOTES.md). Each program reads its rows' factors once and then walks col_tiles
     tiles along them; the codes are the same for every col_tiles. 16 tiles: 4.82 ms against 5.01 ms for one, at a
     stage-3 micro-step (49,152 x 50,304) on an H200. prefetch: each tile's load is issued before the tile
-    before it is computed and stored (the same codes)."""
+    before it is computed and stored; tma: tiles move through TMA descriptors instead (Hopper or later; logits
+    with a contiguous last dimension, rows 16-byte aligned and a multiple of 16), with Triton's pipelining of
+    the walk's loads over `stages` stages. The same codes every way."""
     rows, vocab = logits.shape
     weights = _mtp_weight_tensor(weights, weight_values, logits.device)
     q = torch.empty((rows, vocab), dtype=FLOAT8_E5M2, device=logits.device)
     q_t = torch.empty((vocab, rows), dtype=FLOAT8_E5M2, device=logits.device)
     grid = (triton.cdiv(rows, block_r), triton.cdiv(vocab, block_c * col_tiles))
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        descs = (TensorDescriptor.from_tensor(logits, [block_r, block_c]),
+                 TensorDescriptor.from_tensor(q, [block_r, block_c]), TensorDescriptor.from_tensor(q_t, [block_c, block_r]))
+        _softcapped_ce_grad_fp8_tma_kernel[grid](
+            grad_rows, grad_rows.stride(0), *descs, targets.contiguous(), weights, weights.numel(), row_lse, rows,
+            vocab, cap, shift, 1.0 / div, grad_scale, torch.finfo(FLOAT8_E5M2).max, BLOCK_R=block_r, BLOCK_C=block_c,
+            COL_TILES=col_tiles, FAST=fast_sigmoid(logits), STAGES=stages, num_warps=num_warps)
+        return q, q_t
     _softcapped_ce_grad_fp8_kernel[grid](
         grad_rows, grad_rows.stride(0), logits, logits.stride(0), logits.stride(1), q, q_t, targets.contiguous(),
         weights, weights.numel(), row_lse, rows, vocab, cap, shift, 1.0 / div, grad_scale,
@@ -453,6 +466,28 @@ if triton is not None:
                 z = tl.load(logits_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
             grad = _ce_grad_tile(z.to(tl.float32), rows, cols[None, :], grad_row, lse, weight_total, targets_ptr,
                                  weights_ptr, N_MTP, N, cap, shift, inv_div, FAST)
-            codes = _to_fp8(grad.to(tl.bfloat16), scale, bound, q_ptr)
+            codes = _to_fp8(grad.to(tl.bfloat16), scale, bound, q_ptr.dtype.element_ty)
             tl.store(q_ptr + rows[:, None] * V + cols[None, :], codes, mask=mask)
             tl.store(q_t_ptr + cols[:, None] * N + rows[None, :], tl.trans(codes), mask=mask_t)
+
+    @triton.jit(do_not_specialize=["N_MTP"])
+    def _softcapped_ce_grad_fp8_tma_kernel(grad_rows_ptr, grad_rows_stride, logits_desc, q_desc, q_t_desc, targets_ptr,
+                                           weights_ptr, N_MTP, row_lse_ptr, N, V, cap, shift, inv_div, scale, bound,
+                                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, COL_TILES: tl.constexpr,
+                                           FAST: tl.constexpr, STAGES: tl.constexpr):
+        """_softcapped_ce_grad_fp8_kernel with its tiles moved by TMA: the logits loaded, q and q^T stored
+        through descriptors, which leave out what lies past the tensors' edges (no masks)."""
+        row0 = tl.program_id(0) * BLOCK_R
+        rows = (row0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+        grad_row, lse, weight_total = _ce_grad_row_factors(rows, grad_rows_ptr, grad_rows_stride, weights_ptr,
+                                                           N_MTP, row_lse_ptr, N)
+        grad_row, lse, weight_total = grad_row[:, None], lse[:, None], weight_total[:, None]
+        for tile in tl.range(COL_TILES, num_stages=STAGES):  # STAGES > 1: the next tiles' loads issued ahead
+            col0 = (tl.program_id(1) * COL_TILES + tile) * BLOCK_C
+            cols = (col0 + tl.arange(0, BLOCK_C)).to(tl.int64)
+            z = logits_desc.load([row0, col0])
+            grad = _ce_grad_tile(z.to(tl.float32), rows, cols[None, :], grad_row, lse, weight_total, targets_ptr,
+                                 weights_ptr, N_MTP, N, cap, shift, inv_div, FAST)
+            codes = _to_fp8(grad.to(tl.bfloat16), scale, bound, q_desc.dtype)
+            q_desc.store([row0, col0], codes)
+            q_t_desc.store([col0, row0], tl.trans(codes))
