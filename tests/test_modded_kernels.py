@@ -662,8 +662,8 @@ def test_gpu_ce_grad_fp8_kernel_matches_the_two_kernels(shape, weights):
     assert (codes != want_codes).float().mean() < 1e-4
     # Programs walking one tile, or a number that leaves a ragged last walk, loading each tile before the one
     # before it is computed or not: the same codes.
-    variants = [dict(col_tiles=1), dict(col_tiles=3), dict(col_tiles=1, prefetch=True),
-                dict(col_tiles=3, prefetch=True), dict(col_tiles=16, prefetch=True)]
+    variants = [dict(tma=False, col_tiles=t, prefetch=p) for t, p in ((1, False), (3, False), (1, True), (3, True),
+                                                                      (16, True))]
     if shape[0] % 16 == 0 and shape[1] % 16 == 0:  # TMA descriptors: rows of q and q^T 16-byte aligned
         variants += [dict(tma=True, col_tiles=t, stages=s) for t, s in ((1, 1), (3, 1), (16, 2), (16, 3))]
     for variant in variants:

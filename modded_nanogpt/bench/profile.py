@@ -80,9 +80,11 @@ def bench_head(rows: int):
                                                         7.5)
         return fp8._quantize_both_layouts(grad, scale, torch.float8_e5m2)
 
-    def fused():
-        return cross_entropy._softcapped_ce_grad_fp8(grad_rows, logits, targets, weights, [], lse, 23.0, 5.0, 7.5,
-                                                     scale)
+    def grad_fp8(**kw):
+        return lambda: cross_entropy._softcapped_ce_grad_fp8(grad_rows, logits, targets, weights, [], lse, 23.0, 5.0,
+                                                             7.5, scale, **kw)
+
+    fused = grad_fp8()
 
     def forward():
         return cross_entropy._softcapped_ce_forward(logits, targets, weights, [], 23.0, 5.0, 7.5)
@@ -100,28 +102,24 @@ def bench_head(rows: int):
         print(f"head forward  | CE loss + lse, fast sigmoid {fast!s:5} | {ms:7.3f} ms | "
               f"{rows * vocab * 2 / 1e9 / ms:6.2f} TB/s at 2 B/elt", flush=True)
     common.FAST_SIGMOID = fast_default
-    variants = {"CE backward + quantize": apart, "fused CE-gradient + e5m2 (64x64/4, 16 tiles each)": fused,
+    variants = {"CE backward + quantize": apart, "fused CE-gradient + e5m2 (the default)": fused,
                 "fused, exact sigmoid": with_sigmoid(fused, False), "fused, fast sigmoid": with_sigmoid(fused, True)}
+    # Pointer loads and stores: tile shapes with one tile per program, then programs walking col_tiles tiles
+    # along their rows, each tile's load issued before the one before it is computed (prefetch) or not.
     for block_r, block_c, warps in ((64, 64, 8), (64, 128, 4), (64, 128, 8), (128, 128, 8), (32, 256, 4),
                                     (64, 256, 8), (128, 64, 4), (32, 128, 4)):
-        variants[f"fused tile {block_r}x{block_c}, {warps} warps, 1 tile"] = (
-            lambda block_r=block_r, block_c=block_c, warps=warps: cross_entropy._softcapped_ce_grad_fp8(
-                grad_rows, logits, targets, weights, [], lse, 23.0, 5.0, 7.5, scale, block_r, block_c, warps, 1))
-    # Programs walking col_tiles tiles along their rows, with each tile's load issued before the one before it
-    # is computed (prefetch) or not.
-    for block_r, block_c, col_tiles, prefetch in ((64, 64, 1, False), (64, 64, 8, False), (64, 64, 32, False),
-                                                  (32, 128, 8, False), (64, 64, 4, True), (64, 64, 16, True),
-                                                  (64, 64, 32, True), (32, 128, 16, True)):
-        variants[f"fused {block_r}x{block_c}/4, {col_tiles} tiles each{', prefetch' if prefetch else ''}"] = (
-            lambda block_r=block_r, block_c=block_c, col_tiles=col_tiles, prefetch=prefetch:
-            cross_entropy._softcapped_ce_grad_fp8(grad_rows, logits, targets, weights, [], lse, 23.0, 5.0, 7.5, scale,
-                                                  block_r, block_c, 4, col_tiles, prefetch))
+        variants[f"pointers {block_r}x{block_c}, {warps} warps, 1 tile"] = grad_fp8(
+            block_r=block_r, block_c=block_c, num_warps=warps, col_tiles=1, prefetch=False, tma=False)
+    for block_r, block_c, col_tiles, prefetch in ((64, 64, 1, False), (64, 64, 16, False), (64, 64, 32, False),
+                                                  (64, 64, 4, True), (64, 64, 16, True), (64, 64, 32, True),
+                                                  (32, 128, 16, True)):
+        variants[f"pointers {block_r}x{block_c}/4, {col_tiles} tiles each{', prefetch' if prefetch else ''}"] = (
+            grad_fp8(block_r=block_r, block_c=block_c, col_tiles=col_tiles, prefetch=prefetch, tma=False))
     # Tiles moved by TMA descriptors, the walk's loads pipelined over `stages` stages by Triton.
-    for col_tiles, stages in ((1, 1), (16, 1), (16, 2), (16, 3), (32, 2)):
-        variants[f"fused TMA 64x64/4, {col_tiles} tiles each, {stages} stages"] = (
-            lambda col_tiles=col_tiles, stages=stages: cross_entropy._softcapped_ce_grad_fp8(
-                grad_rows, logits, targets, weights, [], lse, 23.0, 5.0, 7.5, scale, 64, 64, 4, col_tiles, tma=True,
-                stages=stages))
+    for block_r, block_c, col_tiles, stages in ((64, 64, 1, 1), (64, 64, 16, 1), (64, 64, 16, 2), (64, 64, 16, 3),
+                                                (64, 64, 32, 2), (32, 128, 16, 2)):
+        variants[f"TMA {block_r}x{block_c}/4, {col_tiles} tiles each, {stages} stages"] = grad_fp8(
+            block_r=block_r, block_c=block_c, col_tiles=col_tiles, tma=True, stages=stages)
     want = apart()
     torch.cuda.synchronize()
     gbytes = rows * vocab * (2 + 1 + 1) / 1e9

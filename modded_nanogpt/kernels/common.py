@@ -1,5 +1,5 @@
 """What the ops of the package share: the optional triton import, the switch between the fused paths and the
-references (use_triton), the fp8 capability test, dtype constants, and the sigmoid of the softcap in the
+references (use_triton), the fp8 and TMA capability tests (tma_ready), dtype constants, and the sigmoid of the softcap in the
 cross-entropy kernels with its switch (FAST_SIGMOID).
 
 The ops read use_triton and FAST_SIGMOID here at call time (`common.use_triton(x)`, fast_sigmoid), so a value
@@ -34,6 +34,14 @@ def use_triton(t: torch.Tensor) -> bool:
 def has_fp8_tensor_cores(device_index) -> bool:
     """Whether CUDA device `device_index` has fp8 tensor cores (sm_89 and later); elsewhere fp8 is simulated."""
     return torch.cuda.get_device_capability(device_index) >= (8, 9)
+
+
+def tma_ready(*tensors) -> bool:
+    """Whether TMA kernels can take these 2-D CUDA tensors through descriptors: a GPU with TMA (Hopper or
+    later; A100s and sm_89 GPUs take the pointer kernels), rows 16-byte aligned, last dim contiguous."""
+    return (torch.cuda.get_device_capability(tensors[0].device)[0] >= 9
+            and all(t.ndim == 2 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+                    and t.data_ptr() % 16 == 0 for t in tensors))
 
 
 # The softcap's sigmoid in the CE kernels: for 16-bit logits the GPU's one-instruction tanh (its error, at most

@@ -16,6 +16,7 @@ from modded_nanogpt.kernels.common import (
     fast_sigmoid,
     has_fp8_tensor_cores,
     tl,
+    tma_ready,
     triton,
 )
 from modded_nanogpt.kernels.fp8 import _check_fp8_shapes, _fp8_linear_forward, _fp8_linear_grads, fp8_linear
@@ -283,21 +284,23 @@ def _(grad_rows, logits, targets, weights, weight_values, row_lse, x_fp8_t, w_fp
 
 
 def _softcapped_ce_grad_fp8(grad_rows, logits, targets, weights, weight_values, row_lse, cap, shift, div,
-                            grad_scale, block_r=64, block_c=64, num_warps=4, col_tiles=16, prefetch=False,
-                            tma=False, stages=1):
-    """The loss's gradient w.r.t. the logits as e5m2 codes of grad / grad_scale, (N, V) and (V, N).
-    The tile: 64 x 64 with 4 warps was the fastest of nine shapes on an H100 and within 0.2% of the fastest
-    (32 x 128) on an H200 (modded_nanogpt/PERF_NOTES.md). Each program reads its rows' factors once and then walks col_tiles
-    tiles along them; the codes are the same for every col_tiles. 16 tiles: 4.82 ms against 5.01 ms for one, at a
-    stage-3 micro-step (49,152 x 50,304) on an H200. prefetch: each tile's load is issued before the tile
-    before it is computed and stored; tma: tiles move through TMA descriptors instead (Hopper or later; logits
-    with a contiguous last dimension, rows 16-byte aligned and a multiple of 16), with Triton's pipelining of
-    the walk's loads over `stages` stages. The same codes every way."""
+                            grad_scale, block_r=64, block_c=64, num_warps=4, col_tiles=16, prefetch=True,
+                            tma=None, stages=2):
+    """The loss's gradient w.r.t. the logits as e5m2 codes of grad / grad_scale, (N, V) and (V, N), the same
+    codes every way below. Programs of 64 x 64 tiles with 4 warps (the fastest of nine shapes on an H100, within
+    0.2% of the fastest on an H200), each reading its rows' factors once and walking col_tiles tiles along them.
+    tma (None: where common.tma_ready, i.e. Hopper or later with rows of q and q^T 16-byte aligned): the tiles
+    move through TMA descriptors, the walk's loads pipelined over `stages` stages by Triton; else pointer loads
+    and stores, with `prefetch` each tile's load issued before the tile before it is computed.
+    At a stage-3 micro-step (49,152 x 50,304) on an H200: TMA 4.25-4.27 ms, pointers with prefetch 4.32 ms,
+    without 4.82 ms, one tile per program 5.01 ms (modded_nanogpt/PERF_NOTES.md)."""
     rows, vocab = logits.shape
     weights = _mtp_weight_tensor(weights, weight_values, logits.device)
     q = torch.empty((rows, vocab), dtype=FLOAT8_E5M2, device=logits.device)
     q_t = torch.empty((vocab, rows), dtype=FLOAT8_E5M2, device=logits.device)
     grid = (triton.cdiv(rows, block_r), triton.cdiv(vocab, block_c * col_tiles))
+    if tma is None:
+        tma = tma_ready(logits, q, q_t)
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 

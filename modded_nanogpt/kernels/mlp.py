@@ -8,7 +8,7 @@ the reference.
 import torch
 
 from modded_nanogpt.kernels import common
-from modded_nanogpt.kernels.common import TRITON_MATMUL_DTYPES, tl, triton
+from modded_nanogpt.kernels.common import TRITON_MATMUL_DTYPES, tl, tma_ready, triton
 
 
 def relu2_linear_reference(x, weight):
@@ -39,7 +39,7 @@ def _relu2_linear_op(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tenso
     """(post, pre) for 2-D x and weight; pre is kept only for the backward pass."""
     pre = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
     post = torch.empty_like(pre)
-    if _tma_ready(x, weight, pre):
+    if tma_ready(x, weight, pre):
         _relu2_tma(x, weight, pre, pre, post, backward=False)
     else:
         _relu2_pointer(x, weight, pre, post)
@@ -55,14 +55,6 @@ def _relu2_pointer(x, weight, pre, post):
         x, weight, pre, post, rows, cols, inner,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), pre.stride(0), pre.stride(1),
     )
-
-
-def _tma_ready(*tensors) -> bool:
-    """Whether the TMA kernel can take these 2-D tensors: a GPU with TMA (Hopper or later; A100s take the
-    pointer kernel), rows 16-byte aligned, last dim contiguous."""
-    return (torch.cuda.get_device_capability(tensors[0].device)[0] >= 9
-            and all(t.ndim == 2 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
-                    and t.data_ptr() % 16 == 0 for t in tensors))
 
 
 def _relu2_tma(a, b, pre, out, post, backward: bool, post_only: bool = False, config=None):
@@ -157,7 +149,7 @@ def relu2_mlp(x, up, down):
 @torch.library.custom_op("modded_nanogpt::relu2_mlp", mutates_args=())
 def _relu2_mlp_op(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, post); post is kept for the backward pass (which recovers relu(pre) from it)."""
-    if _tma_ready(x, up):
+    if tma_ready(x, up):
         post = torch.empty((x.shape[0], up.shape[0]), dtype=x.dtype, device=x.device)
         _relu2_tma(x, up, post, post, post, backward=False, post_only=True)
     else:  # GPUs without TMA: the pointer kernel, which also writes pre (unused here)
@@ -175,7 +167,7 @@ def _relu2_mlp_grad_pre_op(grad_y: torch.Tensor, down: torch.Tensor, post: torch
     """(grad_y @ down^T) * 2 sqrt(post): the gradient of the up projection's output, in one kernel."""
     grad_y, down, post = grad_y.contiguous(), down.contiguous(), post.contiguous()
     grad_pre = torch.empty_like(post)
-    if _tma_ready(grad_y, down, post):
+    if tma_ready(grad_y, down, post):
         _relu2_tma(grad_y, down, post, grad_pre, grad_pre, backward=True, post_only=True)
     else:
         _relu2_grad(grad_y @ down.T, post, grad_pre, from_post=True)
