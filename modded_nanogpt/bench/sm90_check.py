@@ -80,15 +80,14 @@ def cases(arch: int = 90):
     if arch >= 90:  # the FP8 head's CE-gradient + e5m2 kernel (fp8 tensor cores only): the default tile and walks
         ce_fp8 = dict(grad_rows_ptr=F32, grad_rows_stride="i32", logits_ptr=BF16, stride_r="i32", stride_c="i32",
                       q_ptr="*fp8e5", q_t_ptr="*fp8e5", targets_ptr="*i64", weights_ptr=F32, N_MTP="i32",
-                      row_lse_ptr=F32, N="i32", V="i32", cap="fp32", shift="fp32", inv_div="fp32", scale="fp32",
-                      bound="fp32")
+                      row_lse_ptr=F32, N="i32", V="i32", cap="fp32", shift="fp32", inv_div="fp32", scale="fp32")
         yield ("softcapped_ce grad e5m2", cross_entropy._softcapped_ce_grad_fp8_kernel, ce_fp8, ["stride_r", "N", "V"],
                [dict(stride_c=1, BLOCK_R=64, BLOCK_C=64, COL_TILES=t, FAST=1, PREFETCH=p, num_warps=4)
                 for t, p in ((1, 0), (4, 0), (16, 0), (4, 1), (16, 1))], 4)
         ce_tma = dict(grad_rows_ptr=F32, grad_rows_stride="i32", logits_desc="tensordesc<bf16[64,64]>",
                       q_desc="tensordesc<fp8e5[64,64]>", q_t_desc="tensordesc<fp8e5[64,64]>", targets_ptr="*i64",
                       weights_ptr=F32, N_MTP="i32", row_lse_ptr=F32, N="i32", V="i32", cap="fp32", shift="fp32",
-                      inv_div="fp32", scale="fp32", bound="fp32")
+                      inv_div="fp32", scale="fp32")
         yield ("softcapped_ce grad e5m2 (TMA)", cross_entropy._softcapped_ce_grad_fp8_tma_kernel, ce_tma, ["N", "V"],
                [dict(BLOCK_R=64, BLOCK_C=64, COL_TILES=t, FAST=1, STAGES=st, num_warps=4) for t, st in ((1, 1), (16, 1), (16, 2), (16, 3))], 4)
 

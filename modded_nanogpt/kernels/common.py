@@ -39,7 +39,7 @@ def has_fp8_tensor_cores(device_index) -> bool:
 def tma_ready(*tensors) -> bool:
     """Whether TMA kernels can take these 2-D CUDA tensors through descriptors: a GPU with TMA (Hopper or
     later; A100s and sm_89 GPUs take the pointer kernels), rows 16-byte aligned, last dim contiguous."""
-    return (torch.cuda.get_device_capability(tensors[0].device)[0] >= 9
+    return (tensors[0].is_cuda and torch.cuda.get_device_capability(tensors[0].device)[0] >= 9
             and all(t.ndim == 2 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
                     and t.data_ptr() % 16 == 0 for t in tensors))
 
@@ -68,3 +68,20 @@ if triton is not None:  # the kernels' sigmoid, a Triton function inlined where 
                                           is_pure=True, pack=1)
             return 0.5 + 0.5 * t
         return tl.sigmoid(x)
+
+    @triton.jit
+    def tanh(x, FAST: tl.constexpr):
+        """tanh(x): with FAST tanh.approx.f32 (one special-function instruction), else 2 sigmoid(2x) - 1."""
+        if FAST:
+            return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                             pack=1)
+        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+    @triton.jit
+    def exp2(x, FAST: tl.constexpr):
+        """2^x: with FAST ex2.approx.ftz.f32 alone (tl.exp2's ex2.approx.f32 adds a range check and two
+        multiplies per element for results below float32's normal range, flushed to zero here), else tl.exp2."""
+        if FAST:
+            return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+        return tl.exp2(x)

@@ -308,14 +308,13 @@ def _softcapped_ce_grad_fp8(grad_rows, logits, targets, weights, weight_values, 
                  TensorDescriptor.from_tensor(q, [block_r, block_c]), TensorDescriptor.from_tensor(q_t, [block_c, block_r]))
         _softcapped_ce_grad_fp8_tma_kernel[grid](
             grad_rows, grad_rows.stride(0), *descs, targets.contiguous(), weights, weights.numel(), row_lse, rows,
-            vocab, cap, shift, 1.0 / div, grad_scale, torch.finfo(FLOAT8_E5M2).max, BLOCK_R=block_r, BLOCK_C=block_c,
-            COL_TILES=col_tiles, FAST=fast_sigmoid(logits), STAGES=stages, num_warps=num_warps)
+            vocab, cap, shift, 1.0 / div, grad_scale, BLOCK_R=block_r, BLOCK_C=block_c, COL_TILES=col_tiles,
+            FAST=fast_sigmoid(logits), STAGES=stages, num_warps=num_warps)
         return q, q_t
     _softcapped_ce_grad_fp8_kernel[grid](
         grad_rows, grad_rows.stride(0), logits, logits.stride(0), logits.stride(1), q, q_t, targets.contiguous(),
-        weights, weights.numel(), row_lse, rows, vocab, cap, shift, 1.0 / div, grad_scale,
-        torch.finfo(FLOAT8_E5M2).max, BLOCK_R=block_r, BLOCK_C=block_c, COL_TILES=col_tiles,
-        FAST=fast_sigmoid(logits), PREFETCH=prefetch, num_warps=num_warps)
+        weights, weights.numel(), row_lse, rows, vocab, cap, shift, 1.0 / div, grad_scale, BLOCK_R=block_r,
+        BLOCK_C=block_c, COL_TILES=col_tiles, FAST=fast_sigmoid(logits), PREFETCH=prefetch, num_warps=num_warps)
     return q, q_t
 
 
@@ -343,8 +342,9 @@ _fp8_ce_op.register_autograd(_fp8_ce_backward, setup_context=_fp8_ce_setup_conte
 # ---------------------------------------------------------------------------------------------
 
 if triton is not None:
-    from modded_nanogpt.kernels.common import sigmoid
-    from modded_nanogpt.kernels.fp8 import _to_fp8
+    from modded_nanogpt.kernels.common import exp2, sigmoid, tanh
+
+    LOG2E = tl.constexpr(1.4426950408889634)  # log2(e), for exp(x) = 2^(x log2(e))
 
     _ROW_CONFIGS = [triton.Config({"BLOCK_V": 1024}, num_warps=4), triton.Config({"BLOCK_V": 2048}, num_warps=8),
                     triton.Config({"BLOCK_V": 4096}, num_warps=8), triton.Config({"BLOCK_V": 4096}, num_warps=16)]
@@ -415,42 +415,58 @@ if triton is not None:
     # layout, each thread loaded every value once per column it holds (16 loads per value for a 64 x 64 tile
     # with 4 warps: Triton's loads are not merged like its arithmetic).
     @triton.jit
-    def _ce_grad_row_factors(rows, grad_rows_ptr, grad_rows_stride, weights_ptr, n_mtp, row_lse_ptr, N):
-        """(grad_row, lse, weight_total) of rows (R,): what _ce_grad_tile takes per row, each (R,)."""
+    def _ce_grad_row_factors(rows, grad_rows_ptr, grad_rows_stride, weights_ptr, n_mtp, row_lse_ptr, N, cap,
+                             inv_div):
+        """(g, c, weight_total) of rows (R,), what _ce_grad_tile takes per row, each (R,): g = grad_row * cap *
+        inv_div / 4, c = (cap / 2 - lse) log2(e), and the sum of the row's valid MTP weights."""
         in_rows = rows < N
         grad_row = tl.load(grad_rows_ptr + rows * grad_rows_stride, mask=in_rows, other=0.0)
         lse = tl.load(row_lse_ptr + rows, mask=in_rows, other=0.0)
         weight_total = tl.zeros(rows.shape, dtype=tl.float32)
         for k in range(n_mtp):
             weight_total += tl.where(rows + k < N, tl.load(weights_ptr + k), 0.0)
-        return grad_row, lse, weight_total
+        return grad_row * (0.25 * cap * inv_div), (0.5 * cap - lse) * LOG2E, weight_total
 
     @triton.jit
-    def _ce_grad_tile(z, rows, cols, grad_row, lse, weight_total, targets_ptr, weights_ptr, n_mtp, N, cap, shift,
-                      inv_div, FAST: tl.constexpr):
-        """The softcapped CE's gradient for a (R, C) tile of logits z: rows (R,), cols (1, C), the row factors
-        of _ce_grad_row_factors as (R, 1). The same arithmetic, in the same order, as
-        _softcapped_ce_backward_kernel."""
-        sig = sigmoid((z + shift) * inv_div, FAST)
-        dloss_dcapped = weight_total * tl.exp(cap * sig - lse)
+    def _e5m2_codes(grad, inv_scale, fp8_dtype: tl.constexpr):
+        """e5m2(bf16(grad) * inv_scale): the quotient by the scale as one rounded product, not the correctly
+        rounded division of fp8._to_fp8. A bf16 value has 8 significant bits and the codes 3, so the two differ
+        only where the quotient lies within a float32 ulp or so of a rounding boundary of the codes (about one
+        logit in a million, by one code). The conversion saturates (cvt.rn.satfinite): no clamp. Both layouts'
+        stores want the codes in their own register layout, and Triton quantizes once per layout (it converts
+        the bf16 tile rather than the codes), so every instruction here counts twice."""
+        return (grad.to(tl.bfloat16).to(tl.float32) * inv_scale).to(fp8_dtype, fp_downcast_rounding="rtne")
+
+    @triton.jit
+    def _ce_grad_tile(z, rows, cols, g, c, weight_total, targets_ptr, weights_ptr, n_mtp, N, cap, shift, inv_div,
+                      FAST: tl.constexpr):
+        """The softcapped CE's gradient for a (R, C) tile of logits z: rows (R,), cols (1, C), the row factors of
+        _ce_grad_row_factors as (R, 1). _softcapped_ce_backward_kernel's gradient, written in t = tanh(u / 2)
+        of u = (z + shift) / div, the sigmoid being (1 + t) / 2: the capped logit is cap (1 + t) / 2, its
+        softmax probability 2^(t cap log2(e) / 2 + c), its derivative in z cap inv_div (1 - t^2) / 4. Fewer
+        instructions per logit (an FMA, the tanh, an FMA and the exp2, then three for the chain rule; the
+        kernel is bound by instruction issue), the same values up to float32 rounding."""
+        t = tanh(z * (0.5 * inv_div) + (0.5 * shift * inv_div), FAST)
+        dloss_dcapped = weight_total * exp2(t * (0.5 * cap * LOG2E) + c, FAST)
         for k in range(n_mtp):
             target = tl.load(targets_ptr + rows + k, mask=rows + k < N, other=-1)  # -1 matches no column
             dloss_dcapped -= tl.where(cols == target[:, None], tl.load(weights_ptr + k), 0.0)
-        return grad_row * dloss_dcapped * (cap * inv_div) * sig * (1.0 - sig)
+        return dloss_dcapped * (1.0 - t * t) * g
 
     @triton.jit(do_not_specialize=["N_MTP"])
     def _softcapped_ce_grad_fp8_kernel(grad_rows_ptr, grad_rows_stride, logits_ptr, stride_r, stride_c, q_ptr,
                                        q_t_ptr, targets_ptr, weights_ptr, N_MTP, row_lse_ptr, N, V, cap, shift,
-                                       inv_div, scale, bound, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                                       inv_div, scale, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                                        COL_TILES: tl.constexpr, FAST: tl.constexpr, PREFETCH: tl.constexpr):
-        """q = e5m2(bf16(grad) / scale) of a (BLOCK_R, BLOCK_C) tile of the CE gradient, (N, V) row-major,
-        and q_t = q^T, (V, N) row-major. bf16 first: the codes of the CE backward followed by the quantizer.
-        On H100 at 49,152 x 50,304: 5.6 ms against 7.4 ms for the CE backward + quantizer (8.0 ms with tl.div_rn
-        per element; 12.3 ms recomputing the transposed tile from a second, transposed read instead of tl.trans)."""
+        """q = e5m2(bf16(grad) / scale) of (BLOCK_R, BLOCK_C) tiles of the CE gradient, (N, V) row-major, and
+        q_t = q^T, (V, N) row-major: bf16 first, as the CE backward followed by the quantizer, whose codes these
+        are up to float32 rounding (_ce_grad_tile, _e5m2_codes). tl.trans of the codes, not a second,
+        transposed read (12.3 against 5.6 ms on an H100 at 49,152 x 50,304)."""
         rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-        grad_row, lse, weight_total = _ce_grad_row_factors(rows, grad_rows_ptr, grad_rows_stride, weights_ptr,
-                                                           N_MTP, row_lse_ptr, N)
-        grad_row, lse, weight_total = grad_row[:, None], lse[:, None], weight_total[:, None]
+        g, c, weight_total = _ce_grad_row_factors(rows, grad_rows_ptr, grad_rows_stride, weights_ptr, N_MTP,
+                                                  row_lse_ptr, N, cap, inv_div)
+        g, c, weight_total = g[:, None], c[:, None], weight_total[:, None]
+        inv_scale = tl.div_rn(1.0, scale)
         first = tl.program_id(1) * COL_TILES * BLOCK_C
         if PREFETCH:  # the first tile's logits; each iteration then issues the next tile's load before its work
             cols = (first + tl.arange(0, BLOCK_C)).to(tl.int64)
@@ -467,30 +483,31 @@ if triton is not None:
                                  mask=(rows[:, None] < N) & (after[None, :] < V) & (tile + 1 < COL_TILES), other=0.0)
             else:
                 z = tl.load(logits_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
-            grad = _ce_grad_tile(z.to(tl.float32), rows, cols[None, :], grad_row, lse, weight_total, targets_ptr,
-                                 weights_ptr, N_MTP, N, cap, shift, inv_div, FAST)
-            codes = _to_fp8(grad.to(tl.bfloat16), scale, bound, q_ptr.dtype.element_ty)
+            grad = _ce_grad_tile(z.to(tl.float32), rows, cols[None, :], g, c, weight_total, targets_ptr, weights_ptr,
+                                 N_MTP, N, cap, shift, inv_div, FAST)
+            codes = _e5m2_codes(grad, inv_scale, q_ptr.dtype.element_ty)
             tl.store(q_ptr + rows[:, None] * V + cols[None, :], codes, mask=mask)
             tl.store(q_t_ptr + cols[:, None] * N + rows[None, :], tl.trans(codes), mask=mask_t)
 
     @triton.jit(do_not_specialize=["N_MTP"])
     def _softcapped_ce_grad_fp8_tma_kernel(grad_rows_ptr, grad_rows_stride, logits_desc, q_desc, q_t_desc, targets_ptr,
-                                           weights_ptr, N_MTP, row_lse_ptr, N, V, cap, shift, inv_div, scale, bound,
+                                           weights_ptr, N_MTP, row_lse_ptr, N, V, cap, shift, inv_div, scale,
                                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, COL_TILES: tl.constexpr,
                                            FAST: tl.constexpr, STAGES: tl.constexpr):
         """_softcapped_ce_grad_fp8_kernel with its tiles moved by TMA: the logits loaded, q and q^T stored
         through descriptors, which leave out what lies past the tensors' edges (no masks)."""
         row0 = tl.program_id(0) * BLOCK_R
         rows = (row0 + tl.arange(0, BLOCK_R)).to(tl.int64)
-        grad_row, lse, weight_total = _ce_grad_row_factors(rows, grad_rows_ptr, grad_rows_stride, weights_ptr,
-                                                           N_MTP, row_lse_ptr, N)
-        grad_row, lse, weight_total = grad_row[:, None], lse[:, None], weight_total[:, None]
+        g, c, weight_total = _ce_grad_row_factors(rows, grad_rows_ptr, grad_rows_stride, weights_ptr, N_MTP,
+                                                  row_lse_ptr, N, cap, inv_div)
+        g, c, weight_total = g[:, None], c[:, None], weight_total[:, None]
+        inv_scale = tl.div_rn(1.0, scale)
         for tile in tl.range(COL_TILES, num_stages=STAGES):  # STAGES > 1: the next tiles' loads issued ahead
             col0 = (tl.program_id(1) * COL_TILES + tile) * BLOCK_C
             cols = (col0 + tl.arange(0, BLOCK_C)).to(tl.int64)
             z = logits_desc.load([row0, col0])
-            grad = _ce_grad_tile(z.to(tl.float32), rows, cols[None, :], grad_row, lse, weight_total, targets_ptr,
-                                 weights_ptr, N_MTP, N, cap, shift, inv_div, FAST)
-            codes = _to_fp8(grad.to(tl.bfloat16), scale, bound, q_desc.dtype)
+            grad = _ce_grad_tile(z.to(tl.float32), rows, cols[None, :], g, c, weight_total, targets_ptr, weights_ptr,
+                                 N_MTP, N, cap, shift, inv_div, FAST)
+            codes = _e5m2_codes(grad, inv_scale, q_desc.dtype)
             q_desc.store([row0, col0], codes)
             q_t_desc.store([col0, row0], tl.trans(codes))
