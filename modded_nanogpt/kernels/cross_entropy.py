@@ -363,13 +363,16 @@ if triton is not None:
         # lse = cap + log(sum exp(capped - cap)): capped < cap bounds every term by 1 (MAX_CAP keeps it above
         # float32's underflow), so no running maximum, and each lane sums its own terms; one reduction at the end
         # instead of a maximum and a sum across the block per BLOCK_V columns.
+        # In t = tanh(u / 2) of u = (z + shift) / div (the sigmoid being (1 + t) / 2), exp(capped - cap) is
+        # 2^((t - 1) cap log2(e) / 2): an FMA into the tanh and one into the exp2 per logit.
+        half_cap_log2e = 0.5 * cap * LOG2E
         sum_exp = tl.zeros((BLOCK_V,), dtype=tl.float32)
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             in_row = cols < V
             z = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
-            capped = cap * sigmoid((z + shift) * inv_div, FAST)
-            sum_exp += tl.where(in_row, tl.exp(capped - cap), 0.0)
+            t = tanh(z * (0.5 * inv_div) + 0.5 * shift * inv_div, FAST)
+            sum_exp += tl.where(in_row, exp2(t * half_cap_log2e - half_cap_log2e, FAST), 0.0)
         lse = cap + tl.log(tl.sum(sum_exp, axis=0))
 
         loss = 0.0
