@@ -392,26 +392,20 @@ if triton is not None:
     def _softcapped_ce_backward_kernel(grad_rows_ptr, grad_rows_stride, logits_ptr, stride_row, grad_ptr,
                                        grad_stride_row, targets_ptr, weights_ptr, row_lse_ptr, N, V, cap, shift,
                                        inv_div, N_MTP, BLOCK_V: tl.constexpr, FAST: tl.constexpr):
-        """grad = g_t * (W_t softmax(s) - sum_k w_k onehot(y_{t+k})) * ds/dz, with W_t the valid weights' sum."""
-        row = tl.program_id(0)
-        row_ptr = logits_ptr + row.to(tl.int64) * stride_row
-        grad_row_ptr = grad_ptr + row.to(tl.int64) * grad_stride_row
-        grad_row = tl.load(grad_rows_ptr + row * grad_rows_stride)
-        lse = tl.load(row_lse_ptr + row)
-        weight_total = 0.0
-        for k in range(N_MTP):
-            weight_total += tl.where(row + k < N, tl.load(weights_ptr + k), 0.0)
+        """grad = g_t * (W_t softmax(s) - sum_k w_k onehot(y_{t+k})) * ds/dz, with W_t the valid weights' sum:
+        one program per row, as a (1, BLOCK_V) tile of _ce_grad_tile at a time."""
+        rows = (tl.program_id(0) + tl.arange(0, 1)).to(tl.int64)  # this row, as the (1,) rows of a tile
+        g, c, weight_total = _ce_grad_row_factors(rows, grad_rows_ptr, grad_rows_stride, weights_ptr, N_MTP,
+                                                  row_lse_ptr, N, cap, inv_div)
+        g, c, weight_total = g[:, None], c[:, None], weight_total[:, None]
+        row_ptr = logits_ptr + rows[:, None] * stride_row
+        grad_row_ptr = grad_ptr + rows[:, None] * grad_stride_row
         for start in range(0, V, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
+            cols = (start + tl.arange(0, BLOCK_V))[None, :]
             in_row = cols < V
             z = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
-            sig = sigmoid((z + shift) * inv_div, FAST)
-            dloss_dcapped = weight_total * tl.exp(cap * sig - lse)
-            for k in range(N_MTP):
-                valid = row + k < N
-                target = tl.load(targets_ptr + row + k, mask=valid, other=-1)  # -1 matches no column
-                dloss_dcapped -= tl.where(cols == target, tl.load(weights_ptr + k), 0.0)
-            grad = grad_row * dloss_dcapped * (cap * inv_div) * sig * (1.0 - sig)
+            grad = _ce_grad_tile(z, rows, cols, g, c, weight_total, targets_ptr, weights_ptr, N_MTP, N, cap, shift,
+                                 inv_div, FAST)
             tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 
     # Per-row values are loaded as 1-D vectors and broadcast afterwards: loaded as (R, 1) tensors in a tile's
@@ -444,11 +438,12 @@ if triton is not None:
     def _ce_grad_tile(z, rows, cols, g, c, weight_total, targets_ptr, weights_ptr, n_mtp, N, cap, shift, inv_div,
                       FAST: tl.constexpr):
         """The softcapped CE's gradient for a (R, C) tile of logits z: rows (R,), cols (1, C), the row factors of
-        _ce_grad_row_factors as (R, 1). _softcapped_ce_backward_kernel's gradient, written in t = tanh(u / 2)
-        of u = (z + shift) / div, the sigmoid being (1 + t) / 2: the capped logit is cap (1 + t) / 2, its
-        softmax probability 2^(t cap log2(e) / 2 + c), its derivative in z cap inv_div (1 - t^2) / 4. Fewer
-        instructions per logit (an FMA, the tanh, an FMA and the exp2, then three for the chain rule; the
-        kernel is bound by instruction issue), the same values up to float32 rounding."""
+        _ce_grad_row_factors as (R, 1): g_t (W_t softmax(s) - sum_k w_k onehot(y_{t+k})) ds/dz, with W_t the sum of
+        the row's valid weights. Written in t = tanh(u / 2) of u = (z + shift) / div, the sigmoid being
+        (1 + t) / 2: the capped logit is cap (1 + t) / 2, its softmax probability 2^(t cap log2(e) / 2 + c), its
+        derivative in z cap inv_div (1 - t^2) / 4. So an FMA, the tanh, an FMA and the exp2, then three
+        instructions for the chain rule per logit (the fp8 kernel is bound by instruction issue); the same
+        values as the sigmoid's form up to float32 rounding."""
         t = tanh(z * (0.5 * inv_div) + (0.5 * shift * inv_div), FAST)
         dloss_dcapped = weight_total * exp2(t * (0.5 * cap * LOG2E) + c, FAST)
         for k in range(n_mtp):
