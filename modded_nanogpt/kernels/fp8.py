@@ -208,7 +208,8 @@ if triton is not None:
     def _to_fp8(values, scale, bound, fp8_dtype: tl.constexpr):
         # A correctly rounded division, as torch's on CPU, so the codes match the reference's. Not tl.div_rn
         # per element (it made the quantizers compute-bound on H100: 8.0 against 5.2 ms for the CE-gradient
-        # kernel); instead one correctly rounded reciprocal and Markstein's correction, q + (v - q s) / s
+        # kernel of then, which now multiplies by the reciprocal alone: cross_entropy._e5m2_codes says why);
+        # instead one correctly rounded reciprocal and Markstein's correction, q + (v - q s) / s
         # with the remainder exact in an FMA, which rounds to the correctly rounded quotient (for quotients
         # in the normal range; those below it become fp8 zeros either way).
         values = values.to(tl.float32)
