@@ -559,8 +559,6 @@ def main(argv: list[str] | None = None) -> dict:
             gc.collect()
 
 
-
-
 def run(hp: Hyperparameters, rt: Runtime, argv: list[str]) -> dict:
     train_files, val_files = resolve_data(hp)
     if not hp.run_dir:

@@ -1,6 +1,6 @@
 """What the ops of the package share: the optional triton import, the switch between the fused paths and the
-references (use_triton), the fp8 and TMA capability tests (tma_ready), dtype constants, and the sigmoid of the softcap in the
-cross-entropy kernels with its switch (FAST_SIGMOID).
+references (use_triton), the fp8 and TMA capability tests, dtype constants, and the sigmoid, tanh and exp2 of the
+cross-entropy kernels with the switch of their fast forms (FAST_SIGMOID).
 
 The ops read use_triton and FAST_SIGMOID here at call time (`common.use_triton(x)`, fast_sigmoid), so a value
 set on this module, or on the package, which passes both names through to this one, takes effect at the next
