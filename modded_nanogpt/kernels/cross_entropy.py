@@ -291,30 +291,37 @@ def _softcapped_ce_grad_fp8(grad_rows, logits, targets, weights, weight_values, 
     0.2% of the fastest on an H200), each reading its rows' factors once and walking col_tiles tiles along them.
     tma (None: where common.tma_ready, i.e. Hopper or later with rows of q and q^T 16-byte aligned): the tiles
     move through TMA descriptors, the walk's loads pipelined over `stages` stages by Triton; else pointer loads
-    and stores, with `prefetch` each tile's load issued before the tile before it is computed.
+    and stores, with `prefetch` each tile's load issued before the tile before it is computed. The tiles leave
+    out the MTP terms' one-hots; a second kernel then writes the codes of the target logits.
     At a stage-3 micro-step (49,152 x 50,304) on an H200: TMA 4.25-4.27 ms, pointers with prefetch 4.32 ms,
     without 4.82 ms, one tile per program 5.01 ms (modded_nanogpt/PERF_NOTES.md)."""
     rows, vocab = logits.shape
     weights = _mtp_weight_tensor(weights, weight_values, logits.device)
     q = torch.empty((rows, vocab), dtype=FLOAT8_E5M2, device=logits.device)
     q_t = torch.empty((vocab, rows), dtype=FLOAT8_E5M2, device=logits.device)
+    targets = targets.contiguous()
     grid = (triton.cdiv(rows, block_r), triton.cdiv(vocab, block_c * col_tiles))
     if tma is None:
         tma = tma_ready(logits, q, q_t)
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        descs = (TensorDescriptor.from_tensor(logits, [block_r, block_c]),
-                 TensorDescriptor.from_tensor(q, [block_r, block_c]), TensorDescriptor.from_tensor(q_t, [block_c, block_r]))
+        descs = [TensorDescriptor.from_tensor(t, block) for t, block in
+                 ((logits, [block_r, block_c]), (q, [block_r, block_c]), (q_t, [block_c, block_r]))]
         _softcapped_ce_grad_fp8_tma_kernel[grid](
-            grad_rows, grad_rows.stride(0), *descs, targets.contiguous(), weights, weights.numel(), row_lse, rows,
-            vocab, cap, shift, 1.0 / div, grad_scale, BLOCK_R=block_r, BLOCK_C=block_c, COL_TILES=col_tiles,
+            grad_rows, grad_rows.stride(0), *descs, targets, weights, weights.numel(), row_lse, rows, vocab, cap,
+            shift, 1.0 / div, grad_scale, BLOCK_R=block_r, BLOCK_C=block_c, COL_TILES=col_tiles,
             FAST=fast_sigmoid(logits), STAGES=stages, num_warps=num_warps)
-        return q, q_t
-    _softcapped_ce_grad_fp8_kernel[grid](
-        grad_rows, grad_rows.stride(0), logits, logits.stride(0), logits.stride(1), q, q_t, targets.contiguous(),
-        weights, weights.numel(), row_lse, rows, vocab, cap, shift, 1.0 / div, grad_scale, BLOCK_R=block_r,
-        BLOCK_C=block_c, COL_TILES=col_tiles, FAST=fast_sigmoid(logits), PREFETCH=prefetch, num_warps=num_warps)
+    else:
+        _softcapped_ce_grad_fp8_kernel[grid](
+            grad_rows, grad_rows.stride(0), logits, logits.stride(0), logits.stride(1), q, q_t, targets, weights,
+            weights.numel(), row_lse, rows, vocab, cap, shift, 1.0 / div, grad_scale, BLOCK_R=block_r,
+            BLOCK_C=block_c, COL_TILES=col_tiles, FAST=fast_sigmoid(logits), PREFETCH=prefetch, num_warps=num_warps)
+    entries = rows * weights.numel()  # then the target logits' codes, over the tile kernels'
+    _ce_grad_fp8_targets_kernel[(triton.cdiv(entries, 128),)](
+        grad_rows, grad_rows.stride(0), logits, logits.stride(0), logits.stride(1), q, q_t, targets, weights,
+        weights.numel(), row_lse, rows, vocab, cap, shift, 1.0 / div, grad_scale, BLOCK=128,
+        FAST=fast_sigmoid(logits), num_warps=4)
     return q, q_t
 
 
@@ -435,7 +442,7 @@ if triton is not None:
         return (grad.to(tl.bfloat16).to(tl.float32) * inv_scale).to(fp8_dtype, fp_downcast_rounding="rtne")
 
     @triton.jit
-    def _ce_grad_tile(z, rows, cols, g, c, weight_total, targets_ptr, weights_ptr, n_mtp, N, cap, shift, inv_div,
+    def _ce_grad_tile(z, rows, cols, g, c, weight_total, targets_ptr, weights_ptr, n_targets, N, cap, shift, inv_div,
                       FAST: tl.constexpr):
         """The softcapped CE's gradient for a (R, C) tile of logits z: rows (R,), cols (1, C), the row factors of
         _ce_grad_row_factors as (R, 1): g_t (W_t softmax(s) - sum_k w_k onehot(y_{t+k})) ds/dz, with W_t the sum of
@@ -443,10 +450,11 @@ if triton is not None:
         (1 + t) / 2: the capped logit is cap (1 + t) / 2, its softmax probability 2^(t cap log2(e) / 2 + c), its
         derivative in z cap inv_div (1 - t^2) / 4. So an FMA, the tanh, an FMA and the exp2, then three
         instructions for the chain rule per logit (the fp8 kernel is bound by instruction issue); the same
-        values as the sigmoid's form up to float32 rounding."""
+        values as the sigmoid's form up to float32 rounding. n_targets: how many of the MTP terms' one-hots to
+        subtract here (0: none, for a kernel that leaves the target logits to _ce_grad_fp8_targets_kernel)."""
         t = tanh(z * (0.5 * inv_div) + (0.5 * shift * inv_div), FAST)
         dloss_dcapped = weight_total * exp2(t * (0.5 * cap * LOG2E) + c, FAST)
-        for k in range(n_mtp):
+        for k in range(n_targets):
             target = tl.load(targets_ptr + rows + k, mask=rows + k < N, other=-1)  # -1 matches no column
             dloss_dcapped -= tl.where(cols == target[:, None], tl.load(weights_ptr + k), 0.0)
         return dloss_dcapped * (1.0 - t * t) * g
@@ -482,7 +490,7 @@ if triton is not None:
             else:
                 z = tl.load(logits_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
             grad = _ce_grad_tile(z.to(tl.float32), rows, cols[None, :], g, c, weight_total, targets_ptr, weights_ptr,
-                                 N_MTP, N, cap, shift, inv_div, FAST)
+                                 0, N, cap, shift, inv_div, FAST)  # the target logits: the targets kernel
             codes = _e5m2_codes(grad, inv_scale, q_ptr.dtype.element_ty)
             tl.store(q_ptr + rows[:, None] * V + cols[None, :], codes, mask=mask)
             tl.store(q_t_ptr + cols[:, None] * N + rows[None, :], tl.trans(codes), mask=mask_t)
@@ -505,7 +513,28 @@ if triton is not None:
             cols = (col0 + tl.arange(0, BLOCK_C)).to(tl.int64)
             z = logits_desc.load([row0, col0])
             grad = _ce_grad_tile(z.to(tl.float32), rows, cols[None, :], g, c, weight_total, targets_ptr, weights_ptr,
-                                 N_MTP, N, cap, shift, inv_div, FAST)
+                                 0, N, cap, shift, inv_div, FAST)  # the target logits: the targets kernel
             codes = _e5m2_codes(grad, inv_scale, q_desc.dtype)
             q_desc.store([row0, col0], codes)
             q_t_desc.store([col0, row0], tl.trans(codes))
+
+    @triton.jit(do_not_specialize=["N_MTP"])
+    def _ce_grad_fp8_targets_kernel(grad_rows_ptr, grad_rows_stride, logits_ptr, stride_r, stride_c, q_ptr, q_t_ptr,
+                                    targets_ptr, weights_ptr, N_MTP, row_lse_ptr, N, V, cap, shift, inv_div, scale,
+                                    BLOCK: tl.constexpr, FAST: tl.constexpr):
+        """The codes of the target logits, after a tile kernel wrote them without the MTP terms' one-hots: entry
+        (row, k) of the N x N_MTP is the logit (row, target[row + k]), recomputed by _ce_grad_tile with every
+        term and written to q and q^T. An entry whose logit another k of its row shares writes the same code.
+        So the tile kernels save the compare, select and subtract per logit and per MTP weight."""
+        entry = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        rows = (entry // N_MTP).to(tl.int64)
+        valid = (entry < N * N_MTP) & (rows + entry % N_MTP < N)
+        cols = tl.load(targets_ptr + rows + entry % N_MTP, mask=valid, other=0).to(tl.int64)
+        g, c, weight_total = _ce_grad_row_factors(rows, grad_rows_ptr, grad_rows_stride, weights_ptr, N_MTP,
+                                                  row_lse_ptr, N, cap, inv_div)
+        z = tl.load(logits_ptr + rows * stride_r + cols * stride_c, mask=valid, other=0.0).to(tl.float32)
+        grad = _ce_grad_tile(z[:, None], rows, cols[:, None], g[:, None], c[:, None], weight_total[:, None],
+                             targets_ptr, weights_ptr, N_MTP, N, cap, shift, inv_div, FAST)
+        codes = tl.reshape(_e5m2_codes(grad, tl.div_rn(1.0, scale), q_ptr.dtype.element_ty), (BLOCK,))
+        tl.store(q_ptr + rows * V + cols, codes, mask=valid)
+        tl.store(q_t_ptr + cols * N + rows, codes, mask=valid)
