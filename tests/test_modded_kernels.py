@@ -669,8 +669,8 @@ def test_gpu_ce_grad_fp8_kernel_matches_the_two_kernels(shape, weights):
     for variant in variants:
         walked = cross_entropy._softcapped_ce_grad_fp8(grad_rows, logits, targets, weight_tensor, [], row_lse, 23.0,
                                                         5.0, 7.5, scale, **variant)
-        assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(walked, (q, q_t), strict=True)), \
-            variant
+        same = [torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(walked, (q, q_t), strict=True)]
+        assert all(same), variant
 
 
 @pytest.mark.gpu

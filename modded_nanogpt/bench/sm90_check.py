@@ -88,8 +88,11 @@ def cases(arch: int = 90):
                       q_desc="tensordesc<fp8e5[64,64]>", q_t_desc="tensordesc<fp8e5[64,64]>", targets_ptr="*i64",
                       weights_ptr=F32, N_MTP="i32", row_lse_ptr=F32, N="i32", V="i32", cap="fp32", shift="fp32",
                       inv_div="fp32", scale="fp32")
+        yield ("softcapped_ce grad e5m2 (target logits)", cross_entropy._softcapped_ce_grad_fp8_targets_kernel, ce_fp8,
+               ["stride_r", "N", "V"], [dict(stride_c=1, BLOCK=128, FAST=1, num_warps=4)], 4)
         yield ("softcapped_ce grad e5m2 (TMA)", cross_entropy._softcapped_ce_grad_fp8_tma_kernel, ce_tma, ["N", "V"],
-               [dict(BLOCK_R=64, BLOCK_C=64, COL_TILES=t, FAST=1, STAGES=st, num_warps=4) for t, st in ((1, 1), (16, 1), (16, 2), (16, 3))], 4)
+               [dict(BLOCK_R=64, BLOCK_C=64, COL_TILES=t, FAST=1, STAGES=st, num_warps=4)
+                for t, st in ((1, 1), (16, 1), (16, 2), (16, 3))], 4)
 
 
 def compile_sm90(kernel, types, divisible, constexprs, num_warps, arch: int = 90):

@@ -318,7 +318,7 @@ def _softcapped_ce_grad_fp8(grad_rows, logits, targets, weights, weight_values, 
             weights.numel(), row_lse, rows, vocab, cap, shift, 1.0 / div, grad_scale, BLOCK_R=block_r,
             BLOCK_C=block_c, COL_TILES=col_tiles, FAST=fast_sigmoid(logits), PREFETCH=prefetch, num_warps=num_warps)
     entries = rows * weights.numel()  # then the target logits' codes, over the tile kernels'
-    _ce_grad_fp8_targets_kernel[(triton.cdiv(entries, 128),)](
+    _softcapped_ce_grad_fp8_targets_kernel[(triton.cdiv(entries, 128),)](
         grad_rows, grad_rows.stride(0), logits, logits.stride(0), logits.stride(1), q, q_t, targets, weights,
         weights.numel(), row_lse, rows, vocab, cap, shift, 1.0 / div, grad_scale, BLOCK=128,
         FAST=fast_sigmoid(logits), num_warps=4)
@@ -451,7 +451,8 @@ if triton is not None:
         derivative in z cap inv_div (1 - t^2) / 4. So an FMA, the tanh, an FMA and the exp2, then three
         instructions for the chain rule per logit (the fp8 kernel is bound by instruction issue); the same
         values as the sigmoid's form up to float32 rounding. n_targets: how many of the MTP terms' one-hots to
-        subtract here (0: none, for a kernel that leaves the target logits to _ce_grad_fp8_targets_kernel)."""
+        subtract here (0: none, for the tile kernels, which leave the target logits to
+        _softcapped_ce_grad_fp8_targets_kernel)."""
         t = tanh(z * (0.5 * inv_div) + (0.5 * shift * inv_div), FAST)
         dloss_dcapped = weight_total * exp2(t * (0.5 * cap * LOG2E) + c, FAST)
         for k in range(n_targets):
@@ -519,9 +520,9 @@ if triton is not None:
             q_t_desc.store([col0, row0], tl.trans(codes))
 
     @triton.jit(do_not_specialize=["N_MTP"])
-    def _ce_grad_fp8_targets_kernel(grad_rows_ptr, grad_rows_stride, logits_ptr, stride_r, stride_c, q_ptr, q_t_ptr,
-                                    targets_ptr, weights_ptr, N_MTP, row_lse_ptr, N, V, cap, shift, inv_div, scale,
-                                    BLOCK: tl.constexpr, FAST: tl.constexpr):
+    def _softcapped_ce_grad_fp8_targets_kernel(grad_rows_ptr, grad_rows_stride, logits_ptr, stride_r, stride_c,
+                                               q_ptr, q_t_ptr, targets_ptr, weights_ptr, N_MTP, row_lse_ptr, N, V,
+                                               cap, shift, inv_div, scale, BLOCK: tl.constexpr, FAST: tl.constexpr):
         """The codes of the target logits, after a tile kernel wrote them without the MTP terms' one-hots: entry
         (row, k) of the N x N_MTP is the logit (row, target[row + k]), recomputed by _ce_grad_tile with every
         term and written to q and q^T. An entry whose logit another k of its row shares writes the same code.
