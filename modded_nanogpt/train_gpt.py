@@ -65,6 +65,7 @@ from nanogpt.rundir import (
     check_same_trainer,
     check_writable,
     compile_caches,
+    holds_files,
     load_newest,
     provenance,
     prune_checkpoints,
@@ -419,8 +420,7 @@ def fa4_precompile_wanted(backend: str, device: torch.device) -> bool:
     would only import and load them again beside the first graph."""
     if backend != "fa4" or device.type != "cuda" or os.environ.get(FA4_CACHE_SWITCH) != "1":
         return False
-    folder = os.environ.get(FA4_CACHE_DIR)
-    return not (folder and Path(folder).is_dir() and any(Path(folder).iterdir()))
+    return not holds_files(os.environ.get(FA4_CACHE_DIR))
 
 
 def start_fa4_precompile(model, seq_len: int, device: torch.device):

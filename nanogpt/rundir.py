@@ -62,8 +62,12 @@ def compile_caches(run_dir: Path, caches: dict[str, str] | None = None) -> dict:
     used = {}
     for variable, name in (COMPILE_CACHES if caches is None else caches).items():
         used[variable] = os.environ.setdefault(variable, str(root / name))
-    warm = any(Path(path).is_dir() and any(Path(path).iterdir()) for path in used.values())
-    return used | {"warm": warm}
+    return used | {"warm": any(holds_files(path) for path in used.values())}
+
+
+def holds_files(folder) -> bool:
+    """Whether folder (a path, or None) exists and holds anything: a cache that is warm."""
+    return folder is not None and Path(folder).is_dir() and any(Path(folder).iterdir())
 
 
 def caches_text(caches: dict) -> str:

@@ -64,9 +64,7 @@ if triton is not None:  # the kernels' sigmoid, a Triton function inlined where 
         """sigmoid(x): with FAST, 0.5 + 0.5 tanh(x / 2) through tanh.approx.f32 (one special-function
         instruction, relative error <= 2^-10.99); else tl.sigmoid (an exp and an IEEE division)."""
         if FAST:
-            t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [0.5 * x], dtype=tl.float32,
-                                          is_pure=True, pack=1)
-            return 0.5 + 0.5 * t
+            return 0.5 + 0.5 * tanh(0.5 * x, True)
         return tl.sigmoid(x)
 
     @triton.jit
