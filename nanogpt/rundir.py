@@ -66,8 +66,9 @@ def compile_caches(run_dir: Path, caches: dict[str, str] | None = None) -> dict:
 
 
 def holds_files(folder) -> bool:
-    """Whether folder (a path, or None) exists and holds anything: a cache that is warm."""
-    return folder is not None and Path(folder).is_dir() and any(Path(folder).iterdir())
+    """Whether folder (a path, or None) holds a file at any depth: a cache that is warm. Folders alone do not
+    count: FA4 makes its cache's folder tree (one folder per kernel) when it is imported, before any kernel."""
+    return folder is not None and Path(folder).is_dir() and any(p.is_file() for p in Path(folder).rglob("*"))
 
 
 def caches_text(caches: dict) -> str:

@@ -669,6 +669,7 @@ def test_gpu_ce_grad_fp8_kernel_matches_the_two_kernels(shape, few_targets, weig
     # before it is computed or not: the same codes.
     variants = [dict(tma=False, col_tiles=t, prefetch=p) for t, p in ((1, False), (3, False), (1, True), (3, True),
                                                                       (16, True))]
+    variants.append(dict(tma=False, block_r=64, block_c=64, col_tiles=16, prefetch=True))  # another tile shape
     if shape[0] % 16 == 0 and shape[1] % 16 == 0:  # TMA descriptors: rows of q and q^T 16-byte aligned
         variants += [dict(tma=True, col_tiles=t, stages=s) for t, s in ((1, 1), (3, 1), (16, 2), (16, 3))]
     for variant in variants:

@@ -857,10 +857,12 @@ def test_fa4_precompile_only_into_an_empty_fa4_disk_cache(tmp_path, monkeypatch)
     assert fa4_precompile_wanted("fa4", cuda)  # absent
     folder.mkdir()
     assert fa4_precompile_wanted("fa4", cuda)  # empty
+    (folder / "c8c16f" / "tile_cumsum").mkdir(parents=True)  # what importing flash_attn.cute makes: no kernel yet
+    assert fa4_precompile_wanted("fa4", cuda)
     assert not fa4_precompile_wanted("flex", cuda) and not fa4_precompile_wanted("fa4", torch.device("cpu"))
-    (folder / "kernel.o").write_bytes(b"")
+    (folder / "c8c16f" / "tile_cumsum" / "kernel.o").write_bytes(b"")
     assert not fa4_precompile_wanted("fa4", cuda)  # warm
-    folder.joinpath("kernel.o").unlink()
+    folder.joinpath("c8c16f", "tile_cumsum", "kernel.o").unlink()
     monkeypatch.setenv(FA4_CACHE_SWITCH, "0")
     assert not fa4_precompile_wanted("fa4", cuda)
 

@@ -250,6 +250,8 @@ def test_compile_caches_go_beside_the_run_directory_unless_set_and_say_whether_t
                                           f"TRITON_CACHE_DIR={runs}/.cache/triton")
 
     (runs / ".cache" / "triton" / "KEY").mkdir(parents=True)
+    assert rundir.compile_caches(runs / "b")["warm"] is False  # folders without a file in them: nothing compiled
+    (runs / ".cache" / "triton" / "KEY" / "kernel.cubin").write_bytes(b"")
     assert rundir.compile_caches(runs / "b")["warm"] is True  # another run of the folder: the same caches
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "mine"))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")

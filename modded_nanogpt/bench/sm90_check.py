@@ -82,8 +82,9 @@ def cases(arch: int = 90):
                       q_ptr="*fp8e5", q_t_ptr="*fp8e5", targets_ptr="*i64", weights_ptr=F32, N_MTP="i32",
                       row_lse_ptr=F32, N="i32", V="i32", cap="fp32", shift="fp32", inv_div="fp32", scale="fp32")
         yield ("softcapped_ce grad e5m2", cross_entropy._softcapped_ce_grad_fp8_kernel, ce_fp8, ["stride_r", "N", "V"],
-               [dict(stride_c=1, BLOCK_R=64, BLOCK_C=64, COL_TILES=t, FAST=1, PREFETCH=p, num_warps=4)
-                for t, p in ((1, 0), (4, 0), (16, 0), (4, 1), (16, 1))], 4)
+               [dict(stride_c=1, BLOCK_R=r, BLOCK_C=c, COL_TILES=t, FAST=1, PREFETCH=p, num_warps=4)
+                for r, c, t, p in ((32, 128, 16, 1), (64, 64, 1, 0), (64, 64, 4, 0), (64, 64, 16, 0), (64, 64, 4, 1),
+                                   (64, 64, 16, 1))], 4)
         ce_tma = dict(grad_rows_ptr=F32, grad_rows_stride="i32", logits_desc="tensordesc<bf16[64,64]>",
                       q_desc="tensordesc<fp8e5[64,64]>", q_t_desc="tensordesc<fp8e5[64,64]>", targets_ptr="*i64",
                       weights_ptr=F32, N_MTP="i32", row_lse_ptr=F32, N="i32", V="i32", cap="fp32", shift="fp32",

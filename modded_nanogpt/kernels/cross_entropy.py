@@ -284,17 +284,18 @@ def _(grad_rows, logits, targets, weights, weight_values, row_lse, x_fp8_t, w_fp
 
 
 def _softcapped_ce_grad_fp8(grad_rows, logits, targets, weights, weight_values, row_lse, cap, shift, div,
-                            grad_scale, block_r=64, block_c=64, num_warps=4, col_tiles=16, prefetch=True,
-                            tma=None, stages=2):
+                            grad_scale, block_r=32, block_c=128, num_warps=4, col_tiles=16, prefetch=True,
+                            tma=False, stages=2):
     """The loss's gradient w.r.t. the logits as e5m2 codes of grad / grad_scale, (N, V) and (V, N), the same
-    codes every way below. Programs of 64 x 64 tiles with 4 warps (the fastest of nine shapes on an H100, within
-    0.2% of the fastest on an H200), each reading its rows' factors once and walking col_tiles tiles along them.
-    tma (None: where common.tma_ready, i.e. Hopper or later with rows of q and q^T 16-byte aligned): the tiles
-    move through TMA descriptors, the walk's loads pipelined over `stages` stages by Triton; else pointer loads
-    and stores, with `prefetch` each tile's load issued before the tile before it is computed. The tiles leave
-    out the MTP terms' one-hots; a second kernel then writes the codes of the target logits.
-    At a stage-3 micro-step (49,152 x 50,304) on an H200: TMA 4.25-4.27 ms, pointers with prefetch 4.32 ms,
-    without 4.82 ms, one tile per program 5.01 ms (modded_nanogpt/PERF_NOTES.md)."""
+    codes every way below. Programs of block_r x block_c tiles, each reading its rows' factors once and walking
+    col_tiles tiles along them. Pointer loads and stores by default, with `prefetch` each tile's load issued before
+    the tile before it is computed; tma=True moves the tiles through TMA descriptors instead (Hopper or later,
+    rows of q and q^T 16-byte aligned: common.tma_ready; None picks it where that holds), the walk's loads
+    pipelined over `stages` stages by Triton. The tiles leave out the MTP terms' one-hots; a second kernel then
+    writes the codes of the target logits.
+    At a stage-3 micro-step (49,152 x 50,304) on an H200: 32 x 128 tiles with prefetch (the default) 2.86 ms;
+    64 x 64 with prefetch 3.04 ms; TMA 64 x 64, 2 stages, 4.03 ms (the fastest before the kernel's arithmetic was
+    cut to a third, when memory and not instruction issue bound it) (modded_nanogpt/PERF_NOTES.md)."""
     rows, vocab = logits.shape
     weights = _mtp_weight_tensor(weights, weight_values, logits.device)
     q = torch.empty((rows, vocab), dtype=FLOAT8_E5M2, device=logits.device)
