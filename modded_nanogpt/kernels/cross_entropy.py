@@ -294,8 +294,8 @@ def _softcapped_ce_grad_fp8(grad_rows, logits, targets, weights, weight_values, 
     pipelined over `stages` stages by Triton. The tiles leave out the MTP terms' one-hots; a second kernel then
     writes the codes of the target logits.
     At a stage-3 micro-step (49,152 x 50,304) on an H200: 32 x 128 tiles with prefetch (the default) 2.86 ms;
-    64 x 64 with prefetch 3.04 ms; TMA 64 x 64, 2 stages, 4.03 ms (the fastest before the kernel's arithmetic was
-    cut to a third, when memory and not instruction issue bound it) (modded_nanogpt/PERF_NOTES.md)."""
+    64 x 64 with prefetch 3.04 ms; TMA 64 x 64, 2 stages, 4.03 ms (the fastest while the tile loop ran three times
+    as many instructions) (modded_nanogpt/PERF_NOTES.md)."""
     rows, vocab = logits.shape
     weights = _mtp_weight_tensor(weights, weight_values, logits.device)
     q = torch.empty((rows, vocab), dtype=FLOAT8_E5M2, device=logits.device)
